@@ -1,0 +1,12 @@
+"""GAPM: Generative model without prior distribution matching (Geng et al., AAAI 2021).
+
+The method as plain PyTorch: networks, the latent BatchNorm, the losses (pure functions
+with the paper's equation numbers), the two-stage model and one step function per stage.
+This package knows nothing of Accelerate, MLflow, object storage or files.
+"""
+
+from gapm.model import GAPM, Autoencoder, ModelShape
+from gapm.steps import Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+
+__all__ = ["GAPM", "Autoencoder", "ModelShape", "Stage1Hyperparameters",
+           "Stage2Hyperparameters", "stage1_step", "stage2_step"]

@@ -1,0 +1,150 @@
+"""Networks for the two stages: encoder E, decoder G, interpolation critic d (stage 1) and the
+latent generator g and latent discriminator D (stage 2).
+
+Two families share one interface:
+- points (the paper's 2-D swiss-roll): small MLPs;
+- images (28×28 grayscale, 32×32 and 64×64 RGB): ACAI-style convolution stacks that halve
+  the resolution with strided convolutions down to 4×4 (7×7 for 28×28), so one builder
+  covers every image size the paper uses.
+The critic uses the encoder's architecture and averages its output vector to one scalar,
+as in ACAI. g and D follow the authors' public code (MLP 400-800-400-400 with BatchNorm,
+and MLP 400-400-400-64-1 with spectral norm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+IMAGE_SIZES = {28: 2, 32: 3, 64: 4}  # image side -> number of stride-2 downsamplings
+
+
+def mlp(in_features: int, widths: Sequence[int], out_features: int, *, batch_norm: bool = False,
+        spectral: bool = False, activation: type[nn.Module] = nn.LeakyReLU) -> nn.Sequential:
+    """A plain MLP; `spectral` wraps every linear layer in spectral normalisation."""
+    layers: list[nn.Module] = []
+    previous = in_features
+    for width in widths:
+        linear = nn.Linear(previous, width)
+        layers.append(spectral_norm(linear) if spectral else linear)
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(activation(0.2) if activation is nn.LeakyReLU else activation())
+        previous = width
+    last = nn.Linear(previous, out_features)
+    layers.append(spectral_norm(last) if spectral else last)
+    return nn.Sequential(*layers)
+
+
+def check_image_shape(data_shape: Sequence[int]) -> tuple[int, int]:
+    """Returns (channels, side) for a supported (C, H, W) shape, or raises naming the shape."""
+    if len(data_shape) != 3 or data_shape[1] != data_shape[2] or data_shape[1] not in IMAGE_SIZES:
+        raise ValueError(
+            f"unsupported image shape {list(data_shape)}: expected [C, S, S] with S in "
+            f"{sorted(IMAGE_SIZES)} (or [2] for points)")
+    return int(data_shape[0]), int(data_shape[1])
+
+
+class ConvEncoder(nn.Module):
+    """Image -> vector. Strided 4×4 convolutions double the channels while halving the side."""
+
+    def __init__(self, data_shape: Sequence[int], out_features: int, base_channels: int = 64):
+        super().__init__()
+        channels, side = check_image_shape(data_shape)
+        downsamplings = IMAGE_SIZES[side]
+        layers: list[nn.Module] = [nn.Conv2d(channels, base_channels, 3, padding=1), nn.LeakyReLU(0.2)]
+        width = base_channels
+        for _ in range(downsamplings):
+            layers += [nn.Conv2d(width, width * 2, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            width *= 2
+        self.features = nn.Sequential(*layers)
+        final_side = side // 2**downsamplings
+        self.project = nn.Linear(width * final_side * final_side, out_features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.project(self.features(images).flatten(1))
+
+
+class ConvDecoder(nn.Module):
+    """Vector -> image in [-1, 1]; the mirror image of ConvEncoder."""
+
+    def __init__(self, data_shape: Sequence[int], in_features: int, base_channels: int = 64):
+        super().__init__()
+        channels, side = check_image_shape(data_shape)
+        downsamplings = IMAGE_SIZES[side]
+        self.top_channels = base_channels * 2**downsamplings
+        self.top_side = side // 2**downsamplings
+        self.project = nn.Linear(in_features, self.top_channels * self.top_side**2)
+        layers: list[nn.Module] = [nn.LeakyReLU(0.2)]
+        width = self.top_channels
+        for _ in range(downsamplings):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            width //= 2
+        layers += [nn.Conv2d(width, channels, 3, padding=1), nn.Tanh()]
+        self.synthesis = nn.Sequential(*layers)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        hidden = self.project(latent).view(-1, self.top_channels, self.top_side, self.top_side)
+        return self.synthesis(hidden)
+
+
+class ScalarCritic(nn.Module):
+    """ACAI's critic: the encoder architecture, its output vector averaged to one scalar."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, data: Tensor) -> Tensor:
+        return self.body(data).mean(dim=1)
+
+
+def is_point_data(data_shape: Sequence[int]) -> bool:
+    return len(data_shape) == 1
+
+
+def build_encoder(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.Module:
+    if is_point_data(data_shape):
+        return mlp(data_shape[0], [width, width], latent_dim)
+    return ConvEncoder(data_shape, latent_dim, base_channels=width)
+
+
+def build_decoder(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.Module:
+    if is_point_data(data_shape):
+        return mlp(latent_dim, [width, width], data_shape[0])
+    return ConvDecoder(data_shape, latent_dim, base_channels=width)
+
+
+def build_critic(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.Module:
+    if is_point_data(data_shape):
+        return mlp(data_shape[0], [width, width], 1).append(nn.Flatten(0))
+    return ScalarCritic(ConvEncoder(data_shape, latent_dim, base_channels=width))
+
+
+def build_latent_generator(prior_dim: int, latent_dim: int, widths: Sequence[int]) -> nn.Module:
+    """g: prior noise -> latent space. BatchNorm in the hidden layers, as in the authors' code."""
+    return mlp(prior_dim, widths, latent_dim, batch_norm=True, activation=nn.ReLU)
+
+
+class LatentDiscriminator(nn.Module):
+    """D: latent vector -> realness score (B,), spectrally normalised MLP."""
+
+    def __init__(self, latent_dim: int, widths: Sequence[int]):
+        super().__init__()
+        self.net = mlp(latent_dim, widths, 1, spectral=True)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return self.net(latent).squeeze(1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "ConvDecoder", "ConvEncoder", "LatentDiscriminator", "ScalarCritic", "build_critic",
+    "build_decoder", "build_encoder", "build_latent_generator", "check_image_shape",
+    "count_parameters", "is_point_data", "mlp",
+]

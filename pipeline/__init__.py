@@ -1,0 +1,1 @@
+"""Everything around the method: configs, data, training, checkpoints, tracking, evaluation, CLI."""

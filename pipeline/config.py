@@ -1,0 +1,260 @@
+"""Typed experiment configuration loaded from YAML.
+
+A run is fully described by its config file plus `--set key.path=value` overrides. Unknown
+keys, wrong types and impossible values are errors that name the key, e.g.
+`config key 'stage1.lr': expected a float, got 'fast'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    # "swissroll" generates the paper's 2-D swiss-roll in memory; anything else is a shard set
+    # (local directory, file:// or s3:// prefix holding manifest.json, or a brace pattern).
+    train: str = "swissroll"
+    test: str = "swissroll"
+    batch_size: int = 32
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
+    swissroll_samples: int = 5000
+    swissroll_test_samples: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["gapm"] = "gapm"
+    data_shape: list[int] = field(default_factory=lambda: [2])  # [2] points or [C, S, S]
+    latent_dim: int = 128
+    prior_dim: int = 128
+    width: int = 64  # MLP hidden width for points, base channel count for images
+    latent_norm: bool = True  # the paper's latent BatchNorm (ablation: false)
+    latent_generator_widths: list[int] = field(default_factory=lambda: [400, 800, 400, 400])
+    latent_discriminator_widths: list[int] = field(default_factory=lambda: [400, 400, 400, 64])
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.0
+
+
+@dataclass
+class Stage1Config:
+    steps: int = 1000
+    autoencoder: OptimizerConfig = field(default_factory=OptimizerConfig)
+    critic: OptimizerConfig = field(default_factory=OptimizerConfig)
+    critic_steps: int = 2
+    mix_gamma: float = 0.2
+    critic_offset_lambda: float = 0.2
+    omega_interpolation: float = 1.0
+    omega_reconstruction: float = 1.0
+    max_mixing: float = 0.5
+    adversarial_regularizer: bool = True  # ablation: false trains a plain (BN-)autoencoder
+
+
+@dataclass
+class Stage2Config:
+    steps: int = 1000
+    latent_generator: OptimizerConfig = field(default_factory=OptimizerConfig)
+    latent_discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
+    discriminator_steps: int = 5
+
+
+@dataclass
+class TrainConfig:
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_accumulation_steps: int = 1
+    grad_clip_norm: float | None = None
+    compile: bool = False
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of each stage
+    keep_last_checkpoints: int = 3
+    log_every: int = 50
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 5000  # generated samples for the end-of-training metrics
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs"  # the run directory is output_dir/name
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    names = {int: "an integer", float: "a float", bool: "true or false", str: "a string",
+             type(None): "null"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def _convert(value: Any, expected: Any, key: str) -> Any:
+    """Checks `value` against the annotation `expected`, converting where YAML is lenient."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(o) for o in options)},"
+                          f" got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(expected):
+            raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
+        (item_type,) = typing.get_args(expected)
+        return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of settings, got {value!r}")
+        return from_dict(expected, value, prefix=f"{key}.")
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {expected!r} for {key}")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping; unknown keys and bad types name the key."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys under "
+                              f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(known))}")
+    kwargs = {key: _convert(value, hints[key], prefix + key) for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> None:
+    """Applies one `a.b.c=value` override (value parsed as YAML) to the raw mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like key.path=value")
+    path, raw_value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = values
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{key}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw_value) if raw_value.strip() else ""
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Value checks that types alone cannot express."""
+    positive = {
+        "data.batch_size": config.data.batch_size, "stage1.critic_steps": config.stage1.critic_steps,
+        "stage2.discriminator_steps": config.stage2.discriminator_steps,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_last_checkpoints": config.train.keep_last_checkpoints,
+        "train.log_every": config.train.log_every, "model.latent_dim": config.model.latent_dim,
+        "model.prior_dim": config.model.prior_dim, "model.width": config.model.width,
+        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
+    for key, value in {"stage1.steps": config.stage1.steps, "stage2.steps": config.stage2.steps}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if not 0.0 <= config.stage1.max_mixing <= 1.0:
+        raise ConfigError(f"config key 'stage1.max_mixing' must be in [0, 1], got {config.stage1.max_mixing}")
+    shape = config.model.data_shape
+    if not (shape == [2] or (len(shape) == 3 and shape[1] == shape[2] and shape[1] in (28, 32, 64))):
+        raise ConfigError(f"config key 'model.data_shape' must be [2] (points) or [C, S, S] with S in "
+                          f"28, 32, 64; got {shape}")
+    if config.data.batch_size < 2 and config.model.latent_norm:
+        raise ConfigError("config key 'data.batch_size' must be at least 2 with model.latent_norm "
+                          "(BatchNorm needs more than one sample per batch)")
+    if "/" in config.name or not config.name:
+        raise ConfigError(f"config key 'name' must be a non-empty name without '/', got {config.name!r}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Reads YAML at `path` (None: all defaults), applies overrides, type- and value-checks."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
+                              "(see configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
+        values = loaded or {}
+    for assignment in overrides:
+        apply_override(values, assignment)
+    config = from_dict(ExperimentConfig, values)
+    validate(config)
+    return config
+
+
+def to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

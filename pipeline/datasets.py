@@ -1,0 +1,127 @@
+"""Where training batches come from: the in-memory swiss-roll or a WebDataset shard stream.
+
+Training consumes an endless iterator of batches for its own rank. Both sources share the
+same position bookkeeping (epoch, batch within epoch) so that a resumed run continues with
+exactly the batches the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.config import DataConfig
+
+SWISSROLL = "swissroll"
+SWISSROLL_SCALE = 10.0  # brings sklearn's roll (radius up to ~14) to roughly [-1, 1.5]
+
+
+def swissroll_points(count: int, seed: int) -> Tensor:
+    """The paper's 2-D swiss-roll: sklearn's roll, uniform in the roll parameter, seen along
+    its axis (the x and z coordinates), scaled to about unit size."""
+    from sklearn.datasets import make_swiss_roll
+
+    points, _ = make_swiss_roll(n_samples=count, noise=0.0, random_state=seed)
+    return torch.from_numpy((points[:, [0, 2]] / SWISSROLL_SCALE).astype(np.float32))
+
+
+@dataclass
+class StreamPosition:
+    """How far the training stream has got; saved in checkpoints for exact resume."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class InMemoryBatches:
+    """Shuffled batches of a tensor held in memory, split evenly across ranks.
+
+    Every epoch is a fresh permutation seeded by (seed, epoch); each rank takes its own
+    interleaved slice, and all ranks get the same number of full batches.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.data, self.batch_size, self.rank, self.world_size, self.seed = data, batch_size, rank, world_size, seed
+        self.batches_per_epoch = len(data) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(data)} samples cannot fill one batch of {batch_size} on each of "
+                             f"{world_size} ranks; lower data.batch_size or use more data")
+
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.data), generator=generator)[self.rank::self.world_size]
+        for index in range(self.batches_per_epoch):
+            yield self.data[order[index * self.batch_size:(index + 1) * self.batch_size]]
+
+
+def endless_batches(source, position: StreamPosition) -> Iterator[Tensor]:
+    """Yields batches forever from `source.epoch_batches(epoch)`, starting at `position`
+    and advancing it in place (skipping batches already consumed before a resume)."""
+    while True:
+        already_consumed = position.batch_in_epoch
+        for index, batch in enumerate(source.epoch_batches(position.epoch)):
+            if index < already_consumed:
+                continue
+            position.batch_in_epoch += 1
+            yield batch
+        position.epoch += 1
+        position.batch_in_epoch = 0
+
+
+class ShardBatches:
+    """Batches streamed from WebDataset shards (local or s3://), one epoch at a time."""
+
+    def __init__(self, spec: str, config: DataConfig, *, rank: int, world_size: int, seed: int):
+        self.spec, self.config, self.rank, self.world_size, self.seed = spec, config, rank, world_size, seed
+        from pipeline import streaming
+
+        self.streaming = streaming
+        self.last_stream = None
+
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+        self.last_stream = self.streaming.make_batch_stream(
+            self.spec, self.config.batch_size, rank=self.rank, world_size=self.world_size,
+            num_workers=self.config.num_workers, seed=self.seed,
+            shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch)
+        yield from self.last_stream
+
+
+def training_source(config: DataConfig, *, rank: int, world_size: int, seed: int):
+    if config.train == SWISSROLL:
+        points = swissroll_points(config.swissroll_samples, seed)
+        return InMemoryBatches(points, config.batch_size, rank=rank, world_size=world_size, seed=seed)
+    return ShardBatches(config.train, config, rank=rank, world_size=world_size, seed=seed)
+
+
+def held_out_data(config: DataConfig, seed: int, limit: int) -> Tensor:
+    """Up to `limit` test samples in data space ([0, 1] images or raw points)."""
+    if config.test == SWISSROLL:
+        # A different seed from training: held-out points from the same roll.
+        return swissroll_points(config.swissroll_test_samples, seed + 1)
+    from pipeline import streaming
+
+    batches, total = [], 0
+    for batch in streaming.make_batch_stream(config.test, min(config.batch_size, limit), drop_last=False,
+                                             shuffle_buffer=0, seed=seed):
+        batches.append(batch)
+        total += len(batch)
+        if total >= limit:
+            break
+    return torch.cat(batches)[:limit]
+
+
+def is_image_shape(data_shape: list[int]) -> bool:
+    return len(data_shape) == 3
+
+
+def to_model_space(batch: Tensor, data_shape: list[int]) -> Tensor:
+    """Images arrive in [0, 1]; the networks work in [-1, 1]. Points pass unchanged."""
+    return batch * 2 - 1 if is_image_shape(data_shape) else batch
+
+
+def to_data_space(batch: Tensor, data_shape: list[int]) -> Tensor:
+    return ((batch + 1) / 2).clamp(0, 1) if is_image_shape(data_shape) else batch

@@ -1,0 +1,237 @@
+"""The training loop: stage 1 (autoencoder + interpolation critic), then stage 2 (latent GAN).
+
+One function, read top to bottom. Accelerate supplies the device, DDP wrapping, mixed
+precision and cross-rank reductions; the loop owns data position, checkpoints and logging.
+Randomness inside iteration t on rank r is seeded from (seed, r, t) alone, so a resumed run
+draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from gapm import GAPM, ModelShape, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+from pipeline import checkpoints, datasets, evaluation, figures
+from pipeline.config import ExperimentConfig, OptimizerConfig, dump_config, to_dict
+from pipeline.tracking import NullTracker, RunDirectoryTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+STAGE_NETWORKS = {1: ("autoencoder", "critic"), 2: ("latent_generator", "latent_discriminator")}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_checkpoint: Path | None
+    metrics: dict[str, float]
+
+
+def model_shape(config: ExperimentConfig) -> ModelShape:
+    m = config.model
+    return ModelShape(data_shape=list(m.data_shape), latent_dim=m.latent_dim, prior_dim=m.prior_dim,
+                      width=m.width, latent_norm=m.latent_norm,
+                      latent_generator_widths=list(m.latent_generator_widths),
+                      latent_discriminator_widths=list(m.latent_discriminator_widths))
+
+
+def adam(parameters, settings: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(parameters, lr=settings.lr, betas=tuple(settings.betas),
+                            weight_decay=settings.weight_decay)
+
+
+def seed_iteration(seed: int, rank: int, step: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % 2**63)
+
+
+def resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
+    """'auto': the latest complete checkpoint, if any; 'never': none; else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return checkpoints.latest_checkpoint(checkpoints_dir)
+    path = Path(resume)
+    checkpoints.read_meta(path)  # raises a clear error if it is not a complete checkpoint
+    return path
+
+
+def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | None = None) -> TrainResult:
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        # The latent BatchNorm's buffers change in every forward; broadcasting them from
+        # rank 0 before each of several forwards per step breaks autograd (in-place error).
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    is_main = accelerator.is_main_process
+    run_dir = config.run_dir
+    checkpoints_dir = run_dir / "checkpoints"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    tracker = (tracker or RunDirectoryTracker(run_dir)) if is_main else NullTracker()
+
+    # Identical initial weights on every rank.
+    set_seed(config.seed)
+    shape = model_shape(config)
+    model = GAPM(shape)
+    optimizers = {
+        "autoencoder": adam(model.autoencoder.parameters(), config.stage1.autoencoder),
+        "critic": adam(model.critic.parameters(), config.stage1.critic),
+        "latent_generator": adam(model.latent_generator.parameters(), config.stage2.latent_generator),
+        "latent_discriminator": adam(model.latent_discriminator.parameters(), config.stage2.latent_discriminator),
+    }
+
+    checkpoint = resume_checkpoint(resume, checkpoints_dir)
+    meta = None
+    if checkpoint is not None:
+        meta = checkpoints.read_meta(checkpoint)
+        checkpoints.check_compatible(meta, shape, checkpoint)
+        checkpoints.load_model_weights(model, checkpoint)
+        state = checkpoints.load_training_state(checkpoint)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        if is_main:
+            log.info("resuming from %s (stage %d, step %d)", checkpoint, meta.stage, meta.step)
+
+    names = list(optimizers)
+    prepared = accelerator.prepare(*(getattr(model, n) for n in names), *(optimizers[n] for n in names))
+    networks = dict(zip(names, prepared[: len(names)]))
+    optimizers = dict(zip(names, prepared[len(names):]))
+    if checkpoint is not None and accelerator.scaler is not None and "grad_scaler" in state:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    if config.train.compile:
+        networks = {name: torch.compile(net) for name, net in networks.items()}
+
+    def update(name: str, loss: torch.Tensor) -> None:
+        accelerator.backward(loss)
+        if config.train.grad_clip_norm is not None:
+            accelerator.clip_grad_norm_(networks[name].parameters(), config.train.grad_clip_norm)
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    stage1_hp = Stage1Hyperparameters(
+        mix_gamma=config.stage1.mix_gamma, critic_offset_lambda=config.stage1.critic_offset_lambda,
+        omega_interpolation=config.stage1.omega_interpolation,
+        omega_reconstruction=config.stage1.omega_reconstruction, max_mixing=config.stage1.max_mixing,
+        critic_steps=config.stage1.critic_steps, adversarial_regularizer=config.stage1.adversarial_regularizer)
+    stage2_hp = Stage2Hyperparameters(discriminator_steps=config.stage2.discriminator_steps)
+
+    position = datasets.StreamPosition()
+    if meta is not None:
+        position = datasets.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
+    source = datasets.training_source(config.data, rank=accelerator.process_index,
+                                      world_size=accelerator.num_processes, seed=config.seed)
+    batches = datasets.endless_batches(source, position)
+
+    if is_main:
+        tracker.log_params(to_dict(config))
+        tracker.set_tags({"world_size": str(accelerator.num_processes),
+                          "mixed_precision": config.train.mixed_precision})
+
+    def save(stage: int, stage_step: int, step: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        saved = None
+        if is_main:
+            extra = {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+            saved = checkpoints.save_checkpoint(
+                checkpoints_dir, model, optimizers, extra,
+                checkpoints.CheckpointMeta(stage=stage, step=step, stage_step=stage_step,
+                                           data_epoch=position.epoch,
+                                           data_batch_in_epoch=position.batch_in_epoch,
+                                           model_shape=dataclasses.asdict(shape), experiment=config.name))
+            checkpoints.prune_checkpoints(checkpoints_dir, config.train.keep_last_checkpoints)
+        accelerator.wait_for_everyone()
+        return saved
+
+    step = meta.step if meta else 0
+    last_saved = checkpoint
+    stage_lengths = {1: config.stage1.steps, 2: config.stage2.steps}
+    for stage in (1, 2):
+        if meta is not None and stage < meta.stage:
+            continue
+        first = meta.stage_step if meta is not None and stage == meta.stage else 0
+        total = stage_lengths[stage]
+        trained = STAGE_NETWORKS[stage]
+        for name, net in networks.items():
+            net.train(name in trained)
+        progress = tqdm(total=total, initial=first, desc=f"stage {stage}",
+                        disable=not (is_main and config.train.progress_bar), dynamic_ncols=True,
+                        # In batch logs (Slurm, Kubernetes) a redraw is a new line: redraw rarely.
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        window: dict[str, list[float]] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        for stage_step in range(first, total):
+            seed_iteration(config.seed, accelerator.process_index, step)
+            data = datasets.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
+            if stage == 1:
+                logs = stage1_step(networks["autoencoder"], networks["critic"], model.critic,
+                                   data, stage1_hp, update)
+            else:
+                logs = stage2_step(model.autoencoder, networks["latent_generator"],
+                                   networks["latent_discriminator"], model.latent_discriminator,
+                                   data, shape.prior_dim, stage2_hp, update)
+            step += 1
+            window_steps += 1
+            for key, value in logs.items():
+                window.setdefault(key, []).append(value)
+            progress.update(1)
+            if (stage_step + 1) % config.train.log_every == 0 or stage_step + 1 == total:
+                keys = sorted(window)
+                means = torch.tensor([np.mean(window[k]) for k in keys], device=accelerator.device)
+                means = accelerator.reduce(means, reduction="mean").tolist()
+                elapsed = time.perf_counter() - window_start
+                metrics = {f"stage{stage}/{k}": v for k, v in zip(keys, means)}
+                metrics[f"stage{stage}/samples_per_second"] = (
+                    window_steps * len(data) * accelerator.num_processes / max(elapsed, 1e-9))
+                for name in trained:
+                    metrics[f"stage{stage}/lr_{name}"] = optimizers[name].param_groups[0]["lr"]
+                tracker.log_metrics(metrics, step)
+                progress.set_postfix({k: f"{v:.4f}" for k, v in zip(keys, means)})
+                window, window_start, window_steps = {}, time.perf_counter(), 0
+            if (stage_step + 1) % config.train.checkpoint_every == 0 and stage_step + 1 < total:
+                last_saved = save(stage, stage_step + 1, step) or last_saved
+        progress.close()
+        last_saved = save(stage, total, step) or last_saved
+
+    metrics: dict[str, float] = {}
+    if is_main:
+        metrics = write_outputs(model, config, run_dir, accelerator.device)
+        tracker.log_metrics(metrics, step)
+        for name in ("samples.png", "reconstructions.png", "figure4.png"):
+            if (run_dir / name).exists():
+                tracker.log_artifact(run_dir / name)
+        tracker.finish("FINISHED")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, final_checkpoint=last_saved, metrics=metrics)
+
+
+def write_outputs(model: GAPM, config: ExperimentConfig, run_dir: Path, device) -> dict[str, float]:
+    """Evaluates the trained model and writes recon/samples arrays, pictures and metrics.json."""
+    shape = config.model.data_shape
+    held_out = datasets.held_out_data(config.data, config.seed, limit=config.eval.samples)
+    model.to(device)
+    metrics, reconstructions, samples = evaluation.evaluate(model, held_out, shape, config.eval.samples,
+                                                            seed=config.seed)
+    np.save(run_dir / "recon.npy", reconstructions.numpy())
+    np.save(run_dir / "samples.npy", samples.numpy())
+    if datasets.is_image_shape(shape):
+        figures.save_image_grid(samples[:64], run_dir / "samples.png")
+        paired = torch.stack([held_out[:32], reconstructions[:32]], dim=1).flatten(0, 1)
+        figures.save_image_grid(paired, run_dir / "reconstructions.png")
+    else:
+        figures.save_point_panels(held_out, reconstructions, samples[: len(held_out)],
+                                  run_dir / "figure4.png", title=config.name)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

@@ -1,0 +1,73 @@
+"""Typed configs: every shipped YAML loads; bad keys and types are named in the error."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, ExperimentConfig, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage1\.lrr'"):
+        load_config(write(tmp_path, "stage1:\n  lrr: 0.1\n"))
+
+
+def test_ill_typed_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'stage1\.steps': expected an integer, got 'many'"):
+        load_config(write(tmp_path, "stage1:\n  steps: many\n"))
+    with pytest.raises(ConfigError, match=r"'train\.mixed_precision': expected one of 'no', 'bf16', 'fp16'"):
+        load_config(write(tmp_path, "train:\n  mixed_precision: fp8\n"))
+    with pytest.raises(ConfigError, match=r"'model\.data_shape\[1\]': expected an integer"):
+        load_config(write(tmp_path, "model:\n  data_shape: [1, a, 28]\n"))
+
+
+def test_section_given_as_scalar_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'data': expected a mapping"):
+        load_config(write(tmp_path, "data: 3\n"))
+
+
+def test_scientific_notation_floats_are_accepted(tmp_path):
+    config = load_config(write(tmp_path, "stage1:\n  autoencoder: {lr: 2e-4}\n"))
+    assert config.stage1.autoencoder.lr == pytest.approx(2e-4)
+
+
+def test_overrides_apply_and_are_type_checked(tmp_path):
+    config = load_config(None, ["stage1.steps=7", "data.train=s3://bucket/cifar/train", "train.grad_clip_norm=1.5"])
+    assert config.stage1.steps == 7
+    assert config.data.train == "s3://bucket/cifar/train"
+    assert config.train.grad_clip_norm == 1.5
+    with pytest.raises(ConfigError, match=r"'stage1\.steps'"):
+        load_config(None, ["stage1.steps=1.5"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["stage1.steps"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'nope'"):
+        load_config(None, ["nope=1"])
+
+
+def test_impossible_values_are_rejected():
+    with pytest.raises(ConfigError, match=r"'data\.batch_size' must be at least 1"):
+        load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'model\.data_shape'"):
+        load_config(None, ["model.data_shape=[3, 48, 48]"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping of settings at the top level"):
+        load_config(write(tmp_path, "- a\n- b\n"))
