@@ -70,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GAPM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from pipeline.distributed import EXIT_RESUMABLE, TrainingInterrupted
+
     try:
         return args.handler(args)
+    except TrainingInterrupted as stopped:
+        print(f"gapm {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_RESUMABLE
     except user_errors() as error:
         print(f"gapm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -217,6 +217,13 @@ def validate(config: ExperimentConfig) -> None:
     for key, value in {"stage1.steps": config.stage1.steps, "stage2.steps": config.stage2.steps}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    accumulation = config.train.gradient_accumulation_steps
+    for key, value in {"stage1.steps": config.stage1.steps, "stage2.steps": config.stage2.steps,
+                       "train.checkpoint_every": config.train.checkpoint_every}.items():
+        if value % accumulation:
+            raise ConfigError(f"config key '{key}' ({value}) must be a multiple of "
+                              f"train.gradient_accumulation_steps ({accumulation}) so that "
+                              "checkpoints fall between optimizer steps")
     if not 0.0 <= config.stage1.max_mixing <= 1.0:
         raise ConfigError(f"config key 'stage1.max_mixing' must be in [0, 1], got {config.stage1.max_mixing}")
     shape = config.model.data_shape

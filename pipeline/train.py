@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from gapm import GAPM, ModelShape, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
 from pipeline import checkpoints, datasets, evaluation, figures
+from pipeline.distributed import (
+    StopRequest, TrainingInterrupted, average_batchnorm_statistics, max_parameter_divergence)
 from pipeline.config import ExperimentConfig, OptimizerConfig, dump_config, to_dict
 from pipeline.tracking import NullTracker, RunDirectoryTracker, Tracker
 
@@ -114,8 +116,16 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
     if config.train.compile:
         networks = {name: torch.compile(net) for name, net in networks.items()}
 
+    accumulation = config.train.gradient_accumulation_steps
+    backward_calls = {name: 0 for name in optimizers}
+
     def update(name: str, loss: torch.Tensor) -> None:
-        accelerator.backward(loss)
+        """Backward, then every `accumulation` calls for this network: clip and step.
+        Accelerate scales fp16 losses and skips steps whose gradients overflowed."""
+        accelerator.backward(loss / accumulation)
+        backward_calls[name] += 1
+        if backward_calls[name] % accumulation:
+            return
         if config.train.grad_clip_norm is not None:
             accelerator.clip_grad_norm_(networks[name].parameters(), config.train.grad_clip_norm)
         optimizers[name].step()
@@ -141,6 +151,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
                           "mixed_precision": config.train.mixed_precision})
 
     def save(stage: int, stage_step: int, step: int) -> Path | None:
+        average_batchnorm_statistics(model, accelerator)
         accelerator.wait_for_everyone()
         saved = None
         if is_main:
@@ -158,56 +169,68 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
     step = meta.step if meta else 0
     last_saved = checkpoint
     stage_lengths = {1: config.stage1.steps, 2: config.stage2.steps}
-    for stage in (1, 2):
-        if meta is not None and stage < meta.stage:
-            continue
-        first = meta.stage_step if meta is not None and stage == meta.stage else 0
-        total = stage_lengths[stage]
-        trained = STAGE_NETWORKS[stage]
-        for name, net in networks.items():
-            net.train(name in trained)
-        progress = tqdm(total=total, initial=first, desc=f"stage {stage}",
-                        disable=not (is_main and config.train.progress_bar), dynamic_ncols=True,
-                        # In batch logs (Slurm, Kubernetes) a redraw is a new line: redraw rarely.
-                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
-        window: dict[str, list[float]] = {}
-        window_start, window_steps = time.perf_counter(), 0
-        for stage_step in range(first, total):
-            seed_iteration(config.seed, accelerator.process_index, step)
-            data = datasets.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
-            if stage == 1:
-                logs = stage1_step(networks["autoencoder"], networks["critic"], model.critic,
-                                   data, stage1_hp, update)
-            else:
-                logs = stage2_step(model.autoencoder, networks["latent_generator"],
-                                   networks["latent_discriminator"], model.latent_discriminator,
-                                   data, shape.prior_dim, stage2_hp, update)
-            step += 1
-            window_steps += 1
-            for key, value in logs.items():
-                window.setdefault(key, []).append(value)
-            progress.update(1)
-            if (stage_step + 1) % config.train.log_every == 0 or stage_step + 1 == total:
-                keys = sorted(window)
-                means = torch.tensor([np.mean(window[k]) for k in keys], device=accelerator.device)
-                means = accelerator.reduce(means, reduction="mean").tolist()
-                elapsed = time.perf_counter() - window_start
-                metrics = {f"stage{stage}/{k}": v for k, v in zip(keys, means)}
-                metrics[f"stage{stage}/samples_per_second"] = (
-                    window_steps * len(data) * accelerator.num_processes / max(elapsed, 1e-9))
-                for name in trained:
-                    metrics[f"stage{stage}/lr_{name}"] = optimizers[name].param_groups[0]["lr"]
-                tracker.log_metrics(metrics, step)
-                progress.set_postfix({k: f"{v:.4f}" for k, v in zip(keys, means)})
-                window, window_start, window_steps = {}, time.perf_counter(), 0
-            if (stage_step + 1) % config.train.checkpoint_every == 0 and stage_step + 1 < total:
-                last_saved = save(stage, stage_step + 1, step) or last_saved
-        progress.close()
-        last_saved = save(stage, total, step) or last_saved
+    with StopRequest() as stop:
+        for stage in (1, 2):
+            if meta is not None and stage < meta.stage:
+                continue
+            if stage == 2:
+                # Stage 2 reads BN(E(x)) with running statistics: make them the same on all ranks.
+                average_batchnorm_statistics(model.autoencoder, accelerator)
+            first = meta.stage_step if meta is not None and stage == meta.stage else 0
+            total = stage_lengths[stage]
+            trained = STAGE_NETWORKS[stage]
+            for name, net in networks.items():
+                net.train(name in trained)
+            progress = tqdm(total=total, initial=first, desc=f"stage {stage}",
+                            disable=not (is_main and config.train.progress_bar), dynamic_ncols=True,
+                            # In batch logs (Slurm, Kubernetes) a redraw is a new line: redraw rarely.
+                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
+            window: dict[str, list[float]] = {}
+            window_start, window_steps = time.perf_counter(), 0
+            for stage_step in range(first, total):
+                seed_iteration(config.seed, accelerator.process_index, step)
+                data = datasets.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
+                if stage == 1:
+                    logs = stage1_step(networks["autoencoder"], networks["critic"], model.critic,
+                                       data, stage1_hp, update)
+                else:
+                    logs = stage2_step(model.autoencoder, networks["latent_generator"],
+                                       networks["latent_discriminator"], model.latent_discriminator,
+                                       data, shape.prior_dim, stage2_hp, update)
+                step += 1
+                window_steps += 1
+                for key, value in logs.items():
+                    window.setdefault(key, []).append(value)
+                progress.update(1)
+                done = stage_step + 1
+                if done % config.train.log_every == 0 or done == total:
+                    keys = sorted(window)
+                    means = torch.tensor([np.mean(window[k]) for k in keys], device=accelerator.device)
+                    means = accelerator.reduce(means, reduction="mean").tolist()
+                    elapsed = time.perf_counter() - window_start
+                    metrics = {f"stage{stage}/{k}": v for k, v in zip(keys, means)}
+                    metrics[f"stage{stage}/samples_per_second"] = (
+                        window_steps * len(data) * accelerator.num_processes / max(elapsed, 1e-9))
+                    for name in trained:
+                        metrics[f"stage{stage}/lr_{name}"] = optimizers[name].param_groups[0]["lr"]
+                    tracker.log_metrics(metrics, step)
+                    progress.set_postfix({k: f"{v:.4f}" for k, v in zip(keys, means)})
+                    window, window_start, window_steps = {}, time.perf_counter(), 0
+                at_accumulation_boundary = done % accumulation == 0
+                if at_accumulation_boundary and done < total and stop.agreed(accelerator):
+                    saved = save(stage, done, step)
+                    progress.close()
+                    tracker.finish("KILLED")
+                    raise TrainingInterrupted(stop.signal_name, saved)
+                if done % config.train.checkpoint_every == 0 and done < total:
+                    last_saved = save(stage, done, step) or last_saved
+            progress.close()
+            last_saved = save(stage, total, step) or last_saved
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"distributed/max_parameter_divergence": max_parameter_divergence(model, accelerator)}
     if is_main:
-        metrics = write_outputs(model, config, run_dir, accelerator.device)
+        metrics.update(write_outputs(model, config, run_dir, accelerator.device))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         tracker.log_metrics(metrics, step)
         for name in ("samples.png", "reconstructions.png", "figure4.png"):
             if (run_dir / name).exists():
@@ -218,7 +241,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
 
 
 def write_outputs(model: GAPM, config: ExperimentConfig, run_dir: Path, device) -> dict[str, float]:
-    """Evaluates the trained model and writes recon/samples arrays, pictures and metrics.json."""
+    """Evaluates the trained model; writes the recon/samples arrays and pictures."""
     shape = config.model.data_shape
     held_out = datasets.held_out_data(config.data, config.seed, limit=config.eval.samples)
     model.to(device)
@@ -233,5 +256,4 @@ def write_outputs(model: GAPM, config: ExperimentConfig, run_dir: Path, device) 
     else:
         figures.save_point_panels(held_out, reconstructions, samples[: len(held_out)],
                                   run_dir / "figure4.png", title=config.name)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

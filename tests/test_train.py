@@ -28,7 +28,8 @@ def test_training_writes_every_output(tmp_path):
     assert np.load(run / "recon.npy").shape == (256, 2)
     assert np.load(run / "samples.npy").shape == (256, 2)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"eval/reconstruction_mse", "eval/sample_nearest_distance", "eval/sample_mmd"}
+    assert set(metrics) == {"eval/reconstruction_mse", "eval/sample_nearest_distance", "eval/sample_mmd",
+                            "distributed/max_parameter_divergence"}
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("stage1/reconstruction_mse" in row for row in logged)
     assert any("stage2/latent_generator_loss" in row for row in logged)
