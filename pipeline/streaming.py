@@ -1,0 +1,523 @@
+"""Stream WebDataset shards (plain path, file:// or s3://) into batches for one rank.
+
+Why this is not just ``webdataset.WebDataset(url)``:
+
+* DDP needs every rank to run the same number of steps, or the ranks deadlock in an all-reduce.
+  Each rank therefore reads its own slice of the shards, cycles through that slice if it runs
+  dry, and stops after exactly ``batches_per_epoch`` batches (``with_epoch`` on the loader).
+* Fewer shards than ranks x workers would leave some reader with no data (a hang, or silently
+  repeated samples); that is refused up front with the fix in the message.
+* A corrupt sample or an unreadable shard must not kill a long run: it is skipped, counted in
+  :class:`StreamStats` and logged with its shard URL and key.
+* ``s3://`` is read through boto3 (streaming ``get_object()["Body"]``), so no ``aws`` CLI is needed.
+
+The result is a plain iterable of tensors. Do not pass it through ``accelerator.prepare`` (that
+would dispatch every batch from rank 0); move batches to the device in the training loop.
+
+Shuffling is deterministic given (seed, epoch): the shard order of an epoch is the same
+permutation on every rank (so the rank slices are disjoint), then each reader shuffles samples
+through a buffer of ``shuffle_buffer`` samples.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline import storage
+from pipeline.shards import MANIFEST_NAME, read_manifest
+
+__all__ = ["StreamStats", "BatchStream", "resolve_shard_urls", "register_s3_opener", "make_batch_stream"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+# A resampled reader never runs out of shards to try; stop it when nothing usable comes back.
+GIVE_UP_AFTER = 1000
+
+
+@dataclass
+class StreamStats:
+    """Counters of one BatchStream, summed over all epochs it has streamed.
+
+    Counts from DataLoader workers travel with the batches, so they are exact for
+    ``num_workers=0`` and for finite passes (``drop_last=False``); with workers in the usual
+    capped mode, problems a worker hit after its last delivered batch are not counted.
+    """
+
+    corrupt_samples: int = 0
+    failed_shards: int = 0
+    samples: int = 0
+    batches: int = 0
+
+
+# --------------------------------------------------------------------------- shard URLs
+
+
+def resolve_shard_urls(spec: str) -> list[str]:
+    """Turn a shard spec into the list of shard URLs.
+
+    ``spec`` is one of: a directory/prefix holding ``manifest.json`` (its shard list is used, so a
+    half-written conversion without a manifest is never read), a brace pattern such as
+    ``s3://b/cifar10/train/shard-{000000..000009}.tar``, or a single ``.tar``.
+    """
+    return _resolve(spec)[0]
+
+
+def _resolve(spec: str) -> tuple[list[str], list[int] | None, dict[str, Any] | None]:
+    """Shard URLs plus, when a manifest describes them, their sample counts and the manifest."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty shard spec; expected a shard directory, a brace pattern or a .tar URL")
+    if "{" in spec or spec.endswith(".tar"):
+        urls = list(braceexpand.braceexpand(spec))
+        if not urls:
+            raise ValueError(f"{spec}: the pattern expands to no shard names")
+        if not storage.is_s3_url(spec):
+            missing = [url for url in urls if not os.path.isfile(storage.local_path(url))]
+            if missing:
+                raise storage.StorageError(
+                    f"{spec}: {len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[0]}; "
+                    "check the pattern or convert the dataset first"
+                )
+        counts, manifest = _counts_from_neighbour_manifest(urls)
+        return urls, counts, manifest
+
+    manifest_url = storage.join_url(spec, MANIFEST_NAME)
+    if not storage.exists(manifest_url):
+        storage.check_readable(spec)  # a missing bucket/prefix or bad credentials says so first
+        found = storage.list_urls(spec, suffix=".tar")
+        hint = (
+            f"it holds {len(found)} .tar file(s) but no manifest, so the conversion did not finish; "
+            "re-run it, or name the shards with a brace pattern"
+            if found
+            else "no shards there; convert the dataset to this location first"
+        )
+        raise storage.StorageError(f"{spec}: no {MANIFEST_NAME}; {hint}")
+    manifest = read_manifest(spec)
+    try:
+        urls = [storage.join_url(spec, shard["name"]) for shard in manifest["shards"]]
+        counts = [int(shard["num_samples"]) for shard in manifest["shards"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{manifest_url}: malformed shard entry ({exc}); re-run the conversion") from exc
+    if not urls:
+        raise ValueError(f"{manifest_url}: lists no shards; re-run the conversion")
+    return urls, counts, manifest
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _counts_from_neighbour_manifest(urls: list[str]) -> tuple[list[int] | None, dict[str, Any] | None]:
+    """Sample counts for explicitly named shards, from the manifest next to them if there is one."""
+    directory = _parent(urls[0])
+    if any(_parent(url) != directory for url in urls):
+        return None, None
+    try:
+        if not storage.exists(storage.join_url(directory, MANIFEST_NAME)):
+            return None, None
+        manifest = read_manifest(directory)
+    except (storage.StorageError, ValueError):
+        return None, None
+    by_name = {shard.get("name"): shard.get("num_samples") for shard in manifest["shards"]}
+    names = [url.rsplit("/", 1)[-1] for url in urls]
+    if not all(isinstance(by_name.get(name), int) for name in names):
+        return None, None
+    return [by_name[name] for name in names], manifest
+
+
+# --------------------------------------------------------------------------- s3 opener for webdataset
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    if mode != "rb":
+        raise ValueError(f"{url}: the s3 opener only reads; write shards with pipeline.shards")
+    return storage.open_read_stream(url)
+
+
+def register_s3_opener() -> None:
+    """Let any webdataset pipeline open ``s3://`` URLs by streaming boto3's ``get_object`` body.
+
+    webdataset 1.0 has no s3 scheme of its own; the usual ``pipe:aws s3 cp`` needs the AWS CLI on
+    every node. Idempotent.
+    """
+    wds.gopen_schemes["s3"] = _gopen_s3
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+class _Counters:
+    """Problems seen by one reader since the last batch it emitted."""
+
+    def __init__(self) -> None:
+        self.corrupt = 0
+        self.failed = 0
+
+    def take(self) -> tuple[int, int]:
+        counts = (self.corrupt, self.failed)
+        self.corrupt = self.failed = 0
+        return counts
+
+
+def _epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The same permutation on every rank (string seeds hash identically in every process)."""
+    order = list(urls)
+    random.Random(f"gapm-shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+class _ShardSamples(IterableDataset):
+    """Per-reader pipeline: shards -> raw samples -> shuffle buffer -> decode -> batches.
+
+    Yields ``(batch_or_None, corrupt_count, failed_count)`` so that counts from DataLoader worker
+    processes reach the parent with the batches. Holds only plain configuration, so it pickles
+    into workers under any start method.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        shuffle_buffer: int,
+        resampled: bool,
+        drop_last: bool,
+        image_shape: tuple[int, int, int] | None,
+        shard_counts: dict[str, int] | None,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        # drop_last=True is the capped training mode: readers cycle through their shards until the
+        # loader's cap; drop_last=False is one exact pass (evaluation).
+        self.drop_last = drop_last
+        self.image_shape = image_shape
+        self.shard_counts = shard_counts
+
+    def reader_urls(self, worker: int, num_workers: int) -> list[str]:
+        """The shards one reader (rank, worker) owns this epoch (all shards when resampled)."""
+        if self.resampled:
+            return list(self.urls)
+        rank_urls = _epoch_shard_order(self.urls, self.seed, self.epoch)[self.rank :: self.world_size]
+        return rank_urls[worker::num_workers]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counters = _Counters()
+        arrays = self._decoded(self.reader_urls(worker, num_workers), worker, counters)
+        batch: list[np.ndarray] = []
+        for array in arrays:
+            batch.append(array)
+            if len(batch) == self.batch_size:
+                yield (_collate(batch), *counters.take())
+                batch = []
+        if batch and not self.drop_last:
+            yield (_collate(batch), *counters.take())
+        corrupt, failed = counters.take()
+        if corrupt or failed:
+            yield (None, corrupt, failed)
+
+    def _decoded(self, urls: list[str], worker: int, counters: _Counters) -> Iterator[np.ndarray]:
+        reader = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
+        if self.resampled:
+            rng = random.Random(f"gapm-resampled:{reader}")
+            raw = _shard_samples(_draw_forever(urls, rng), counters, self.shard_counts)
+            yield from self._decode_all(self._shuffled(raw, rng), counters)
+            return
+        for pass_index in itertools.count():
+            rng = random.Random(f"gapm-pass:{reader}:{pass_index}")
+            order = list(urls)
+            if pass_index > 0:
+                rng.shuffle(order)  # a different order when a reader cycles through its shards again
+            produced = 0
+            raw = _shard_samples(order, counters, self.shard_counts)
+            for array in self._decode_all(self._shuffled(raw, rng), counters):
+                produced += 1
+                yield array
+            if not self.drop_last:
+                return
+            if produced == 0:
+                raise RuntimeError(
+                    f"no readable samples in shard(s) {', '.join(urls)} (rank {self.rank}, worker {worker}): "
+                    "every shard failed or every sample was corrupt; check the warnings above and the data"
+                )
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        if self.shuffle_buffer <= 1:
+            return samples
+        # Shuffle encoded samples (small) and decode only what leaves the buffer.
+        return wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
+
+    def _decode_all(self, samples: Iterator[dict[str, Any]], counters: _Counters) -> Iterator[np.ndarray]:
+        corrupt_in_a_row = 0
+        for sample in samples:
+            array = _decode(sample, counters, self.image_shape)
+            if array is None:
+                corrupt_in_a_row += 1
+                # A pass ends by itself; a resampled reader would spin forever on bad data.
+                if self.resampled and corrupt_in_a_row > GIVE_UP_AFTER:
+                    raise RuntimeError(
+                        f"{GIVE_UP_AFTER} corrupt samples in a row (last in {sample.get('__url__')}); check the data"
+                    )
+                continue
+            corrupt_in_a_row = 0
+            yield array
+
+
+def _draw_forever(urls: list[str], rng: random.Random) -> Iterator[str]:
+    while True:
+        yield rng.choice(urls)
+
+
+def _shard_samples(
+    urls: Iterator[str] | list[str], counters: _Counters, expected: dict[str, int] | None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of member bytes) from each shard in turn; unreadable shards are skipped.
+
+    A shard that cannot be opened, or that breaks off mid-way (truncated upload, dropped
+    connection), is counted once as failed; the samples read before the break are kept. Python's
+    tarfile takes a tar cut at a header boundary for a normal end, so the sample count is also
+    checked against the manifest (``expected``) when there is one.
+    """
+    barren_in_a_row = 0  # shards that gave nothing; only unbounded for resampled readers
+    for url in urls:
+        produced = 0
+        try:
+            stream = storage.open_read_stream(url)
+        except Exception as exc:
+            counters.failed += 1
+            log.warning("skipping unreadable shard %s: %s", url, exc)
+        else:
+            try:
+                members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+                for sample in group_by_keys(members):
+                    produced += 1
+                    yield sample
+                if expected and produced < expected.get(url, 0):
+                    counters.failed += 1
+                    log.warning("shard %s ended after %d of the manifest's %d samples; it is truncated",
+                                url, produced, expected[url])
+            except Exception as exc:
+                counters.failed += 1
+                log.warning("shard %s broke off (%s: %s); skipping the rest of it", url, type(exc).__name__, exc)
+            finally:
+                stream.close()
+        barren_in_a_row = 0 if produced else barren_in_a_row + 1
+        if barren_in_a_row > GIVE_UP_AFTER:
+            raise RuntimeError(
+                f"{GIVE_UP_AFTER} shards in a row gave no samples (last: {url}); check the storage and data"
+            )
+
+
+def _decode(sample: dict[str, Any], counters: _Counters, image_shape: tuple[int, int, int] | None) -> np.ndarray | None:
+    """Decode one sample to an (H, W, C) uint8 image or a float32 point; None (counted) if corrupt."""
+    try:
+        if "npy" in sample:
+            array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+            return np.asarray(array, dtype=np.float32).reshape(-1)
+        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if extension is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) or npy member, only {members}")
+        with Image.open(io.BytesIO(sample[extension])) as picture:
+            picture.load()  # decode now so truncated data fails here, not later
+            want_gray = image_shape[2] == 1 if image_shape else picture.mode in ("L", "1", "I;16", "I", "F")
+            picture = picture.convert("L") if want_gray else picture.convert("RGB")
+            array = np.asarray(picture)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if image_shape is not None and array.shape != image_shape:
+            raise ValueError(f"image shape {array.shape} differs from the manifest's {image_shape}")
+        return array
+    except Exception as exc:
+        counters.corrupt += 1
+        log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+        return None
+
+
+def _collate(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack images into float32 (B, C, H, W) in [0, 1], or points into float32 (B, D)."""
+    stacked = np.stack(arrays)
+    if stacked.dtype == np.uint8:
+        # In numpy: an order of magnitude faster than torch's permute/float/div on small batches.
+        scaled = stacked.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        scaled /= np.float32(255.0)
+        return torch.from_numpy(scaled)
+    return torch.from_numpy(stacked)
+
+
+class BatchStream:
+    """One rank's batches: iterate it once per epoch; call :meth:`set_epoch` between epochs.
+
+    ``len()`` is the number of batches per epoch: exact whenever batches are capped (the default,
+    identical on every rank), an upper bound for ``drop_last=False`` passes.
+    """
+
+    def __init__(self, samples: _ShardSamples, *, num_workers: int, batches_per_epoch: int | None) -> None:
+        self._samples = samples
+        self.num_workers = num_workers
+        self.batches_per_epoch = batches_per_epoch
+        self.shard_urls = list(samples.urls)
+        self.stats = StreamStats()
+
+    @property
+    def epoch(self) -> int:
+        return self._samples.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch``: the shard order and sample shuffles derive from (seed, epoch)."""
+        self._samples.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        counts = self._samples.shard_counts
+        if counts is None:
+            raise TypeError("batch count unknown: the shards have no manifest with sample counts")
+        readers = max(1, self.num_workers)
+        total = 0
+        for worker in range(readers):
+            samples = sum(counts[url] for url in self._samples.reader_urls(worker, readers))
+            total += math.ceil(samples / self._samples.batch_size)
+        return total
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        loader = wds.WebLoader(
+            self._samples,
+            batch_size=None,  # batching happens in the pipeline, before crossing the worker boundary
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        if self.batches_per_epoch is not None:
+            loader = loader.with_epoch(self.batches_per_epoch)
+        for batch, corrupt, failed in loader:
+            self.stats.corrupt_samples += int(corrupt)
+            self.stats.failed_shards += int(failed)
+            if batch is None:
+                continue
+            self.stats.batches += 1
+            self.stats.samples += int(batch.shape[0])
+            yield batch
+
+
+def make_batch_stream(
+    shard_spec: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    batches_per_epoch: int | None = None,
+    epoch: int = 0,
+    drop_last: bool = True,
+) -> BatchStream:
+    """Build the batch stream of one rank.
+
+    Yields float32 tensors: images (B, C, H, W) in [0, 1] (grayscale has C = 1), or swiss-roll
+    points (B, 2) as stored. Every rank gets exactly ``batches_per_epoch`` full batches; when it is
+    not given it is floor(total samples / (world_size * batch_size)) from the manifest, so an epoch
+    is about one pass over the data and DDP never waits on a rank that ran dry. Readers that finish
+    their shards early cycle through them again (reshuffled) until the cap.
+
+    ``resampled=True`` draws shards with replacement per reader (no shard-count requirement; the
+    usual choice when shards are few or unevenly sized). ``drop_last=False`` is for evaluation: one
+    exact pass over this rank's shards, the last batch of each reader may be short, and batch
+    counts may differ between ranks - never use it for DDP training.
+
+    Raises ValueError up front when non-resampled reading has fewer shards than
+    ``world_size * max(1, num_workers)`` readers, and StorageError when the location is unreadable.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: expected a positive number")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
+    if num_workers < 0:
+        raise ValueError(f"num_workers {num_workers}: expected 0 or more")
+    if batches_per_epoch is not None and batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch {batches_per_epoch}: expected a positive number or None")
+    if not drop_last and (resampled or batches_per_epoch is not None):
+        raise ValueError(
+            "drop_last=False means one exact pass over the shards; it cannot be combined with "
+            "resampled=True or batches_per_epoch (those give capped, full batches)"
+        )
+
+    register_s3_opener()
+    if storage.is_s3_url(shard_spec):
+        prefix = shard_spec.split("{", 1)[0]
+        storage.check_readable(prefix if "{" in shard_spec else shard_spec)
+    urls, counts, manifest = _resolve(shard_spec)
+
+    readers = world_size * max(1, num_workers)
+    if not resampled and len(urls) < readers:
+        total_hint = f" (of {sum(counts)} samples)" if counts else ""
+        per_shard = f" <= {sum(counts) // readers}" if counts and sum(counts) >= readers else ""
+        raise ValueError(
+            f"{shard_spec}: {len(urls)} shard(s){total_hint} but world_size {world_size} x "
+            f"num_workers {max(1, num_workers)} = {readers} readers each need at least one shard; "
+            f"reshard with samples_per_shard{per_shard} to get {readers}+ shards, lower num_workers, "
+            "or set resampled: true"
+        )
+
+    if drop_last and batches_per_epoch is None:
+        if counts is None:
+            raise ValueError(
+                f"{shard_spec}: sample counts unknown (no manifest.json next to the shards); point "
+                "data at the shard directory holding manifest.json or set batches_per_epoch"
+            )
+        batches_per_epoch = sum(counts) // (world_size * batch_size)
+        if batches_per_epoch == 0:
+            raise ValueError(
+                f"{shard_spec}: {sum(counts)} samples are fewer than world_size {world_size} x "
+                f"batch_size {batch_size}; lower the batch size or add data"
+            )
+
+    image_shape = None
+    if manifest and manifest.get("image"):
+        image = manifest["image"]
+        image_shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
+
+    samples = _ShardSamples(
+        urls,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        drop_last=drop_last,
+        image_shape=image_shape,
+        shard_counts=dict(zip(urls, counts)) if counts else None,
+    )
+    return BatchStream(samples, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
