@@ -5,12 +5,16 @@ Data lives in "model space": points as given, images scaled to [-1, 1].
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gapm import networks
+from gapm.steps import Stage1Hyperparameters, Stage2Hyperparameters, Update, stage1_step, stage2_step
 
 
 @dataclass
@@ -65,10 +69,25 @@ def interpolate_latents(first: Tensor, second: Tensor, mixing_coefficient: Tenso
 
 class GAPM(nn.Module):
     """All five networks. Stage 1 trains `autoencoder` and `critic`; stage 2 trains
-    `latent_generator` and `latent_discriminator` with the autoencoder frozen."""
+    `latent_generator` and `latent_discriminator` with the autoencoder frozen.
 
-    def __init__(self, shape: ModelShape):
+    Follows the training protocol every method shares (see gapm.baselines): `kind`, `stages`,
+    `stage_step`, `hyperparameters`. Hyper-parameters are the fields of Stage1Hyperparameters
+    and Stage2Hyperparameters, given flat.
+    """
+
+    kind = "gapm"
+    stages = [["autoencoder", "critic"], ["latent_generator", "latent_discriminator"]]
+
+    def __init__(self, shape: ModelShape, **hyperparameters: Any):
         super().__init__()
+        stage1_keys = {f.name for f in dataclasses.fields(Stage1Hyperparameters)}
+        stage2_keys = {f.name for f in dataclasses.fields(Stage2Hyperparameters)}
+        unknown = set(hyperparameters) - stage1_keys - stage2_keys
+        if unknown:
+            raise TypeError(f"GAPM got unknown hyper-parameters {sorted(unknown)}")
+        self.stage1_hp = Stage1Hyperparameters(**{k: v for k, v in hyperparameters.items() if k in stage1_keys})
+        self.stage2_hp = Stage2Hyperparameters(**{k: v for k, v in hyperparameters.items() if k in stage2_keys})
         self.shape = shape
         self.autoencoder = Autoencoder(shape)
         self.critic = networks.build_critic(shape.data_shape, shape.latent_dim, shape.width)
@@ -76,6 +95,22 @@ class GAPM(nn.Module):
             shape.prior_dim, shape.latent_dim, shape.latent_generator_widths)
         self.latent_discriminator = networks.LatentDiscriminator(
             shape.latent_dim, shape.latent_discriminator_widths)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.stage1_hp), **dataclasses.asdict(self.stage2_hp)}
+
+    def stage_step(self, stage: int, trained: Mapping[str, nn.Module], data: Tensor,
+                   update: Update) -> dict[str, float]:
+        """Stage 0: Eq. 9 / 10 on `trained` autoencoder and critic. Stage 1: Eq. 12 / 13 on
+        `trained` g and D, with this model's autoencoder frozen (the caller puts it in eval)."""
+        if stage == 0:
+            return stage1_step(trained["autoencoder"], trained["critic"], self.critic, data,
+                               self.stage1_hp, update)
+        if stage == 1:
+            return stage2_step(self.autoencoder, trained["latent_generator"], trained["latent_discriminator"],
+                               self.latent_discriminator, data, self.shape.prior_dim, self.stage2_hp, update)
+        raise ValueError(f"gapm has stages 0 and 1, not {stage}")
 
     # The user-facing API below runs in eval mode (running BN statistics) and without grads.
 

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 
@@ -21,10 +22,38 @@ def command_train(args: argparse.Namespace) -> int:
     from pipeline.train import train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume)
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if result.metrics:
         print("metrics: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result.metrics.items())))
         print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def command_shards(args: argparse.Namespace) -> int:
+    from pipeline.shards import convert_dataset
+
+    manifests = convert_dataset(
+        args.dataset, args.src, args.out, split=args.split, image_format=args.format,
+        jpeg_quality=args.jpeg_quality, samples_per_shard=args.samples_per_shard, limit=args.limit,
+        celeba_crop=args.celeba_crop, seed=args.seed, swissroll_samples=args.swissroll_samples)
+    for split, manifest in manifests.items():
+        print(f"{split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> "
+              f"{args.out.rstrip('/')}/{split}/ (manifest.json)")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    written = write_report(args.experiment, Path(args.out))
+    print(written["markdown"].read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -33,6 +62,270 @@ def command_show_config(args: argparse.Namespace) -> int:
 
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
+
+
+def mlflow_environment(model_uri: str | None = None) -> None:
+    """Registry commands talk to MLFLOW_TRACKING_URI; without it MLflow would quietly create a
+    new, empty ./mlflow.db. Short HTTP retries: a wrong or dead server fails in seconds."""
+    from pipeline.registry import RegistryError, is_local
+
+    from pipeline.checkpoints import is_remote
+
+    registry_uri = model_uri is None or not (is_local(model_uri) or is_remote(model_uri))
+    if registry_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise RegistryError("MLFLOW_TRACKING_URI is not set; point it at the MLflow server "
+                            "(http://host:5000) or at a run's embedded store "
+                            "(sqlite:///runs/NAME/mlflow.db)")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def command_register(args: argparse.Namespace) -> int:
+    from pipeline.registry import register_run_model
+
+    mlflow_environment()
+    version = register_run_model(args.run_id, args.alias, args.name)
+    print(f"models:/{version.name}@{args.alias} -> version {version.version} (run {args.run_id})")
+    return 0
+
+
+def command_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from pipeline import figures, registry
+
+    mlflow_environment(args.model_uri)
+    model = registry.load_generator(args.model_uri)
+    samples = registry.sample(model, args.n, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    array_path = out.with_suffix(".npy")
+    np.save(array_path, samples.numpy())
+    if registry.is_image_model(model):
+        figures.save_image_grid(samples, out)
+    else:
+        figures.save_point_scatter(samples, out, title=f"{args.model_uri} (seed {args.seed})")
+    print(f"wrote {out} and {array_path}: {args.n} samples of {args.model_uri} (seed {args.seed})")
+    return 0
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+# ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval_jobs.py)
+
+def command_fid_stats(args: argparse.Namespace) -> int:
+    from pipeline import fid
+
+    if not args.name or any(c in args.name for c in "/\\:") or args.name.endswith(".npz"):
+        raise ValueError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
+    device = torch_device(args.device)
+    extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
+    stats = fid.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
+                                        batch_size=args.batch_size, kid_features=args.kid_features)
+    for location in fid.save_reference_stats(stats, args.out):
+        print(f"wrote {location}")
+    print(f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features {stats.feature_extractor_id} "
+          f"(dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with --stats {args.name}")
+    return 0
+
+
+def eval_settings(args: argparse.Namespace, config=None):
+    from pipeline.eval_jobs import EvalSettings
+
+    evaluation = config.eval if config is not None else None
+
+    def pick(value, key, default=None):
+        if value is not None:
+            return value
+        return getattr(evaluation, key) if evaluation is not None else default
+
+    return EvalSettings(stats=pick(args.stats, "fid_stats"), samples=pick(args.n, "fid_samples", 50_000),
+                        test_data=args.test_data, kid=bool(args.kid or pick(None, "kid", False)),
+                        feature_extractor=pick(args.feature_extractor, "feature_extractor"),
+                        inception_weights=pick(args.inception_weights, "inception_weights"), seed=args.seed,
+                        batch_size=args.batch_size, device=args.device)
+
+
+def print_metrics(record: dict) -> None:
+    metrics = ", ".join(f"{key}={value:.6g}" for key, value in sorted(record["metrics"].items()))
+    where = f"run {record['run_id']}" if record.get("run_id") else "not logged"
+    print(f"step {record['step']}: {metrics} [{record['reference_description']}; {where}]")
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.eval_jobs import run_eval
+
+    mlflow_environment(args.target)
+    record = run_eval(args.target, eval_settings(args), run_id=args.run_id, log_to_mlflow=not args.no_log)
+    if record is not None:  # rank 0
+        print_metrics(record)
+        if args.json:
+            from pipeline import storage
+
+            storage.write_bytes(args.json, json.dumps(record, indent=1).encode())
+    return 0
+
+
+def command_eval_watch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.eval_jobs import CLAIMS_ENV, EvalError, WatchOptions, watch
+
+    config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+    experiments = args.experiment or ([config.tracking.experiment or config.name] if config is not None else None)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri and config is not None:
+        from pipeline.mlflow_tracking import EMBEDDED_DB, resolve_tracking_uri
+
+        if not (config.run_dir / EMBEDDED_DB).is_file():
+            print(f"nothing to evaluate: no MLflow store at {config.run_dir / EMBEDDED_DB} yet "
+                  "(MLFLOW_TRACKING_URI is not set and the run has not started)")
+            return 0
+        tracking_uri = resolve_tracking_uri(config.run_dir)[0]
+    if not tracking_uri:
+        raise EvalError("MLFLOW_TRACKING_URI is not set; point it at the MLflow server, or pass --config "
+                        "to use the run's embedded store")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    claims = args.claims or os.environ.get(CLAIMS_ENV) or str(
+        Path(config.output_dir if config is not None else "runs") / ".eval-claims")
+    options = WatchOptions(
+        experiments=experiments, claims=claims, tracking_uri=tracking_uri,
+        run_names=[config.name] if config is not None else None,
+        alias=args.alias or (config.eval.champion_alias if config is not None else "champion"),
+        claim_ttl_s=args.claim_ttl, max_evaluations=args.max_evaluations,
+        data=config.data if config is not None else None, data_seed=config.seed if config is not None else None)
+
+    def report(summary) -> None:
+        for record in summary.evaluated:
+            print_metrics(record)
+        for line in summary.busy:
+            print(f"skipped (another job has it): {line}")
+        for name, state in sorted(summary.champions.items()):
+            print(f"models:/{name}@{options.alias}: {state}")
+        for line in summary.failed:
+            print(f"failed: {line}", file=sys.stderr)
+        if summary.did_nothing and not summary.failed:
+            print("nothing new to evaluate")
+
+    summary = watch(eval_settings(args, config), options, once=args.once, interval_s=args.interval, report=report)
+    return 1 if summary.failed else 0
+
+
+def command_train_feature_extractor(args: argparse.Namespace) -> int:
+    from pipeline import feature_extractor as fe
+
+    images, labels = fe.labelled_images(args.data, args.limit)
+    test = fe.labelled_images(args.test_data, args.test_limit) if args.test_data else None
+    network, report = fe.train_domain_classifier(
+        images, labels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, feature_dim=args.feature_dim,
+        seed=args.seed, test=test)
+    extra = {"dataset": args.data, "train_samples": str(report.train_samples),
+             "train_accuracy": f"{report.train_accuracy:.4f}"}
+    if report.test_accuracy is not None:
+        extra.update(test_dataset=args.test_data, test_accuracy=f"{report.test_accuracy:.4f}")
+    digest = fe.save_domain_extractor(network, args.out, extra)
+    test_text = f", test accuracy {report.test_accuracy:.4f}" if report.test_accuracy is not None else ""
+    print(f"wrote {args.out} (sha256 {digest[:16]}): {report.train_samples} images, train accuracy "
+          f"{report.train_accuracy:.4f}{test_text}, {report.seconds:.0f}s; use with --feature-extractor {args.out}")
+    return 0
+
+
+def torch_device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_evaluation_commands(commands) -> None:
+    def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+        parser.add_argument("--feature-extractor", metavar="inception|PATH",
+                            help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
+                                 f"(path or s3:// URL); {default_help}")
+        parser.add_argument("--inception-weights", metavar="PATH_OR_S3",
+                            help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
+                                 "then /tmp/inception-2015-12-05.pt, then one download attempt)")
+        parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+        parser.add_argument("--batch-size", type=positive_int, default=250, help="images per batch (default 250)")
+
+    def scoring_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--stats", metavar="NAME_OR_URL",
+                            help="reference statistics: a name from `gapm fid-stats`, an .npz path or s3:// URL, "
+                                 "or cleanfid:DATASET/SPLIT/RES (clean-fid's published ones; needs network once)")
+        parser.add_argument("-n", type=positive_int, help="generated samples for FID (default 50000)")
+        parser.add_argument("--test-data", metavar="URL",
+                            help="test shards for the reconstruction MSE (default: the run's data.test)")
+        parser.add_argument("--kid", action="store_true", help="also compute KID")
+        parser.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
+        feature_arguments(parser, "default: the one the statistics were computed with")
+
+    stats = commands.add_parser("fid-stats", help="FID reference statistics (clean-fid, mode clean) of a shard set")
+    stats.add_argument("data", metavar="DATA_URL", help="shard set: directory or s3:// prefix with manifest.json")
+    stats.add_argument("--name", required=True, help="name to use with --stats (stored as NAME.npz in "
+                                                     "$GAPM_FID_STATS_DIR, default ~/.cache/gapm/fid-stats)")
+    stats.add_argument("--out", metavar="URL", help="also write there: an .npz path/URL, or a directory / s3:// "
+                                                    "prefix that gets NAME.npz")
+    stats.add_argument("--limit", type=positive_int, help="use only the first N images")
+    stats.add_argument("--kid-features", type=int, default=5000,
+                       help="feature vectors kept in the file for KID (default 5000; 0: none)")
+    feature_arguments(stats, "default: inception")
+    stats.set_defaults(handler=command_fid_stats)
+
+    evaluate = commands.add_parser("eval", help="score one checkpoint or model (FID, reconstruction MSE) "
+                                                "and log the results to its MLflow run")
+    evaluate.add_argument("target", metavar="CHECKPOINT_OR_MODEL_URI",
+                          help="checkpoint directory or s3:// URL, runs:/RUN_ID/checkpoints/step-XXXXXXXX, "
+                               "runs:/RUN_ID/model, models:/NAME@ALIAS, models:/NAME/VERSION")
+    scoring_arguments(evaluate)
+    evaluate.add_argument("--run-id", help="MLflow run to log to (default: found from the checkpoint)")
+    evaluate.add_argument("--no-log", action="store_true", help="print only, log nothing to MLflow")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the result as JSON (path or s3:// URL)")
+    evaluate.set_defaults(handler=command_eval)
+
+    watch = commands.add_parser("eval-watch", help="the scheduled job: score every checkpoint in MLflow not yet "
+                                                   "scored, move the registry alias to the best")
+    add_config_arguments(watch)
+    watch.add_argument("--once", action="store_true", help="one pass, then exit (cron, CronJob, Slurm)")
+    watch.add_argument("--interval", type=float, default=600.0, help="seconds between passes (default 600)")
+    watch.add_argument("--experiment", action="append", metavar="NAME",
+                       help="MLflow experiment to watch; repeatable (default: the config's tracking.experiment "
+                            "or name, and only the config's run; else every experiment with gapm runs)")
+    scoring_arguments(watch)
+    watch.add_argument("--alias", help="registry alias for the best model (default: eval.champion_alias, champion)")
+    watch.add_argument("--claims", metavar="URL",
+                       help="where jobs claim checkpoints: a directory every job sees, or s3://bucket/prefix "
+                            "(default: $GAPM_EVAL_CLAIMS, else OUTPUT_DIR/.eval-claims)")
+    watch.add_argument("--claim-ttl", type=float, default=900.0,
+                       help="seconds before a crashed job's claim may be taken over (default 900)")
+    watch.add_argument("--max-evaluations", type=positive_int, help="at most this many checkpoints per pass")
+    watch.set_defaults(handler=command_eval_watch)
+
+    extractor = commands.add_parser("train-feature-extractor",
+                                    help="train a small CNN classifier on labelled shards; its features give FID "
+                                         "without Inception")
+    extractor.add_argument("data", metavar="DATA_URL", help="labelled training shards (e.g. fashion-mnist train)")
+    extractor.add_argument("--out", required=True, help="safetensors file to write (path or s3:// URL)")
+    extractor.add_argument("--test-data", metavar="URL", help="labelled test shards: report the accuracy")
+    extractor.add_argument("--epochs", type=positive_int, default=5)
+    extractor.add_argument("--batch-size", type=positive_int, default=128)
+    extractor.add_argument("--lr", type=float, default=1e-3)
+    extractor.add_argument("--feature-dim", type=positive_int, default=128, help="feature size (default 128)")
+    extractor.add_argument("--limit", type=positive_int, help="train on the first N images only")
+    extractor.add_argument("--test-limit", type=positive_int)
+    extractor.add_argument("--seed", type=int, default=0)
+    extractor.set_defaults(handler=command_train_feature_extractor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +339,48 @@ def build_parser() -> argparse.ArgumentParser:
                             "or a checkpoint directory")
     train.set_defaults(handler=command_train)
 
+    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards (local dir or s3://)")
+    shards.add_argument("dataset", choices=["cifar10", "celeba", "mnist", "fashion-mnist", "swissroll"])
+    shards.add_argument("src", help="source directory in the dataset's original layout ('-' for swissroll)")
+    shards.add_argument("out", help="output directory or s3://bucket/prefix; splits go to OUT/train, OUT/test")
+    shards.add_argument("--split", help="convert only this split")
+    shards.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding (png: lossless)")
+    shards.add_argument("--jpeg-quality", type=int, default=95)
+    shards.add_argument("--samples-per-shard", type=int, default=10000)
+    shards.add_argument("--limit", type=int, help="keep only the first N samples of each split")
+    shards.add_argument("--celeba-crop", default="center178", choices=["center178", "authors"],
+                        help="center178: CenterCrop(178)+Resize(64) (Mimicry); authors: resize 64x78, rows 7-71")
+    shards.add_argument("--seed", type=int, default=0, help="swiss-roll sampler seed")
+    shards.add_argument("--swissroll-samples", type=int, default=5000)
+    shards.set_defaults(handler=command_shards)
+
+    report = commands.add_parser("report", help="table + figure grid of every run of an MLflow experiment")
+    report.add_argument("--experiment", required=True, help="MLflow experiment (tracking.experiment of the configs)")
+    report.add_argument("--out", default="reports", help="directory for NAME.md, NAME.csv, NAME-figures.png")
+    report.set_defaults(handler=command_report)
+
     show = commands.add_parser("config", help="print the resolved config")
     add_config_arguments(show)
     show.set_defaults(handler=command_show_config)
+
+    register = commands.add_parser(
+        "register", help="register a run's trained model in the MLflow registry and set an alias")
+    register.add_argument("run_id", help="the MLflow run id (in RUN_DIR/mlflow_run_id)")
+    register.add_argument("--alias", required=True, help="alias to point at it, e.g. champion")
+    register.add_argument("--name", help="registered model name (default: the run's "
+                                         "tracking.registered_model_name, gapm-<experiment>)")
+    register.set_defaults(handler=command_register)
+
+    sample = commands.add_parser("sample", help="generate samples from a registered model or checkpoint")
+    sample.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
+                                          "or a checkpoint (directory or s3:// URL)")
+    sample.add_argument("-n", type=positive_int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", required=True, help="PNG to write (image grid or scatter); the samples "
+                                                     "also go to the same name with .npy")
+    sample.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
+    sample.set_defaults(handler=command_sample)
+
+    add_evaluation_commands(commands)
     return parser
 
 
@@ -56,7 +388,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'fix your input', reported without a traceback."""
     from pipeline.checkpoints import CheckpointError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError]
+    from pipeline.report import ReportError
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, ValueError, ReportError]
+    registry = sys.modules.get("pipeline.registry")  # imports mlflow: only if it was used
+    if registry is not None:
+        errors.append(registry.RegistryError)
     try:
         from pipeline.storage import StorageError
 

@@ -23,21 +23,25 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # "swissroll" generates the paper's 2-D swiss-roll in memory; anything else is a shard set
-    # (local directory, file:// or s3:// prefix holding manifest.json, or a brace pattern).
+    # "swissroll" generates the paper's 2-D swiss-roll in memory; "synthetic" uniform noise of
+    # model.data_shape (throughput checks); anything else is a shard set (local directory,
+    # file:// or s3:// prefix holding manifest.json, or a brace pattern).
     train: str = "swissroll"
     test: str = "swissroll"
     batch_size: int = 32
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
-    swissroll_samples: int = 5000
+    swissroll_samples: int = 5000  # also the size of the "synthetic" set
     swissroll_test_samples: int = 1000
 
 
 @dataclass
 class ModelConfig:
-    kind: Literal["gapm"] = "gapm"
+    # gapm, or a baseline from the paper (gapm/baselines.py): one stage of stage1.steps, every
+    # network with stage1.autoencoder's Adam settings, method settings in `hyperparameters`.
+    kind: Literal["gapm", "vae", "aae", "wae", "introvae", "age", "alae"] = "gapm"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
     data_shape: list[int] = field(default_factory=lambda: [2])  # [2] points or [C, S, S]
     latent_dim: int = 128
     prior_dim: int = 128
@@ -78,10 +82,13 @@ class Stage2Config:
 
 @dataclass
 class TrainConfig:
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # null: whatever the launcher says (`accelerate launch --mixed_precision` or its config file),
+    # else no; a value here overrides the launcher.
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     gradient_accumulation_steps: int = 1
     grad_clip_norm: float | None = None
     compile: bool = False
+    checkpoint_dir: str | None = None  # local dir or s3://bucket/prefix; null: <run dir>/checkpoints
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of each stage
     keep_last_checkpoints: int = 3
     log_every: int = 50
@@ -91,6 +98,24 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     samples: int = 5000  # generated samples for the end-of-training metrics
+    # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval_jobs.py):
+    fid_stats: str | None = None  # reference statistics: a name, path or s3:// URL (gapm fid-stats)
+    fid_samples: int = 50000  # generated samples per FID (the paper: 50,000)
+    feature_extractor: str | None = None  # null: the one the statistics were computed with
+    inception_weights: str | None = None  # path or s3:// URL of inception-2015-12-05.pt
+    kid: bool = False  # also KID (needs statistics with features, the default of fid-stats)
+    champion_alias: str = "champion"  # registry alias moved to the best-scoring checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow: the server named by MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db.
+    enabled: bool = True
+    experiment: str | None = None  # MLflow experiment; null: the config's name. Comparisons share one.
+    registered_model_name: str | None = None  # null: "gapm-" + name
+    register_model: bool = True  # register the model logged at the end of stage 2 (logged either way)
+    log_checkpoints: bool = True  # upload every checkpoint as run artifacts (else: location only)
+    system_metrics: bool = True  # CPU/GPU/memory/disk/network every 10 s (needs psutil)
 
 
 @dataclass
@@ -104,6 +129,7 @@ class ExperimentConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -138,6 +164,8 @@ def _convert(value: Any, expected: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(o) for o in options)},"
                           f" got {value!r}")
     if origin is Literal:
+        if value is False and "no" in typing.get_args(expected):
+            value = "no"  # YAML 1.1 reads a bare `no` as false
         if value not in typing.get_args(expected):
             raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
         return value
@@ -146,6 +174,10 @@ def _convert(value: Any, expected: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
         (item_type,) = typing.get_args(expected)
         return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}': expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(expected):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping of settings, got {value!r}")
@@ -235,6 +267,13 @@ def validate(config: ExperimentConfig) -> None:
                           "(BatchNorm needs more than one sample per batch)")
     if "/" in config.name or not config.name:
         raise ConfigError(f"config key 'name' must be a non-empty name without '/', got {config.name!r}")
+    model_name = config.tracking.registered_model_name
+    if model_name is not None and (not model_name or any(c in model_name for c in "/@:")):
+        # models:/NAME@ALIAS and models:/NAME/VERSION could not name it.
+        raise ConfigError(f"config key 'tracking.registered_model_name' must be a non-empty name "
+                          f"without '/', '@' or ':', got {model_name!r}")
+    if config.eval.fid_samples < 2:
+        raise ConfigError(f"config key 'eval.fid_samples' must be at least 2, got {config.eval.fid_samples}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

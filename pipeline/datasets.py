@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 
 SWISSROLL = "swissroll"
+SYNTHETIC = "synthetic"  # uniform noise of model.data_shape: throughput checks without any I/O
 SWISSROLL_SCALE = 10.0  # brings sklearn's roll (radius up to ~14) to roughly [-1, 1.5]
 
 
@@ -51,6 +52,9 @@ class InMemoryBatches:
             raise ValueError(f"{len(data)} samples cannot fill one batch of {batch_size} on each of "
                              f"{world_size} ranks; lower data.batch_size or use more data")
 
+    def data_problems(self) -> dict[str, int]:
+        return {"corrupt_samples": 0, "failed_shards": 0}  # generated in memory: nothing to go wrong
+
     def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.data), generator=generator)[self.rank::self.world_size]
@@ -80,25 +84,69 @@ class ShardBatches:
         from pipeline import streaming
 
         self.streaming = streaming
-        self.last_stream = None
+        self.epoch_stats: list = []  # one StreamStats per epoch streamed
 
     def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
-        self.last_stream = self.streaming.make_batch_stream(
+        stream = self.streaming.make_batch_stream(
             self.spec, self.config.batch_size, rank=self.rank, world_size=self.world_size,
             num_workers=self.config.num_workers, seed=self.seed,
             shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch)
-        yield from self.last_stream
+        self.epoch_stats.append(stream.stats)
+        yield from stream
+
+    def data_problems(self) -> dict[str, int]:
+        """Corrupt samples skipped and unreadable shards so far (this rank)."""
+        return {"corrupt_samples": sum(s.corrupt_samples for s in self.epoch_stats),
+                "failed_shards": sum(s.failed_shards for s in self.epoch_stats)}
 
 
-def training_source(config: DataConfig, *, rank: int, world_size: int, seed: int):
+def manifest_data_shape(manifest: dict) -> list[int] | None:
+    """[C, H, W] for image shards, [D] for point shards, from a shard manifest."""
+    if manifest.get("image"):
+        image = manifest["image"]
+        return [int(image["channels"]), int(image["height"]), int(image["width"])]
+    if manifest.get("point_dim"):
+        return [int(manifest["point_dim"])]
+    return None
+
+
+def check_sources(config: DataConfig, data_shape: list[int]) -> None:
+    """Fails before training starts if a data location is unreachable or holds data of
+    another shape than the model expects; the message names the config key."""
+    from pipeline import shards, streaming
+
+    for key, spec in (("data.train", config.train), ("data.test", config.test)):
+        if spec == SWISSROLL:
+            found = [2]
+        elif spec == SYNTHETIC:
+            found = None
+        else:
+            streaming.resolve_shard_urls(spec)  # raises StorageError naming the location
+            is_directory = "{" not in spec and not spec.endswith(".tar")
+            found = manifest_data_shape(shards.read_manifest(spec)) if is_directory else None
+        if found is not None and found != list(data_shape):
+            raise ConfigError(f"config key '{key}' ({spec}) holds data of shape {found} but "
+                              f"model.data_shape is {list(data_shape)}; set model.data_shape={found}")
+
+
+def synthetic_data(count: int, data_shape: list[int], seed: int) -> Tensor:
+    return torch.rand(count, *data_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def training_source(config: DataConfig, *, rank: int, world_size: int, seed: int, data_shape: list[int]):
+    if config.train == SYNTHETIC:
+        data = synthetic_data(config.swissroll_samples, data_shape, seed)
+        return InMemoryBatches(data, config.batch_size, rank=rank, world_size=world_size, seed=seed)
     if config.train == SWISSROLL:
         points = swissroll_points(config.swissroll_samples, seed)
         return InMemoryBatches(points, config.batch_size, rank=rank, world_size=world_size, seed=seed)
     return ShardBatches(config.train, config, rank=rank, world_size=world_size, seed=seed)
 
 
-def held_out_data(config: DataConfig, seed: int, limit: int) -> Tensor:
+def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[int]) -> Tensor:
     """Up to `limit` test samples in data space ([0, 1] images or raw points)."""
+    if config.test == SYNTHETIC:
+        return synthetic_data(min(limit, config.swissroll_test_samples), data_shape, seed + 1)
     if config.test == SWISSROLL:
         # A different seed from training: held-out points from the same roll.
         return swissroll_points(config.swissroll_test_samples, seed + 1)

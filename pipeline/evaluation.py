@@ -52,8 +52,7 @@ def sample_in_batches(model: GAPM, count: int, data_shape: list[int], seed: int,
     out, remaining = [], count
     while remaining > 0:
         size = min(batch_size, remaining)
-        latents = model.latent_generator(model.prior_sample(size, generator, device))
-        out.append(to_data_space(model.decode(latents).float(), data_shape).cpu())
+        out.append(to_data_space(model.sample(size, generator).float(), data_shape).cpu())
         remaining -= size
     return torch.cat(out)
 

@@ -43,3 +43,15 @@ def image_grid(images: Tensor, columns: int = 8) -> Image.Image:
 
 def save_image_grid(images: Tensor, path: Path, columns: int = 8) -> None:
     image_grid(images, columns).save(path)
+
+
+def save_point_scatter(points: Tensor, path: Path, title: str = "") -> None:
+    """One panel of 2-D points (e.g. `gapm sample` of a swiss-roll model)."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2, alpha=0.6)
+    axis.set_aspect("equal")
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,16 +1,22 @@
 """Experiment tracking behind one small interface.
 
-The training loop only ever calls the five methods of `Tracker`. The run directory always
-gets a plain-file record (params.json, metrics.jsonl); MLflow plugs in as another Tracker.
-Only rank 0 tracks: other ranks get `NullTracker`.
+The training loop only ever calls the methods of `Tracker`. The run directory always gets a
+plain-file record (params.json, metrics.jsonl); MLflow (pipeline/mlflow_tracking.py) plugs in
+as another Tracker through `MultiTracker`. Only rank 0 tracks: other ranks get `NullTracker`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
 
 
 class Tracker(Protocol):
@@ -18,6 +24,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_checkpoint(self, checkpoint: Path | str) -> None: ...  # a complete checkpoint was written
+    def log_model(self, checkpoint: Path | str) -> None: ...  # the trained model (end of stage 2)
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -26,6 +34,8 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: pass
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None: pass
     def set_tags(self, tags: dict[str, str]) -> None: pass
+    def log_checkpoint(self, checkpoint: Path | str) -> None: pass
+    def log_model(self, checkpoint: Path | str) -> None: pass
     def finish(self, status: str = "FINISHED") -> None: pass
 
 
@@ -63,6 +73,12 @@ class RunDirectoryTracker:
         existing = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**existing, **tags}, indent=1))
 
+    def log_checkpoint(self, checkpoint: Path | str) -> None:
+        pass  # already in the run directory
+
+    def log_model(self, checkpoint: Path | str) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED") -> None:
         self.set_tags({"status": status})
         self.metrics_file.close()
@@ -90,6 +106,74 @@ class MultiTracker:
         for tracker in self.trackers:
             tracker.set_tags(tags)
 
+    def log_checkpoint(self, checkpoint: Path | str) -> None:
+        for tracker in self.trackers:
+            tracker.log_checkpoint(checkpoint)
+
+    def log_model(self, checkpoint: Path | str) -> None:
+        for tracker in self.trackers:
+            tracker.log_model(checkpoint)
+
     def finish(self, status: str = "FINISHED") -> None:
         for tracker in self.trackers:
             tracker.finish(status)
+
+
+def default_tracker(config: ExperimentConfig, run_dir: Path) -> Tracker:
+    """The run directory's record, plus MLflow unless `tracking.enabled` is false."""
+    directory = RunDirectoryTracker(run_dir)
+    if not config.tracking.enabled:
+        return directory
+    from pipeline.mlflow_tracking import MlflowTracker  # imports mlflow: only when tracking
+
+    return MultiTracker(directory, MlflowTracker.from_config(config, run_dir))
+
+
+# Keys whose values are never sent anywhere, and values that look like credentials wherever
+# they appear (an AWS access key id, the password in scheme://user:password@host).
+SECRET_KEY = re.compile(r"secret|passw|token|credential|api_?key|access_?key|private_?key|auth",
+                        re.IGNORECASE)
+SECRET_VALUES = (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+                 re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"))
+MASK = "***"
+
+
+def mask_secret_value(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    for pattern in SECRET_VALUES:
+        value = pattern.sub(MASK, value)
+    return value
+
+
+def mask_secrets(mapping: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a (nested) mapping with secret-looking keys' values and credentials masked."""
+    masked: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            masked[key] = mask_secrets(value)
+        elif SECRET_KEY.search(str(key)) and value not in (None, ""):
+            masked[key] = MASK
+        elif isinstance(value, list):
+            masked[key] = [mask_secret_value(item) for item in value]
+        else:
+            masked[key] = mask_secret_value(value)
+    return masked
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree this package runs from: GAPM_GIT_COMMIT (set it when
+    building images without .git), else `git rev-parse HEAD` (+ '-dirty'), else None."""
+    if os.environ.get("GAPM_GIT_COMMIT"):
+        return os.environ["GAPM_GIT_COMMIT"]
+    source = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")

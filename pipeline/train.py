@@ -22,16 +22,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from gapm import GAPM, ModelShape, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+from gapm import GAPM, ModelShape, build_model
 from pipeline import checkpoints, datasets, evaluation, figures
 from pipeline.distributed import (
     StopRequest, TrainingInterrupted, average_batchnorm_statistics, max_parameter_divergence)
-from pipeline.config import ExperimentConfig, OptimizerConfig, dump_config, to_dict
-from pipeline.tracking import NullTracker, RunDirectoryTracker, Tracker
+from pipeline.config import ConfigError, ExperimentConfig, OptimizerConfig, dump_config, to_dict
+from pipeline.tracking import NullTracker, Tracker, default_tracker, git_commit
 
 log = logging.getLogger(__name__)
 
-STAGE_NETWORKS = {1: ("autoencoder", "critic"), 2: ("latent_generator", "latent_discriminator")}
 
 
 @dataclass
@@ -49,6 +48,37 @@ def model_shape(config: ExperimentConfig) -> ModelShape:
                       latent_discriminator_widths=list(m.latent_discriminator_widths))
 
 
+def method_hyperparameters(config: ExperimentConfig) -> dict:
+    """GAPM's come from the stage sections; a baseline's from model.hyperparameters."""
+    if config.model.kind != "gapm":
+        return dict(config.model.hyperparameters)
+    s1, s2 = config.stage1, config.stage2
+    return dict(mix_gamma=s1.mix_gamma, critic_offset_lambda=s1.critic_offset_lambda,
+                omega_interpolation=s1.omega_interpolation, omega_reconstruction=s1.omega_reconstruction,
+                max_mixing=s1.max_mixing, critic_steps=s1.critic_steps,
+                adversarial_regularizer=s1.adversarial_regularizer, discriminator_steps=s2.discriminator_steps)
+
+
+def build_method(config: ExperimentConfig, shape: ModelShape):
+    """The model of `model.kind`; a bad hyper-parameter is reported against its config key."""
+    try:
+        return build_model(config.model.kind, shape, **method_hyperparameters(config))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config key 'model.hyperparameters' ({config.model.kind}): {error}") from None
+
+
+def optimizer_settings(config: ExperimentConfig, stage_index: int, name: str) -> OptimizerConfig:
+    """`stageK.<name>` when the config has such a section, else `stage1.autoencoder` (the
+    baselines' networks share those Adam settings)."""
+    section = config.stage1 if stage_index == 0 else config.stage2
+    settings = getattr(section, name, None)
+    return settings if isinstance(settings, OptimizerConfig) else config.stage1.autoencoder
+
+
+def stage_lengths(config: ExperimentConfig, stage_count: int) -> list[int]:
+    return [config.stage1.steps, config.stage2.steps][:stage_count]
+
+
 def adam(parameters, settings: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=settings.lr, betas=tuple(settings.betas),
                             weight_decay=settings.weight_decay)
@@ -58,13 +88,13 @@ def seed_iteration(seed: int, rank: int, step: int) -> None:
     torch.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % 2**63)
 
 
-def resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
+def resume_checkpoint(resume: str, checkpoints_dir: checkpoints.Checkpoint) -> checkpoints.Checkpoint | None:
     """'auto': the latest complete checkpoint, if any; 'never': none; else a path."""
     if resume == "never":
         return None
     if resume == "auto":
         return checkpoints.latest_checkpoint(checkpoints_dir)
-    path = Path(resume)
+    path = resume if checkpoints.is_remote(resume) else Path(resume)
     checkpoints.read_meta(path)  # raises a clear error if it is not a complete checkpoint
     return path
 
@@ -77,29 +107,29 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     is_main = accelerator.is_main_process
+    datasets.check_sources(config.data, config.model.data_shape)
     run_dir = config.run_dir
-    checkpoints_dir = run_dir / "checkpoints"
+    checkpoints_dir = config.train.checkpoint_dir or run_dir / "checkpoints"
+    if not checkpoints.is_remote(checkpoints_dir):
+        checkpoints_dir = Path(checkpoints_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
-    tracker = (tracker or RunDirectoryTracker(run_dir)) if is_main else NullTracker()
+    # Only rank 0 tracks: the run directory record, plus MLflow unless tracking.enabled is false.
+    tracker = (tracker or default_tracker(config, run_dir)) if is_main else NullTracker()
 
     # Identical initial weights on every rank.
     set_seed(config.seed)
     shape = model_shape(config)
-    model = GAPM(shape)
-    optimizers = {
-        "autoencoder": adam(model.autoencoder.parameters(), config.stage1.autoencoder),
-        "critic": adam(model.critic.parameters(), config.stage1.critic),
-        "latent_generator": adam(model.latent_generator.parameters(), config.stage2.latent_generator),
-        "latent_discriminator": adam(model.latent_discriminator.parameters(), config.stage2.latent_discriminator),
-    }
+    model = build_method(config, shape)
+    optimizers = {name: adam(getattr(model, name).parameters(), optimizer_settings(config, index, name))
+                  for index, names in enumerate(model.stages) for name in names}
 
     checkpoint = resume_checkpoint(resume, checkpoints_dir)
     meta = None
     if checkpoint is not None:
         meta = checkpoints.read_meta(checkpoint)
-        checkpoints.check_compatible(meta, shape, checkpoint)
+        checkpoints.check_compatible(meta, shape, checkpoint, model.kind)
         checkpoints.load_model_weights(model, checkpoint)
         state = checkpoints.load_training_state(checkpoint)
         for name, optimizer in optimizers.items():
@@ -131,24 +161,22 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
 
-    stage1_hp = Stage1Hyperparameters(
-        mix_gamma=config.stage1.mix_gamma, critic_offset_lambda=config.stage1.critic_offset_lambda,
-        omega_interpolation=config.stage1.omega_interpolation,
-        omega_reconstruction=config.stage1.omega_reconstruction, max_mixing=config.stage1.max_mixing,
-        critic_steps=config.stage1.critic_steps, adversarial_regularizer=config.stage1.adversarial_regularizer)
-    stage2_hp = Stage2Hyperparameters(discriminator_steps=config.stage2.discriminator_steps)
-
     position = datasets.StreamPosition()
     if meta is not None:
         position = datasets.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
     source = datasets.training_source(config.data, rank=accelerator.process_index,
-                                      world_size=accelerator.num_processes, seed=config.seed)
+                                      world_size=accelerator.num_processes, seed=config.seed,
+                                      data_shape=shape.data_shape)
     batches = datasets.endless_batches(source, position)
 
     if is_main:
         tracker.log_params(to_dict(config))
-        tracker.set_tags({"world_size": str(accelerator.num_processes),
-                          "mixed_precision": config.train.mixed_precision})
+        tags = {"world_size": str(accelerator.num_processes), "mixed_precision": accelerator.mixed_precision,
+                "dataset": config.data.train}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        tracker.set_tags(tags)
 
     def save(stage: int, stage_step: int, step: int) -> Path | None:
         average_batchnorm_statistics(model, accelerator)
@@ -161,24 +189,27 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
                 checkpoints.CheckpointMeta(stage=stage, step=step, stage_step=stage_step,
                                            data_epoch=position.epoch,
                                            data_batch_in_epoch=position.batch_in_epoch,
-                                           model_shape=dataclasses.asdict(shape), experiment=config.name))
+                                           model_shape=dataclasses.asdict(shape), experiment=config.name,
+                                           model_kind=model.kind, hyperparameters=model.hyperparameters))
             checkpoints.prune_checkpoints(checkpoints_dir, config.train.keep_last_checkpoints)
+            tracker.log_checkpoint(saved)
         accelerator.wait_for_everyone()
         return saved
 
     step = meta.step if meta else 0
     last_saved = checkpoint
-    stage_lengths = {1: config.stage1.steps, 2: config.stage2.steps}
+    lengths = stage_lengths(config, len(model.stages))
     with StopRequest() as stop:
-        for stage in (1, 2):
+        for index, trained in enumerate(model.stages):
+            stage = index + 1  # stages count from 1 in logs, metrics and checkpoints
             if meta is not None and stage < meta.stage:
                 continue
-            if stage == 2:
-                # Stage 2 reads BN(E(x)) with running statistics: make them the same on all ranks.
-                average_batchnorm_statistics(model.autoencoder, accelerator)
+            tracker.set_tags({"stage": str(stage)})  # both stages share one tracked run
+            if stage > 1:
+                # GAPM's stage 2 reads BN(E(x)) with running statistics: the same on all ranks.
+                average_batchnorm_statistics(model, accelerator)
             first = meta.stage_step if meta is not None and stage == meta.stage else 0
-            total = stage_lengths[stage]
-            trained = STAGE_NETWORKS[stage]
+            total = lengths[index]
             for name, net in networks.items():
                 net.train(name in trained)
             progress = tqdm(total=total, initial=first, desc=f"stage {stage}",
@@ -190,13 +221,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
             for stage_step in range(first, total):
                 seed_iteration(config.seed, accelerator.process_index, step)
                 data = datasets.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
-                if stage == 1:
-                    logs = stage1_step(networks["autoencoder"], networks["critic"], model.critic,
-                                       data, stage1_hp, update)
-                else:
-                    logs = stage2_step(model.autoencoder, networks["latent_generator"],
-                                       networks["latent_discriminator"], model.latent_discriminator,
-                                       data, shape.prior_dim, stage2_hp, update)
+                logs = model.stage_step(index, {name: networks[name] for name in trained}, data, update)
                 step += 1
                 window_steps += 1
                 for key, value in logs.items():
@@ -228,6 +253,14 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
             last_saved = save(stage, total, step) or last_saved
 
     metrics: dict[str, float] = {"distributed/max_parameter_divergence": max_parameter_divergence(model, accelerator)}
+    problems = source.data_problems()
+    totals = accelerator.reduce(torch.tensor([float(v) for v in problems.values()], device=accelerator.device),
+                                reduction="sum").tolist()
+    for key, total in zip(problems, totals):
+        metrics[f"data/{key}"] = total
+        if total and is_main:
+            log.warning("data: %d %s skipped during training (see warnings above for which)",
+                        int(total), key.replace("_", " "))
     if is_main:
         metrics.update(write_outputs(model, config, run_dir, accelerator.device))
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -235,6 +268,8 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         for name in ("samples.png", "reconstructions.png", "figure4.png"):
             if (run_dir / name).exists():
                 tracker.log_artifact(run_dir / name)
+        if sum(lengths) > 0 and last_saved is not None:
+            tracker.log_model(last_saved)  # MLflow: logged as the run's model and registered
         tracker.finish("FINISHED")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, final_checkpoint=last_saved, metrics=metrics)
@@ -243,7 +278,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
 def write_outputs(model: GAPM, config: ExperimentConfig, run_dir: Path, device) -> dict[str, float]:
     """Evaluates the trained model; writes the recon/samples arrays and pictures."""
     shape = config.model.data_shape
-    held_out = datasets.held_out_data(config.data, config.seed, limit=config.eval.samples)
+    held_out = datasets.held_out_data(config.data, config.seed, limit=config.eval.samples, data_shape=shape)
     model.to(device)
     metrics, reconstructions, samples = evaluation.evaluate(model, held_out, shape, config.eval.samples,
                                                             seed=config.seed)

@@ -7,6 +7,8 @@ against AWS or MinIO.
 
 from __future__ import annotations
 
+pytest_plugins = ["mlflow_fixtures"]  # the `mlflow server` fixtures (tests/mlflow_fixtures.py)
+
 import os
 import shutil
 import socket

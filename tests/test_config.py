@@ -71,3 +71,9 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping of settings at the top level"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_bare_no_means_the_string_no_for_mixed_precision(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(write(tmp_path, "train:\n  mixed_precision: no\n")).train.mixed_precision == "no"
+    assert load_config(None).train.mixed_precision is None  # the launcher decides

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["stage1.steps=20", "stage2.steps=10", "data.swissroll_samples=512", "data.swissroll_test_samples=256",
         "model.width=32", "model.latent_generator_widths=[32]", "model.latent_discriminator_widths=[32]",
         "train.checkpoint_every=10", "train.log_every=5", "train.progress_bar=false", "eval.samples=256",
-        "stage2.discriminator_steps=2"]
+        "stage2.discriminator_steps=2", "tracking.enabled=false"]
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pipeline.train import train
 TINY = ["stage1.steps=30", "stage2.steps=20", "data.batch_size=64", "data.swissroll_samples=512",
         "data.swissroll_test_samples=256", "model.width=32", "model.latent_generator_widths=[32]",
         "model.latent_discriminator_widths=[32]", "train.checkpoint_every=10", "train.log_every=10",
-        "train.progress_bar=false", "eval.samples=256", "stage2.discriminator_steps=2"]
+        "train.progress_bar=false", "eval.samples=256", "stage2.discriminator_steps=2", "tracking.enabled=false"]
 
 
 def tiny_config(tmp_path, *extra):
@@ -28,8 +28,8 @@ def test_training_writes_every_output(tmp_path):
     assert np.load(run / "recon.npy").shape == (256, 2)
     assert np.load(run / "samples.npy").shape == (256, 2)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"eval/reconstruction_mse", "eval/sample_nearest_distance", "eval/sample_mmd",
-                            "distributed/max_parameter_divergence"}
+    assert {"eval/reconstruction_mse", "eval/sample_nearest_distance", "eval/sample_mmd",
+            "distributed/max_parameter_divergence", "data/corrupt_samples"} <= set(metrics)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("stage1/reconstruction_mse" in row for row in logged)
     assert any("stage2/latent_generator_loss" in row for row in logged)
@@ -75,10 +75,10 @@ def test_resuming_a_checkpoint_of_another_model_fails_clearly(tmp_path):
 @pytest.mark.slow
 def test_swissroll_demo_beats_an_untrained_model(tmp_path):
     """The full demo config: both metrics must beat thresholds an untrained model fails."""
+    quiet = ["train.progress_bar=false", "tracking.enabled=false"]
     untrained = train(load_config("configs/swissroll.yaml", [f"output_dir={tmp_path / 'u'}", "stage1.steps=0",
-                                                             "stage2.steps=0", "train.progress_bar=false"]))
-    trained = train(load_config("configs/swissroll.yaml", [f"output_dir={tmp_path / 't'}",
-                                                           "train.progress_bar=false"]))
+                                                             "stage2.steps=0", *quiet]))
+    trained = train(load_config("configs/swissroll.yaml", [f"output_dir={tmp_path / 't'}", *quiet]))
     thresholds = {"eval/reconstruction_mse": 0.01, "eval/sample_nearest_distance": 0.06, "eval/sample_mmd": 0.15}
     for key, limit in thresholds.items():
         assert untrained.metrics[key] > limit, (key, untrained.metrics[key])

@@ -1,0 +1,112 @@
+"""`gapm report`: one table (Markdown and CSV) and one figure grid per MLflow experiment, so
+the paper's comparison tables can be reproduced side by side from tracked runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+# Columns of the table: (metric key, header, format). FID columns appear once an evaluation
+# job has logged them on the runs.
+METRIC_COLUMNS = [
+    ("eval/reconstruction_mse", "reconstruction MSE", "{:.4f}"),
+    ("eval/sample_nearest_distance", "sample→data distance", "{:.4f}"),
+    ("eval/sample_mmd", "sample MMD", "{:.4f}"),
+    ("eval/fid", "FID", "{:.1f}"),
+    ("eval/test_reconstruction_mse", "test reconstruction MSE", "{:.4f}"),
+]
+FIGURE_NAMES = ("figure4.png", "samples.png")
+
+
+class ReportError(RuntimeError):
+    """No experiment or no finished runs to report on."""
+
+
+def experiment_runs(client: MlflowClient, experiment: str) -> list:
+    """The newest finished run of each method/config name in `experiment`."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ReportError(f"MLflow at {mlflow.get_tracking_uri()} has no experiment {experiment!r}; "
+                          "check MLFLOW_TRACKING_URI and tracking.experiment in the configs")
+    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    newest: dict[str, object] = {}
+    for run in runs:
+        newest.setdefault(run.info.run_name or run.info.run_id, run)
+    if not newest:
+        raise ReportError(f"experiment {experiment!r} has no finished runs yet")
+    return sorted(newest.values(), key=lambda r: (r.data.params.get("model.kind") != "gapm", r.info.run_name))
+
+
+def table_rows(runs: list) -> tuple[list[str], list[list[str]]]:
+    present = [c for c in METRIC_COLUMNS if any(c[0] in r.data.metrics for r in runs)]
+    header = ["run", "method", "steps"] + [c[1] for c in present]
+    rows = []
+    for run in runs:
+        params = run.data.params
+        steps = int(params.get("stage1.steps", 0)) + (int(params.get("stage2.steps", 0))
+                                                       if params.get("model.kind", "gapm") == "gapm" else 0)
+        row = [run.info.run_name, params.get("model.kind", "gapm"), str(steps)]
+        for key, _, fmt in present:
+            value = run.data.metrics.get(key)
+            row.append(fmt.format(value) if value is not None else "")
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def figure_grid(client: MlflowClient, runs: list, columns: int = 1) -> Image.Image | None:
+    """Each run's main figure, stacked with its name above it."""
+    panels = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in runs:
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            name = next((n for n in FIGURE_NAMES if n in names), None)
+            if name is None:
+                log.warning("run %s has no figure (%s)", run.info.run_name, " or ".join(FIGURE_NAMES))
+                continue
+            local = client.download_artifacts(run.info.run_id, name, scratch)
+            panels.append((run.info.run_name, Image.open(local).convert("RGB")))
+    if not panels:
+        return None
+    width = max(image.width for _, image in panels)
+    label = 20
+    grid = Image.new("RGB", (width, sum(image.height + label for _, image in panels)), "white")
+    draw, top = ImageDraw.Draw(grid), 0
+    for title, image in panels:
+        draw.text((8, top + 4), title, fill="black")
+        grid.paste(image, (0, top + label))
+        top += image.height + label
+    return grid
+
+
+def write_report(experiment: str, out_dir: Path) -> dict[str, Path]:
+    """Writes OUT/EXPERIMENT.md, .csv and -figures.png; returns their paths."""
+    client = MlflowClient()
+    runs = experiment_runs(client, experiment)
+    header, rows = table_rows(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"markdown": out_dir / f"{experiment}.md", "csv": out_dir / f"{experiment}.csv"}
+    written["markdown"].write_text(f"# {experiment}\n\n" + markdown_table(header, rows))
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    written["csv"].write_text(buffer.getvalue())
+    grid = figure_grid(client, runs)
+    if grid is not None:
+        written["figures"] = out_dir / f"{experiment}-figures.png"
+        grid.save(written["figures"])
+    return written

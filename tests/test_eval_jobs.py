@@ -1,0 +1,218 @@
+"""Evaluation jobs against a real `mlflow server` (artifacts on the moto S3 endpoint): a tiny
+image training logs two checkpoints; `gapm eval-watch` scores each exactly once — also with
+two jobs at once — logs the scores to the run at the checkpoint's step and moves the
+registry alias `champion` to the best; a later pass does nothing. Claims are tested on a
+local directory and on S3 (conditional PUT). FID here uses a small domain feature extractor:
+no Inception download ever."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import checkpoints, cli, fid, registry
+from pipeline.config import load_config
+from pipeline.eval_claims import ClaimStore, create_exclusive
+from pipeline.eval_jobs import EvalSettings, WatchOptions, parse_result_tag, watch
+from pipeline.feature_extractor import DomainClassifier, DomainNetShape, save_domain_extractor
+from pipeline.shards import convert_dataset
+from pipeline.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# 2 stage-1 + 2 stage-2 steps, a checkpoint every 2: step-00000002 and step-00000004.
+TINY_IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=8", "model.prior_dim=8", "model.width=8",
+               "model.latent_generator_widths=[16]", "model.latent_discriminator_widths=[16]",
+               "stage1.steps=2", "stage2.steps=2", "stage2.discriminator_steps=1", "data.batch_size=16",
+               "train.checkpoint_every=2", "train.log_every=2", "train.progress_bar=false", "eval.samples=32",
+               "tracking.system_metrics=false"]
+SAMPLES = "120"
+
+
+@pytest.fixture(scope="module")
+def trained(mlflow_server, tmp_path_factory):
+    """One tiny Fashion-MNIST training tracked on the server, reference statistics and the
+    feature extractor they were made with."""
+    from conftest import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
+    import time as _t; _t0 = _t.time(); print("T server", _t0)
+    work = tmp_path_factory.mktemp("eval-jobs")
+    convert_dataset("fashion-mnist", FASHION_MNIST_DIR, str(work / "fm"), limit=200, samples_per_shard=100)
+    torch.manual_seed(0)
+    extractor_file = work / "extractor.safetensors"
+    save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=16)), str(extractor_file))
+    extractor = fid.load_extractor(str(extractor_file), device=torch.device("cpu"))
+    stats = fid.compute_reference_stats(str(work / "fm/train"), extractor, "fm-train", kid_features=200)
+    stats_file = work / "fm-train.npz"
+    stats_file.write_bytes(stats.to_npz_bytes())
+    print("T data+stats", _t.time() - _t0)
+    name = f"e{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        config = load_config(ROOT / "configs/swissroll.yaml", [
+            f"name={name}", f"tracking.experiment={name}", f"output_dir={work / 'runs'}", f"data.train={work / 'fm/train'}",
+            f"data.test={work / 'fm/test'}", *TINY_IMAGES])
+        result = train(config, resume="never")
+        run_id = (result.run_dir / "mlflow_run_id").read_text().strip()
+        print("T train", _t.time() - _t0)
+        yield {"name": name, "run_id": run_id, "stats": str(stats_file), "work": work, "server": mlflow_server,
+               "run_dir": result.run_dir, "model_name": registry.default_model_name(name)}
+
+
+def eval_history(client: MlflowClient, run_id: str, key: str = "eval/fid") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def scores(client: MlflowClient, run_id: str) -> dict[tuple[str, int], float]:
+    found = {}
+    for key, value in client.get_run(run_id).data.tags.items():
+        if key.startswith("gapm.eval.") and key.rsplit(".", 1)[-1].startswith("step-"):
+            record = json.loads(value)
+            found[(record["reference"], record["step"])] = record["score"]
+    return found
+
+
+def test_two_eval_watch_jobs_at_once_score_each_checkpoint_once_and_crown_the_best(trained, tmp_path):
+    client = MlflowClient(trained["server"].url)
+    run_id = trained["run_id"]
+    assert eval_history(client, run_id) == []
+    command = [sys.executable, "-m", "pipeline.cli", "eval-watch", "--once", "--experiment", trained["name"],
+               "--stats", trained["stats"], "-n", SAMPLES, "--claims", str(tmp_path / "claims"), "--device", "cpu"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["server"].url, "GAPM_LOG_LEVEL": "WARNING"}
+    jobs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            for _ in range(2)]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    for job, (out, err) in zip(jobs, outputs):
+        assert job.returncode == 0, out + err
+    scored_lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("step ")]
+    assert sorted(line.split(":")[0] for line in scored_lines) == ["step 2", "step 4"], outputs  # no double work
+    assert eval_history(client, run_id) == [2, 4]  # one FID per checkpoint, at its training step
+    assert eval_history(client, run_id, "eval/test_reconstruction_mse") == [2, 4]
+    results = scores(client, run_id)
+    assert {step for _, step in results} == {2, 4}
+    (reference,) = {key for key, _ in results}
+    best_step = min((4, 2), key=lambda step: results[(reference, step)])
+    champion = client.get_model_version_by_alias(trained["model_name"], "champion")
+    assert champion.run_id == run_id and champion.tags[registry.CHECKPOINT_STEP_TAG] == str(best_step)
+    assert float(champion.tags["gapm.eval.score"]) == pytest.approx(results[(reference, best_step)])
+    assert not list((tmp_path / "claims").rglob("claim-*.json"))  # all released
+
+    # the next scheduled pass finds nothing to do
+    summary = watch(EvalSettings(stats=trained["stats"], samples=int(SAMPLES), device="cpu"),
+                    WatchOptions(experiments=[trained["name"]], claims=str(tmp_path / "claims"),
+                                 tracking_uri=trained["server"].url), once=True, interval_s=0)
+    assert summary.did_nothing and not summary.failed and not summary.busy
+    assert summary.champions == {trained["model_name"]: f"version {champion.version} (unchanged)"}
+    assert eval_history(client, run_id) == [2, 4]
+
+
+def test_eval_scores_one_checkpoint_from_run_artifacts_and_logs_it_at_its_step(trained, tmp_path, monkeypatch,
+                                                                                capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["server"].url)
+    run_id = trained["run_id"]
+    out = tmp_path / "result.json"
+    assert cli.main(["eval", f"runs:/{run_id}/checkpoints/step-00000002", "--stats", trained["stats"], "-n", "60",
+                     "--kid", "--device", "cpu", "--json", str(out)]) == 0
+    assert f"run {run_id}" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    client = MlflowClient(trained["server"].url)
+    assert record["step"] == 2 and record["samples"] == 60 and record["metrics"]["eval/fid_samples"] == 60
+    assert [m.step for m in client.get_metric_history(run_id, "eval/kid")] == [2]
+    assert 0 < record["metrics"]["eval/test_reconstruction_mse"] < 1  # pixels in [0, 1], whole test split
+    assert record["metrics"]["eval/test_images"] == 200
+    tags = client.get_run(run_id).data.tags
+    assert parse_result_tag(next(k for k in tags if record["reference"] in k), record["reference"]) == 2
+    # a local checkpoint directory finds its run through <run dir>/mlflow_run_id
+    local = trained["run_dir"] / "checkpoints" / "step-00000004"
+    assert cli.main(["eval", str(local), "--stats", trained["stats"], "-n", "60", "--device", "cpu"]) == 0
+    assert 4 in [m.step for m in client.get_metric_history(run_id, "eval/fid")]
+    # statistics of other images than the model makes: one clear error
+    wrong = fid.ReferenceStats.from_npz_bytes(Path(trained["stats"]).read_bytes(), "x")
+    wrong.image_shape = [3, 32, 32]
+    (tmp_path / "wrong.npz").write_bytes(wrong.to_npz_bytes())
+    assert cli.main(["eval", str(local), "--stats", str(tmp_path / "wrong.npz"), "-n", "8", "--no-log",
+                     "--device", "cpu"]) == 2
+    assert "[3, 32, 32] images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_claims_are_exclusive_expire_after_a_crash_and_are_taken_over(where, tmp_path, s3_bucket):
+    location = str(tmp_path / "claims") if where == "local" else f"s3://{s3_bucket}/claims"
+    first, second = ClaimStore(location, ttl_s=0.6, owner="a"), ClaimStore(location, ttl_s=0.6, owner="b")
+    key = "run/ref/step-00000002"
+    held = first.try_acquire(key)
+    assert held is not None and held.generation == 0
+    assert second.try_acquire(key) is None
+    assert not create_exclusive(held.url, b"{}")
+    assert second.holder(key).owner == "a"
+    time.sleep(0.8)  # "a" crashed: no heartbeat, the claim expires
+    taken = second.try_acquire(key)
+    assert taken is not None and taken.generation == 1
+    assert not held.refresh() and held.lost
+    assert first.try_acquire(key) is None
+    taken.release()
+    with first.try_acquire(key) as alive:  # a live claim's heartbeat keeps it
+        time.sleep(1.0)
+        assert second.try_acquire(key) is None and alive.refresh()
+    assert first.holder(key) is None
+
+
+def test_many_simultaneous_claimers_get_one_claim(tmp_path):
+    store = ClaimStore(str(tmp_path / "claims"), ttl_s=60)
+    winners: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def claim() -> None:
+        barrier.wait()
+        got = store.try_acquire("run/ref/step-00000004")
+        if got is not None:
+            winners.append(got)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1
+
+
+def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_embedded_store(
+        tmp_path, monkeypatch, capsys):
+    """What launch/ runs: `gapm eval-watch --once --config CONFIG --set output_dir=...` with no
+    MLflow server (the run's sqlite store); swiss-roll models are ranked by sample MMD."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [f"output_dir={tmp_path}", f"name=r{uuid.uuid4().hex[:6]}", "stage1.steps=10", "stage2.steps=10",
+                 "data.batch_size=64", "data.swissroll_samples=256", "data.swissroll_test_samples=128",
+                 "model.width=16", "model.latent_dim=8", "model.prior_dim=8", "model.latent_generator_widths=[16]",
+                 "model.latent_discriminator_widths=[16]", "train.checkpoint_every=10", "train.log_every=10",
+                 "train.progress_bar=false", "eval.samples=128", "stage2.discriminator_steps=1",
+                 "tracking.system_metrics=false"]
+    arguments = ["eval-watch", "--once", "--config", str(ROOT / "configs/swissroll.yaml"),
+                 *[f"--set={o}" for o in overrides], "-n", "256"]
+    assert cli.main(arguments) == 0  # before training: nothing there yet, not an error
+    assert "nothing to evaluate" in capsys.readouterr().out
+    config = load_config(ROOT / "configs/swissroll.yaml", overrides)
+    train(config, resume="never")
+    assert cli.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("eval/test_sample_mmd=") == 2 and "(moved)" in printed
+    assert cli.main(arguments) == 0
+    assert "nothing new to evaluate" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{config.run_dir / 'mlflow.db'}")
+    run_id = (config.run_dir / "mlflow_run_id").read_text().strip()
+    mmd = {m.step: m.value for m in client.get_metric_history(run_id, "eval/test_sample_mmd")}
+    champion = client.get_model_version_by_alias(registry.default_model_name(config.name), "champion")
+    assert sorted(mmd) == [10, 20]
+    assert int(champion.tags[registry.CHECKPOINT_STEP_TAG]) == min(mmd, key=mmd.get)
+    assert checkpoints.list_checkpoints(config.run_dir / "checkpoints")

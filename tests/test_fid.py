@@ -1,0 +1,257 @@
+"""FID through clean-fid's own preprocessing and scores, reference statistics, feature
+extractors (Inception staging without network, the domain classifier). Never downloads:
+every test uses a small extractor, or a fake TorchScript file in Inception's place."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import cli, fid, storage, streaming
+from pipeline.feature_extractor import (DomainClassifier, DomainNetShape, labelled_images, load_domain_extractor,
+                                        save_domain_extractor)
+from pipeline.shards import convert_dataset
+
+
+@pytest.fixture(scope="module")
+def fashion_shards(tmp_path_factory) -> Path:
+    """600 train / 300 test real Fashion-MNIST images as shards (several shards per split)."""
+    from conftest import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
+    out = tmp_path_factory.mktemp("fid-data") / "fm"
+    convert_dataset("fashion-mnist", FASHION_MNIST_DIR, str(out), limit=600, samples_per_shard=200)
+    # the test split of 600 is cut to 300 by the readers below (limit)
+    return out
+
+
+@pytest.fixture()
+def isolated_stats_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(fid.STATS_DIR_ENV, str(tmp_path / "stats"))
+    return tmp_path / "stats"
+
+
+def small_extractor(feature_dim: int = 12, seed: int = 0) -> fid.FeatureExtractor:
+    """A fixed random conv net, clean-fid's custom_feat_extractor contract ((B,3,S,S) 0-255)."""
+    torch.manual_seed(seed)
+    # position-sensitive on purpose (no global pooling): a shifted image has other features
+    net = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(3 * 7 * 7, 32), nn.Tanh(),
+                        nn.Linear(32, feature_dim)).eval()
+
+    def network(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net(images / 255.0)
+
+    return fid.FeatureExtractor(id=f"test-random-{seed}", network=network, input_size=(28, 28), location="test")
+
+
+def batches(spec: str, limit: int, transform=None, batch_size: int = 100):
+    seen = 0
+    for batch in streaming.make_batch_stream(spec, batch_size, drop_last=False, shuffle_buffer=0):
+        batch = batch[: limit - seen]
+        seen += len(batch)
+        yield transform(batch) if transform else batch
+        if seen >= limit:
+            return
+
+
+def distance(a: fid.ReferenceStats, b: fid.ReferenceStats) -> float:
+    return fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(fashion_shards):
+    extractor = small_extractor()
+    train = str(fashion_shards / "train")
+    reference = fid.compute_reference_stats(train, extractor, "train", limit=300)
+    assert reference.count == 300 and reference.image_shape == [1, 28, 28]
+    again = fid.compute_reference_stats(train, extractor, "again", limit=300)
+    itself = distance(again, reference)
+    assert itself == pytest.approx(0.0, abs=1e-6)
+    assert again.id == reference.id
+    scores = [distance(fid.compute_reference_stats("shifted", extractor, "s", images=batches(
+        train, 300, lambda b, s=s: torch.roll(b, shifts=s, dims=3))), reference) for s in (2, 6)]
+    brighter = distance(fid.compute_reference_stats("bright", extractor, "b", images=batches(
+        train, 300, lambda b: (b + 0.3).clamp(0, 1))), reference)
+    assert max(abs(itself), 1e-9) * 1000 < scores[0] < scores[1]
+    assert brighter > 1000 * max(abs(itself), 1e-9)
+
+
+def test_real_image_features_are_clean_fids_folder_features(fashion_shards, tmp_path):
+    """The same images written as PNG files and read by clean-fid's folder pipeline give the
+    same features: the preprocessing is clean-fid's own (mode clean, grayscale -> RGB)."""
+    from cleanfid.fid import get_folder_features
+    from PIL import Image
+
+    extractor = small_extractor()
+    images = torch.cat(list(batches(str(fashion_shards / "test"), 40)))
+    folder = tmp_path / "png"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray((image[0] * 255).round().byte().numpy(), mode="L").save(folder / f"{index:04d}.png")
+    ours = fid.real_image_features(images, extractor)
+    theirs = get_folder_features(str(folder), extractor.network, num_workers=0, batch_size=16, device="cpu",
+                                 mode="clean", custom_fn_resize=extractor.resizer(), verbose=False)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_generated_features_have_compute_fid_gen_semantics(fashion_shards, tmp_path):
+    """gen(z) returns float images in [0, 255] (B, 3, H, W): our score of such a generator
+    equals clean-fid's compute_fid(gen=..., fdir2=...) against the same real images."""
+    from cleanfid.fid import compute_fid
+    from PIL import Image
+
+    extractor = small_extractor()
+    real = torch.cat(list(batches(str(fashion_shards / "train"), 120)))
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for index, image in enumerate(real):
+        Image.fromarray((image[0] * 255).round().byte().numpy(), mode="L").save(folder / f"{index:04d}.png")
+    fakes = fid.to_rgb_255(F.avg_pool2d(real, 3, stride=1, padding=1))  # deterministic "generator"
+    position = {"next": 0}
+
+    def generate(z: torch.Tensor) -> torch.Tensor:
+        start = position["next"] % len(fakes)
+        position["next"] += len(z)
+        return fakes[start:start + len(z)]
+
+    theirs = compute_fid(gen=generate, fdir2=str(folder), mode="clean", num_gen=120, batch_size=40, z_dim=4,
+                         device=torch.device("cpu"), num_workers=0, custom_feat_extractor=extractor.network,
+                         custom_fn_resize=extractor.resizer(), verbose=False)
+    position["next"] = 0
+    reference = fid.compute_reference_stats("real", extractor, "real", images=iter([real]))
+    moments = fid.FeatureMoments()
+    moments.add(fid.generated_features(generate, 4, 120, extractor, batch_size=40))
+    assert fid.fid_against(reference, moments) == pytest.approx(theirs, rel=1e-4)
+    # the same for a random generator with a seed: deterministic
+    noise = lambda z: torch.sigmoid(z[:, :1, None, None] * torch.ones(1, 3, 28, 28)) * 255  # noqa: E731
+    first = fid.generated_features(noise, 4, 50, extractor, batch_size=20, seed=3)
+    np.testing.assert_array_equal(first, fid.generated_features(noise, 4, 50, extractor, batch_size=20, seed=3))
+
+
+def test_fid_stats_command_writes_local_and_s3_copies_that_load_by_name_or_url(
+        fashion_shards, tmp_path, isolated_stats_dir, s3_bucket, capsys):
+    extractor_file = tmp_path / "extractor.safetensors"
+    torch.manual_seed(0)
+    save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=16)), str(extractor_file))
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "fm-train", "--limit", "250",
+                     "--feature-extractor", str(extractor_file), "--out", f"s3://{s3_bucket}/fid", "--device", "cpu",
+                     "--kid-features", "100"]) == 0
+    assert "use with --stats fm-train" in capsys.readouterr().out
+    by_name = fid.load_reference_stats("fm-train", with_kid=True)
+    from_s3 = fid.load_reference_stats(f"s3://{s3_bucket}/fid/fm-train.npz")
+    assert (isolated_stats_dir / "fm-train.npz").is_file()
+    assert by_name.id == from_s3.id and by_name.count == 250 and by_name.image_shape == [1, 28, 28]
+    assert by_name.feature_extractor == str(extractor_file) and by_name.kid_features.shape == (100, 16)
+    assert by_name.feature_extractor_id == load_domain_extractor(str(extractor_file)).id
+    # computed with clean-fid's own moments: np.mean / np.cov over the features
+    extractor = fid.load_extractor(str(extractor_file), device=torch.device("cpu"))
+    features = np.concatenate([fid.real_image_features(b, extractor) for b in batches(
+        str(fashion_shards / "train"), 250)])
+    np.testing.assert_allclose(by_name.mu, features.mean(axis=0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(by_name.sigma, np.cov(features, rowvar=False), rtol=1e-5, atol=1e-8)
+    # statistics are only used with the extractor they were computed with
+    with pytest.raises(fid.FidError, match="computed with feature extractor"):
+        fid.check_comparable(by_name, small_extractor(), "fm-train")
+    with pytest.raises(fid.FidError, match="gapm fid-stats SHARDS --name nope"):
+        fid.load_reference_stats("nope")
+
+
+def test_missing_inception_weights_fail_fast_and_say_how_to_stage_them(tmp_path, monkeypatch, capsys):
+    with socket.socket() as probe:  # a port nobody listens on: the download fails at once
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "CLEANFID_INCEPTION_PATH", tmp_path / "not-there" / fid.INCEPTION_FILE)
+    monkeypatch.setenv(fid.INCEPTION_URL_ENV, f"http://127.0.0.1:{dead_port}/inception-2015-12-05.pt")
+    started = time.monotonic()
+    with pytest.raises(fid.FidError) as caught:
+        fid.load_extractor("inception", device=torch.device("cpu"))
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert fid.INCEPTION_WEIGHTS_ENV in message and "--inception-weights" in message and "s3://" in message
+    assert "downloading" in message and not (tmp_path / "cache" / "gapm" / fid.INCEPTION_FILE).exists()
+    monkeypatch.setenv(fid.INCEPTION_DOWNLOAD_ENV, "0")
+    with pytest.raises(fid.FidError, match="downloads are off"):
+        fid.resolve_inception_weights()
+    assert cli.main(["fid-stats", str(tmp_path), "--name", "x", "--inception-weights", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+class _FakeInceptionLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x).flatten(1))
+
+
+class _FakeInception(nn.Module):
+    """What clean-fid's InceptionV3W needs of the TorchScript file: `.layers`, 2048 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _FakeInceptionLayers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_inception_weights_from_s3_are_staged_once_and_loaded_by_cleanfid(tmp_path, monkeypatch, s3_bucket):
+    weights = tmp_path / "my-inception.pt"
+    torch.jit.script(_FakeInception()).save(str(weights))
+    storage.upload_file(str(weights), f"s3://{s3_bucket}/models/inception-2015-12-05.pt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, f"s3://{s3_bucket}/models/inception-2015-12-05.pt")
+    monkeypatch.setenv(fid.INCEPTION_URL_ENV, "http://127.0.0.1:9/never-used")
+    extractor = fid.load_extractor("inception", device=torch.device("cpu"))
+    assert extractor.id == fid.INCEPTION_ID and extractor.input_size == (299, 299)
+    staged = list((tmp_path / "cache" / "gapm" / "inception").rglob(fid.INCEPTION_FILE))
+    assert len(staged) == 1
+    features = fid.real_image_features(torch.rand(3, 1, 28, 28), extractor)
+    assert features.shape == (3, 2048)
+    # a local path of any name works too; a file that is not TorchScript is named in the error
+    assert fid.load_extractor("inception", inception_weights=str(weights), device=torch.device("cpu")).id == fid.INCEPTION_ID
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(fid.FidError, match="cannot load Inception weights"):
+        fid.load_extractor("inception", inception_weights=str(junk), device=torch.device("cpu"))
+
+
+def test_domain_feature_extractor_tells_real_from_blurred_and_noise(fashion_shards, tmp_path, capsys):
+    """A classifier trained by `gapm train-feature-extractor` on real Fashion-MNIST: FID of
+    real test images vs real training images is far below FID of blurred images or noise."""
+    out = tmp_path / "fashion-features.safetensors"
+    assert cli.main(["train-feature-extractor", str(fashion_shards / "train"), "--out", str(out),
+                     "--test-data", str(fashion_shards / "test"), "--test-limit", "300", "--epochs", "3",
+                     "--feature-dim", "32", "--batch-size", "32", "--lr", "2e-3"]) == 0
+    printed = capsys.readouterr().out
+    accuracy = float(printed.split("test accuracy ")[1].split(",")[0])
+    assert accuracy > 0.3  # 10 classes: chance is 0.1; ~0.5 after 3 epochs on 600 images
+    extractor = fid.load_extractor(str(out), device=torch.device("cpu"))
+    train = fid.compute_reference_stats(str(fashion_shards / "train"), extractor, "train")
+    test = fid.compute_reference_stats(str(fashion_shards / "test"), extractor, "test", limit=300)
+
+    def blur(batch: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(F.avg_pool2d(batch, 5, stride=1, padding=2), 5, stride=1, padding=2)
+
+    blurred = fid.compute_reference_stats("blurred", extractor, "b", images=batches(str(fashion_shards / "test"),
+                                                                                    300, blur))
+    generator = torch.Generator().manual_seed(0)
+    noise = fid.compute_reference_stats("noise", extractor, "n",
+                                        images=iter([torch.rand(300, 1, 28, 28, generator=generator)]))
+    real_vs_real = distance(test, train)
+    assert 5 * real_vs_real < distance(blurred, train)
+    assert 50 * real_vs_real < distance(noise, train)
+    images, labels = labelled_images(str(fashion_shards / "test"), limit=10)
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8 and labels.shape == (10,)
