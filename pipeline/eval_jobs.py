@@ -183,19 +183,22 @@ def point_reference(data: DataConfig, seed: int, samples: int) -> Reference:
 # --------------------------------------------------------------------------- scoring one model
 
 
-def image_generator(model: GAPM, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """clean-fid's `gen`: prior noise z (B, prior_dim) -> float images (B, 3, H, W) in [0, 255]."""
+def image_generator(model: GAPM, device: torch.device, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """clean-fid's `gen`: a batch of B -> float images (B, 3, H, W) in [0, 255]. The samples
+    come from the model's own `sample` (its own prior: GAPM's G(g(z)), or a baseline's) with
+    a generator seeded here, as `gapm sample` draws them; clean-fid's z only sets B."""
     shape = model.shape.data_shape
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.no_grad()
     def generate(z: torch.Tensor) -> torch.Tensor:
-        decoded = model.decode(model.latent_generator(z.to(device)))
-        return fid.to_rgb_255(datasets.to_data_space(decoded.float(), shape))
+        samples = model.sample(len(z), generator)
+        return fid.to_rgb_255(datasets.to_data_space(samples.float(), shape))
 
     return generate
 
 
-def test_reconstruction_mse(model: GAPM, spec: str, ranks: Ranks, batch_size: int) -> tuple[float, int]:
+def split_reconstruction_mse(model: GAPM, spec: str, ranks: Ranks, batch_size: int) -> tuple[float, int]:
     """Mean squared error over every pixel of every test image, pixels in [0, 1]."""
     from pipeline import streaming
 
@@ -226,9 +229,9 @@ def score_image_model(model: GAPM, reference: Reference, settings: EvalSettings,
                         f"are of {stats.image_shape} images; use statistics of this dataset")
     model.to(ranks.device)
     started = time.perf_counter()
-    features = fid.generated_features(image_generator(model, ranks.device), model.shape.prior_dim,
-                                      rank_share(reference.samples, ranks), extractor,
-                                      batch_size=settings.batch_size, seed=rank_seed(settings.seed, ranks.rank))
+    seed = rank_seed(settings.seed, ranks.rank)
+    features = fid.generated_features(image_generator(model, ranks.device, seed), 1, rank_share(reference.samples, ranks),
+                                      extractor, batch_size=settings.batch_size, seed=seed)
     moments = fid.FeatureMoments()
     moments.add(features)
     moments = reduce_moments(moments, len(stats.mu), ranks)
@@ -244,7 +247,7 @@ def score_image_model(model: GAPM, reference: Reference, settings: EvalSettings,
             keep = np.concatenate([g for g in gathered if len(g)])
         metrics["eval/kid"] = fid.kernel_inception_distance(keep, stats.kid_features, seed=settings.seed)
     if test_data and test_data not in GENERATED_SOURCES:
-        mse, count = test_reconstruction_mse(model, test_data, ranks, settings.batch_size)
+        mse, count = split_reconstruction_mse(model, test_data, ranks, settings.batch_size)
         metrics["eval/test_reconstruction_mse"] = mse
         metrics["eval/test_images"] = float(count)
     elif ranks.is_main:
@@ -350,10 +353,8 @@ def resolve_target(uri: str, run_id: str | None = None) -> Target:
 
 def load_target(target: Target, scratch: str) -> tuple[GAPM, int | None]:
     """The model and the training step it was saved at."""
-    from pipeline import registry
-
     uri = target.uri
-    if uri.startswith("runs:/") and not uri.rstrip("/").endswith("/" + registry.MODEL_NAME):
+    if uri.startswith("runs:/") and checkpoints.checkpoint_basename(uri).startswith("step-"):
         artifact_path = uri[len("runs:/"):].split("/", 1)[1] if "/" in uri[len("runs:/"):] else ""
         local = download_checkpoint(mlflow_client(target.tracking_uri), target.run_id, artifact_path, scratch)
         model, meta = checkpoints.load_model(local)
@@ -367,6 +368,8 @@ def load_target(target: Target, scratch: str) -> tuple[GAPM, int | None]:
         model, meta = checkpoints.load_model(local)
         return model, meta.step
     if _is_mlflow_uri(uri):
+        from pipeline import registry
+
         model = registry.load_generator(uri)
         run_id, step = model_source(uri, target.tracking_uri)
         target.run_id = target.run_id or run_id

@@ -7,7 +7,8 @@ Everything goes through clean-fid's own pieces, so numbers match `cleanfid.fid.c
   * generated images: `cleanfid.fid.get_model_features(gen, ...)` with `gen(z)` returning
     float images in [0, 255], shape (B, 3, H, W), z ~ N(0, I) of the model's prior size;
   * real images: the same resize, then `cleanfid.fid.get_batch_features`;
-  * the score: `cleanfid.fid.frechet_distance`, KID: `cleanfid.fid.kernel_distance`.
+  * the score: clean-fid's `frechet_distance` (reproduced here: see that function), KID:
+    `cleanfid.fid.kernel_distance`.
 
 Feature extractors: clean-fid's Inception (`mode="clean"`, the TorchScript file
 inception-2015-12-05.pt), a domain classifier of pipeline.feature_extractor (its own input
@@ -260,13 +261,38 @@ class FeatureMoments:
         return mu, sigma
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    from cleanfid.fid import frechet_distance as cleanfid_frechet
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """clean-fid's `frechet_distance` (D. Sutherland's stable version), line for line. Not
+    imported: clean-fid 0.1.35 calls scipy's sqrtm(..., disp=False), which SciPy 1.18 removed
+    (TypeError there); tests check both give the same number where both run."""
+    import warnings
 
-    if mu1.shape != mu2.shape:
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FidError(f"feature sizes differ ({mu1.shape[0]} vs {mu2.shape[0]}): the statistics were computed "
                        "with another feature extractor")
-    return float(cleanfid_frechet(mu1, sigma1, mu2, sigma2))
+
+    def sqrtm(matrix: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # singular products are handled below, as clean-fid does
+            return linalg.sqrtm(matrix)
+
+    diff = mu1 - mu2
+    covmean = sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        log.info("FID: singular product; adding %g to the diagonal of the covariances", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise FidError(f"FID: the covariance product has an imaginary square root "
+                           f"({np.max(np.abs(covmean.imag)):.3g}); use more samples than feature dimensions")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, seed: int = 0) -> float:
@@ -348,10 +374,10 @@ def compute_reference_stats(data: str, extractor: FeatureExtractor, name: str, *
                             batch_size: int = 250, kid_features: int = DEFAULT_KID_FEATURES,
                             images: Iterable[Tensor] | None = None) -> ReferenceStats:
     """Statistics of every image of a shard set (or the first `limit`), in shard order."""
-    from pipeline import streaming
-
     stream = images
     if stream is None:
+        from pipeline import streaming
+
         stream = streaming.make_batch_stream(data, batch_size, drop_last=False, shuffle_buffer=0)
     moments, kept, shape = FeatureMoments(), [], None
     started = time.perf_counter()

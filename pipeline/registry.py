@@ -34,7 +34,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from gapm import GAPM, ModelShape
+from gapm import GAPM, ModelShape, build_model
 from pipeline import checkpoints, datasets, evaluation
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
@@ -62,10 +62,12 @@ def reconstruct(model: GAPM, data: torch.Tensor) -> torch.Tensor:
 
 
 def model_from_files(weights: Path, meta: Path) -> GAPM:
-    """Rebuilds GAPM (eval mode) from a safetensors file and a checkpoint meta.json."""
+    """Rebuilds the model (GAPM or a baseline, eval mode) from a safetensors file and a
+    checkpoint meta.json."""
     try:
-        shape = checkpoints.CheckpointMeta(**json.loads(Path(meta).read_text())).model_shape
-        model = GAPM(ModelShape(**shape))
+        meta_values = checkpoints.CheckpointMeta(**json.loads(Path(meta).read_text()))
+        model = build_model(meta_values.model_kind, ModelShape(**meta_values.model_shape),
+                            **meta_values.hyperparameters)
         model.load_state_dict(load_file(str(weights)))
     except (OSError, ValueError, TypeError, RuntimeError) as error:
         raise RegistryError(f"cannot rebuild the model from {weights} and {meta}: {error}") from None

@@ -23,7 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from gapm import GAPM, ModelShape, build_model
-from pipeline import checkpoints, datasets, evaluation, figures
+from pipeline import checkpoints, datasets, deepspeed_engines, evaluation, figures
 from pipeline.distributed import (
     StopRequest, TrainingInterrupted, average_batchnorm_statistics, max_parameter_divergence)
 from pipeline.config import ConfigError, ExperimentConfig, OptimizerConfig, dump_config, to_dict
@@ -133,23 +133,30 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         checkpoints.load_model_weights(model, checkpoint)
         state = checkpoints.load_training_state(checkpoint)
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
+            if name in state["optimizers"]:
+                optimizer.load_state_dict(state["optimizers"][name])
+            elif is_main:
+                log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
+                            "its Adam moments restart", checkpoint, name)
         if is_main:
             log.info("resuming from %s (stage %d, step %d)", checkpoint, meta.stage, meta.step)
 
-    names = list(optimizers)
-    prepared = accelerator.prepare(*(getattr(model, n) for n in names), *(optimizers[n] for n in names))
-    networks = dict(zip(names, prepared[: len(names)]))
-    optimizers = dict(zip(names, prepared[len(names):]))
-    if checkpoint is not None and accelerator.scaler is not None and "grad_scaler" in state:
-        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    accumulation = config.train.gradient_accumulation_steps
+    backward_calls = {name: 0 for name in optimizers}
+    use_deepspeed = deepspeed_engines.enabled(accelerator)
+    if use_deepspeed:
+        networks, optimizers, update = deepspeed_engines.prepare(accelerator, model, optimizers, config)
+    else:
+        names = list(optimizers)
+        prepared = accelerator.prepare(*(getattr(model, n) for n in names), *(optimizers[n] for n in names))
+        networks = dict(zip(names, prepared[: len(names)]))
+        optimizers = dict(zip(names, prepared[len(names):]))
+        if checkpoint is not None and accelerator.scaler is not None and "grad_scaler" in state:
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
     if config.train.compile:
         networks = {name: torch.compile(net) for name, net in networks.items()}
 
-    accumulation = config.train.gradient_accumulation_steps
-    backward_calls = {name: 0 for name in optimizers}
-
-    def update(name: str, loss: torch.Tensor) -> None:
+    def accelerate_update(name: str, loss: torch.Tensor) -> None:
         """Backward, then every `accumulation` calls for this network: clip and step.
         Accelerate scales fp16 losses and skips steps whose gradients overflowed."""
         accelerator.backward(loss / accumulation)
@@ -160,6 +167,9 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
             accelerator.clip_grad_norm_(networks[name].parameters(), config.train.grad_clip_norm)
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
+
+    if not use_deepspeed:
+        update = accelerate_update
 
     position = datasets.StreamPosition()
     if meta is not None:
@@ -184,8 +194,9 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         saved = None
         if is_main:
             extra = {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+            # Under DeepSpeed, ZeRO partitions the optimizer state across ranks: weights only.
             saved = checkpoints.save_checkpoint(
-                checkpoints_dir, model, optimizers, extra,
+                checkpoints_dir, model, {} if use_deepspeed else optimizers, extra,
                 checkpoints.CheckpointMeta(stage=stage, step=step, stage_step=stage_step,
                                            data_epoch=position.epoch,
                                            data_batch_in_epoch=position.batch_in_epoch,
@@ -268,7 +279,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         for name in ("samples.png", "reconstructions.png", "figure4.png"):
             if (run_dir / name).exists():
                 tracker.log_artifact(run_dir / name)
-        if sum(lengths) > 0 and last_saved is not None:
+        if lengths[-1] > 0 and last_saved is not None:  # the last stage trained: a usable generator
             tracker.log_model(last_saved)  # MLflow: logged as the run's model and registered
         tracker.finish("FINISHED")
     accelerator.wait_for_everyone()

@@ -27,6 +27,7 @@ from pipeline.eval_jobs import EvalSettings, WatchOptions, parse_result_tag, wat
 from pipeline.feature_extractor import DomainClassifier, DomainNetShape, save_domain_extractor
 from pipeline.shards import convert_dataset
 from pipeline.train import train
+from mlflow_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 stage-1 + 2 stage-2 steps, a checkpoint every 2: step-00000002 and step-00000004.
@@ -46,7 +47,6 @@ def trained(mlflow_server, tmp_path_factory):
 
     if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
-    import time as _t; _t0 = _t.time(); print("T server", _t0)
     work = tmp_path_factory.mktemp("eval-jobs")
     convert_dataset("fashion-mnist", FASHION_MNIST_DIR, str(work / "fm"), limit=200, samples_per_shard=100)
     torch.manual_seed(0)
@@ -56,7 +56,6 @@ def trained(mlflow_server, tmp_path_factory):
     stats = fid.compute_reference_stats(str(work / "fm/train"), extractor, "fm-train", kid_features=200)
     stats_file = work / "fm-train.npz"
     stats_file.write_bytes(stats.to_npz_bytes())
-    print("T data+stats", _t.time() - _t0)
     name = f"e{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
@@ -65,7 +64,6 @@ def trained(mlflow_server, tmp_path_factory):
             f"data.test={work / 'fm/test'}", *TINY_IMAGES])
         result = train(config, resume="never")
         run_id = (result.run_dir / "mlflow_run_id").read_text().strip()
-        print("T train", _t.time() - _t0)
         yield {"name": name, "run_id": run_id, "stats": str(stats_file), "work": work, "server": mlflow_server,
                "run_dir": result.run_dir, "model_name": registry.default_model_name(name)}
 
@@ -187,6 +185,7 @@ def test_many_simultaneous_claimers_get_one_claim(tmp_path):
     assert len(winners) == 1
 
 
+@pytest.mark.slow  # a second training with the embedded store: ~25 s on a small CPU
 def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_embedded_store(
         tmp_path, monkeypatch, capsys):
     """What launch/ runs: `gapm eval-watch --once --config CONFIG --set output_dir=...` with no
@@ -216,3 +215,54 @@ def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_e
     assert sorted(mmd) == [10, 20]
     assert int(champion.tags[registry.CHECKPOINT_STEP_TAG]) == min(mmd, key=mmd.get)
     assert checkpoints.list_checkpoints(config.run_dir / "checkpoints")
+
+
+def random_image_checkpoint(directory: Path, step: int = 7) -> Path:
+    """A GAPM checkpoint with random weights (no training needed to test the plumbing)."""
+    import dataclasses
+
+    from gapm import GAPM, ModelShape
+
+    torch.manual_seed(step)
+    shape = ModelShape(data_shape=[1, 28, 28], latent_dim=8, prior_dim=8, width=8, latent_generator_widths=[16],
+                       latent_discriminator_widths=[16])
+    meta = checkpoints.CheckpointMeta(stage=2, step=step, stage_step=step, data_epoch=0, data_batch_in_epoch=0,
+                                      model_shape=dataclasses.asdict(shape), experiment="random")
+    return Path(checkpoints.save_checkpoint(directory, GAPM(shape).eval(), {}, {}, meta))
+
+
+@pytest.mark.slow  # two processes over gloo: ~20 s on a small CPU
+def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp_path):
+    from conftest import FASHION_MNIST_DIR
+
+    from pipeline.eval_jobs import Ranks, image_generator, rank_seed, split_reconstruction_mse
+
+    convert_dataset("fashion-mnist", FASHION_MNIST_DIR, str(tmp_path / "fm"), limit=100, samples_per_shard=50)
+    checkpoint = random_image_checkpoint(tmp_path / "checkpoints")
+    torch.manual_seed(0)
+    save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=8)), str(tmp_path / "fx.st"))
+    extractor = fid.load_extractor(str(tmp_path / "fx.st"), device=torch.device("cpu"))
+    stats = fid.compute_reference_stats(str(tmp_path / "fm/train"), extractor, "fm")
+    (tmp_path / "fm.npz").write_bytes(stats.to_npz_bytes())
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()),
+         "-m", "pipeline.cli", "eval", str(checkpoint), "--stats", str(tmp_path / "fm.npz"), "-n", "41",
+         "--test-data", str(tmp_path / "fm/test"), "--no-log", "--json", str(out), "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(out.read_text())
+    # the same numbers from one process: rank r draws its share of 41 with seed (seed, r)
+    model, _ = checkpoints.load_model(checkpoint)
+    moments = fid.FeatureMoments()
+    for rank, share in ((0, 21), (1, 20)):
+        seed = rank_seed(0, rank)
+        moments.add(fid.generated_features(image_generator(model, torch.device("cpu"), seed), 1, share, extractor,
+                                           seed=seed))
+    assert record["metrics"]["eval/fid_samples"] == 41
+    assert record["metrics"]["eval/fid"] == pytest.approx(fid.fid_against(stats, moments), rel=1e-3, abs=1e-9)
+    mse, images = split_reconstruction_mse(model, str(tmp_path / "fm/test"), Ranks(), 250)
+    assert record["metrics"]["eval/test_reconstruction_mse"] == pytest.approx(mse, rel=1e-6)
+    assert record["metrics"]["eval/test_images"] == images == 100
