@@ -25,3 +25,13 @@ state = torch.load(f"{ckpt}/training_state.pt", weights_only=True)
 print("checkpoint", ckpt, "grad_scaler", {k: v for k, v in state.get("grad_scaler", {}).items() if k == "scale"})
 print("metrics", json.load(open("/tmp/gpu-runs/fp16-check/metrics.json")))
 PY
+# DeepSpeed ZeRO-2 (one engine per network) in bf16 on the GPU, through the accelerate config.
+if python3 -c "import deepspeed" 2>/dev/null; then
+  timeout 150 accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml --num_processes 1 \
+      -m pipeline.cli train --config configs/swissroll.yaml --resume never \
+      --set name=zero2-check --set output_dir=/tmp/gpu-runs --set "model.data_shape=[3,64,64]" \
+      --set model.latent_dim=128 --set model.prior_dim=128 --set data.train=synthetic --set data.test=synthetic \
+      --set data.swissroll_samples=2048 --set data.batch_size=64 --set stage1.steps=40 --set stage2.steps=40 \
+      --set train.checkpoint_every=40 --set eval.samples=64 --set tracking.enabled=false \
+      --set train.progress_bar=false 2>&1 | grep -E "DeepSpeed:|metrics|rror" | tee "$out/zero2_run.txt"
+fi

@@ -388,9 +388,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'fix your input', reported without a traceback."""
     from pipeline.checkpoints import CheckpointError
 
-    from pipeline.report import ReportError
-
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, ValueError, ReportError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, ValueError]
     registry = sys.modules.get("pipeline.registry")  # imports mlflow: only if it was used
     if registry is not None:
         errors.append(registry.RegistryError)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, convert_outputs_to_fp32
 from torch import nn
 
 from pipeline.config import ConfigError, ExperimentConfig
@@ -75,7 +75,8 @@ def prepare(accelerator: Accelerator, model: nn.Module, optimizers: dict[str, to
     if accelerator.mixed_precision == "bf16":
         for name in optimizers:  # the frozen forwards on the plain modules get autocast too
             module = getattr(model, name)
-            module.forward = torch.autocast(accelerator.device.type, dtype=torch.bfloat16)(module.forward)
+            autocast_forward = torch.autocast(accelerator.device.type, dtype=torch.bfloat16)(module.forward)
+            module.forward = convert_outputs_to_fp32(autocast_forward)  # as Accelerate's own wrapper
     engines, engine_optimizers = {}, {}
     for name, optimizer in optimizers.items():
         engine, engine_optimizer, _, _ = deepspeed.initialize(

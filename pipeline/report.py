@@ -27,7 +27,7 @@ METRIC_COLUMNS = [
 FIGURE_NAMES = ("figure4.png", "samples.png")
 
 
-class ReportError(RuntimeError):
+class ReportError(ValueError):
     """No experiment or no finished runs to report on."""
 
 

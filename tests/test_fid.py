@@ -84,6 +84,23 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(fashion_shards)
     assert brighter > 1000 * max(abs(itself), 1e-9)
 
 
+def test_frechet_distance_is_clean_fids():
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(200, 8)), rng.normal(size=(200, 8)) * 1.2 + 0.3
+    stats = [(x.mean(axis=0), np.cov(x, rowvar=False)) for x in (first, second, first[:5])]
+    for (mu1, sigma1), (mu2, sigma2) in [(stats[0], stats[1]), (stats[2], stats[1]), (stats[0], stats[0])]:
+        ours = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
+        try:
+            theirs = cleanfid_frechet(mu1, sigma1, mu2, sigma2)
+        except TypeError:  # SciPy >= 1.18 (see fid.frechet_distance)
+            pytest.skip("clean-fid's own frechet_distance does not run on this SciPy")
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-9)
+    with pytest.raises(fid.FidError, match="feature sizes differ"):
+        fid.frechet_distance(stats[0][0], stats[0][1], stats[0][0][:4], stats[0][1][:4, :4])
+
+
 def test_real_image_features_are_clean_fids_folder_features(fashion_shards, tmp_path):
     """The same images written as PNG files and read by clean-fid's folder pipeline give the
     same features: the preprocessing is clean-fid's own (mode clean, grayscale -> RGB)."""
@@ -122,9 +139,14 @@ def test_generated_features_have_compute_fid_gen_semantics(fashion_shards, tmp_p
         position["next"] += len(z)
         return fakes[start:start + len(z)]
 
-    theirs = compute_fid(gen=generate, fdir2=str(folder), mode="clean", num_gen=120, batch_size=40, z_dim=4,
-                         device=torch.device("cpu"), num_workers=0, custom_feat_extractor=extractor.network,
-                         custom_fn_resize=extractor.resizer(), verbose=False)
+    try:
+        theirs = compute_fid(gen=generate, fdir2=str(folder), mode="clean", num_gen=120, batch_size=40, z_dim=4,
+                             device=torch.device("cpu"), num_workers=0, custom_feat_extractor=extractor.network,
+                             custom_fn_resize=extractor.resizer(), verbose=False)
+    except TypeError as error:  # clean-fid 0.1.35 on SciPy >= 1.18: sqrtm(disp=...) is gone
+        if "disp" not in str(error):
+            raise
+        pytest.skip("clean-fid's own frechet_distance does not run on this SciPy")
     position["next"] = 0
     reference = fid.compute_reference_stats("real", extractor, "real", images=iter([real]))
     moments = fid.FeatureMoments()
@@ -233,17 +255,17 @@ def test_domain_feature_extractor_tells_real_from_blurred_and_noise(fashion_shar
     real test images vs real training images is far below FID of blurred images or noise."""
     out = tmp_path / "fashion-features.safetensors"
     assert cli.main(["train-feature-extractor", str(fashion_shards / "train"), "--out", str(out),
-                     "--test-data", str(fashion_shards / "test"), "--test-limit", "300", "--epochs", "3",
+                     "--test-data", str(fashion_shards / "test"), "--test-limit", "300", "--epochs", "2",
                      "--feature-dim", "32", "--batch-size", "32", "--lr", "2e-3"]) == 0
     printed = capsys.readouterr().out
     accuracy = float(printed.split("test accuracy ")[1].split(",")[0])
-    assert accuracy > 0.3  # 10 classes: chance is 0.1; ~0.5 after 3 epochs on 600 images
+    assert accuracy > 0.3  # 10 classes: chance is 0.1; ~0.45 after 2 epochs on 600 images
     extractor = fid.load_extractor(str(out), device=torch.device("cpu"))
     train = fid.compute_reference_stats(str(fashion_shards / "train"), extractor, "train")
     test = fid.compute_reference_stats(str(fashion_shards / "test"), extractor, "test", limit=300)
 
     def blur(batch: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(F.avg_pool2d(batch, 5, stride=1, padding=2), 5, stride=1, padding=2)
+        return F.avg_pool2d(F.avg_pool2d(batch, 7, stride=1, padding=3), 7, stride=1, padding=3)
 
     blurred = fid.compute_reference_stats("blurred", extractor, "b", images=batches(str(fashion_shards / "test"),
                                                                                     300, blur))
