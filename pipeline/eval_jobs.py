@@ -5,7 +5,9 @@ every checkpoint MLflow knows that has no score yet and moves the registry alias
 What a score is.
   Image models: clean-fid FID of N generated samples (default 50,000, as in the paper)
   against reference statistics (`gapm fid-stats`), optionally KID, and the reconstruction MSE
-  over the whole test split (pixels in [0, 1]). The ranking metric is `eval/fid`.
+  over the whole test split (pixels in [0, 1]). The ranking metric is `eval/fid`. Samples
+  come from the model's own `sample` (its own prior, so baselines are scored the same way)
+  with a generator seeded from (seed, rank), fed to clean-fid as its `gen`.
   Point models (swiss-roll): reconstruction MSE, sample MMD and nearest-data distance against
   the held-out points (as at the end of training, at most 10,000 samples); ranked by
   `eval/test_sample_mmd`. Lower is better for both.
@@ -70,6 +72,10 @@ VERSION_SCORE_TAG, VERSION_REFERENCE_TAG = "gapm.eval.score", "gapm.eval.referen
 
 class EvalError(ValueError):
     """An evaluation that cannot run as asked; the message says what to change."""
+
+
+class RunMismatch(EvalError):
+    """This run cannot be scored with the job's reference (e.g. another image size)."""
 
 
 @dataclass
@@ -162,7 +168,7 @@ class Reference:
 
 def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
     if not settings.stats:
-        raise EvalError("no reference statistics for FID: pass --stats NAME_OR_URL (or set eval.fid_stats); "
+        raise fid.FidError("no reference statistics for FID: pass --stats NAME_OR_URL (or set eval.fid_stats); "
                         "compute them from the training shards with `gapm fid-stats SHARDS --name NAME`")
     stats = fid.load_reference_stats(settings.stats, with_kid=settings.kid)
     extractor = fid.load_extractor(settings.feature_extractor or stats.feature_extractor,
@@ -373,11 +379,13 @@ def load_target(target: Target, scratch: str) -> tuple[GAPM, int | None]:
         model = registry.load_generator(uri)
         run_id, step = model_source(uri, target.tracking_uri)
         target.run_id = target.run_id or run_id
+        target.tracking_uri = target.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         return model, step
     location = uri if checkpoints.is_remote(uri) else Path(storage.local_path(uri))
     model, meta = checkpoints.load_model(location)
     if target.run_id is None and checkpoints.is_remote(uri):
         target.run_id = find_run_by_checkpoint_location(uri, target.tracking_uri)
+        target.tracking_uri = target.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return model, meta.step
 
 
@@ -475,10 +483,13 @@ def run_eval(uri: str, settings: EvalSettings, *, run_id: str | None = None, log
     if params:
         data, data_seed = run_data_config(params)
     elif target.run_dir is not None and (target.run_dir / "config.yaml").is_file():
-        from pipeline.config import load_config
+        from pipeline.config import ConfigError, load_config
 
-        config = load_config(target.run_dir / "config.yaml")
-        data, data_seed = config.data, config.seed
+        try:
+            config = load_config(target.run_dir / "config.yaml")
+            data, data_seed = config.data, config.seed
+        except ConfigError as error:
+            log.warning("cannot read %s (%s); pass --test-data", target.run_dir / "config.yaml", error)
     metrics, reference = evaluate_model(model, settings, data=data, data_seed=data_seed, ranks=ranks)
     if not ranks.is_main:
         return None
@@ -661,7 +672,7 @@ class Watcher:
             reference = self.image_reference()
             expected = reference.stats.image_shape
             if expected and list(shape[1:]) != list(expected[1:]):
-                raise EvalError(f"run {run.info.run_id} generates {shape} images, the statistics "
+                raise RunMismatch(f"run {run.info.run_id} generates {shape} images, the statistics "
                                 f"{self.settings.stats} are of {expected} images")
             return reference
         data, seed = self.run_data(run)
@@ -685,15 +696,16 @@ class Watcher:
                 found = checkpoints_of_run(self.client, run)
                 if not found:
                     continue
-                newest = Candidate(run, max(found), found[max(found)])
-                reference = self.reference_for(run, read_candidate_meta(self.client, newest))
-            except (EvalError, fid.FidError) as error:
-                log.warning("skipping run %s: %s", run.info.run_id, error)
-                summary.skipped.append(f"{run.info.run_id}: {error}")
-                continue
+                meta = read_candidate_meta(self.client, Candidate(run, max(found), found[max(found)]))
             except Exception as error:  # noqa: BLE001 - one broken run must not stop the others
                 log.warning("skipping run %s: %s", run.info.run_id, error)
                 summary.failed.append(f"{run.info.run_id}: {error}")
+                continue
+            try:  # errors of the job's own settings (statistics, extractor) stop the pass
+                reference = self.reference_for(run, meta)
+            except RunMismatch as error:
+                log.warning("skipping run %s: %s", run.info.run_id, error)
+                summary.skipped.append(f"{run.info.run_id}: {error}")
                 continue
             log.info("run %s: checkpoints at steps %s", run.info.run_id, sorted(found))
             names.setdefault(registered_name(run, self.client), set()).add(reference.key)
@@ -821,7 +833,13 @@ def watch(settings: EvalSettings, options: WatchOptions, *, once: bool, interval
             previous[signum] = signal.signal(signum, stop)
     try:
         while True:
-            summary = watcher.run_once()
+            try:
+                summary = watcher.run_once()
+            except Exception as error:  # noqa: BLE001 - a watcher outlives a server restart
+                if once:
+                    raise
+                log.error("evaluation pass failed: %s; next pass in %.0fs", error, interval_s)
+                summary = PassSummary(failed=[str(error)])
             if report is not None:
                 report(summary)
             if once:

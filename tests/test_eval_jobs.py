@@ -39,6 +39,16 @@ TINY_IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=8", "model.prio
 SAMPLES = "120"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny networks on a small, shared CPU run many times faster on one thread than on
+    several fighting over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(mlflow_server, tmp_path_factory):
     """One tiny Fashion-MNIST training tracked on the server, reference statistics and the
@@ -87,7 +97,8 @@ def test_two_eval_watch_jobs_at_once_score_each_checkpoint_once_and_crown_the_be
     assert eval_history(client, run_id) == []
     command = [sys.executable, "-m", "pipeline.cli", "eval-watch", "--once", "--experiment", trained["name"],
                "--stats", trained["stats"], "-n", SAMPLES, "--claims", str(tmp_path / "claims"), "--device", "cpu"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["server"].url, "GAPM_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["server"].url, "GAPM_LOG_LEVEL": "WARNING",
+           "OMP_NUM_THREADS": "1"}  # two jobs on a small CPU: no oversubscription
     jobs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
             for _ in range(2)]
     outputs = [job.communicate(timeout=300) for job in jobs]
@@ -160,9 +171,10 @@ def test_claims_are_exclusive_expire_after_a_crash_and_are_taken_over(where, tmp
     assert not held.refresh() and held.lost
     assert first.try_acquire(key) is None
     taken.release()
-    with first.try_acquire(key) as alive:  # a live claim's heartbeat keeps it
-        time.sleep(1.0)
-        assert second.try_acquire(key) is None and alive.refresh()
+    patient_first, patient_second = ClaimStore(location, ttl_s=1.2, owner="a"), ClaimStore(location, ttl_s=1.2)
+    with patient_first.try_acquire(key) as alive:  # a live claim's heartbeat (every ttl/4) keeps it
+        time.sleep(1.6)
+        assert patient_second.try_acquire(key) is None and alive.refresh()
     assert first.holder(key) is None
 
 
@@ -185,7 +197,6 @@ def test_many_simultaneous_claimers_get_one_claim(tmp_path):
     assert len(winners) == 1
 
 
-@pytest.mark.slow  # a second training with the embedded store: ~25 s on a small CPU
 def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_embedded_store(
         tmp_path, monkeypatch, capsys):
     """What launch/ runs: `gapm eval-watch --once --config CONFIG --set output_dir=...` with no
@@ -266,3 +277,17 @@ def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp
     mse, images = split_reconstruction_mse(model, str(tmp_path / "fm/test"), Ranks(), 250)
     assert record["metrics"]["eval/test_reconstruction_mse"] == pytest.approx(mse, rel=1e-6)
     assert record["metrics"]["eval/test_images"] == images == 100
+
+
+def test_eval_watch_names_missing_statistics_and_an_unreachable_server(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["server"].url)
+    arguments = ["eval-watch", "--once", "--experiment", trained["name"], "--claims", str(tmp_path / "claims"),
+                 "--device", "cpu"]
+    assert cli.main(arguments) == 2  # image runs, no --stats / eval.fid_stats
+    assert "gapm fid-stats" in capsys.readouterr().err
+    assert cli.main([*arguments, "--stats", str(tmp_path / "nope.npz")]) == 2
+    assert "nope.npz" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert cli.main([*arguments, "--stats", trained["stats"]]) == 2
+    assert "cannot list runs in MLflow" in capsys.readouterr().err
