@@ -38,6 +38,7 @@ def deepspeed_training(tmp_path, *extra, zero_stage="2"):
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow  # two DeepSpeed launches, ~60 s on 2 cores
 def test_zero2_engines_train_both_stages_and_resume(tmp_path):
     first = deepspeed_training(tmp_path, "stage2.steps=0")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -51,6 +52,7 @@ def test_zero2_engines_train_both_stages_and_resume(tmp_path):
     assert all(v == v for v in metrics.values())
 
 
+@pytest.mark.slow  # importing DeepSpeed alone takes ~20 s here
 def test_zero3_is_refused_with_a_clear_message(tmp_path):
     result = deepspeed_training(tmp_path, zero_stage="3")
     assert result.returncode != 0  # torchrun reports a failed worker as 1; the worker exits 2

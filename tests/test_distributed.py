@@ -64,6 +64,7 @@ def test_two_processes_train_both_stages_with_identical_parameters(tmp_path):
     assert any("stage2/latent_generator_loss" in row for row in logged)
 
 
+@pytest.mark.slow  # two training launches, ~40 s on 2 cores
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # Deterministic stage 1 (no critic, no BN: nothing differs but the data split), so DDP's
     # averaged gradients over 2 x 32 samples must equal one process's over the same 64.
@@ -86,6 +87,7 @@ def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float
 LONG = [*TINY, "stage1.steps=300", "stage2.steps=20", "train.checkpoint_every=20"]
 
 
+@pytest.mark.slow  # three training launches, ~60 s on 2 cores
 def test_kill_9_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
     run_training(1, [f"output_dir={tmp_path / 'straight'}", "data.batch_size=64", *LONG])
     crashed = [f"output_dir={tmp_path / 'crashed'}", "data.batch_size=64", *LONG]
@@ -103,6 +105,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # two 2-process launches, ~60 s on 2 cores
 def test_sigterm_on_two_ranks_checkpoints_exits_resumable_and_resumes(tmp_path):
     overrides = [f"output_dir={tmp_path}", "data.batch_size=32", *LONG]
     process = subprocess.Popen(gapm_command(2, overrides), env=environment(), cwd=ROOT,

@@ -509,6 +509,7 @@ def test_two_slurm_nodes_train_through_launch_node_sh(tmp_path):
     assert_two_process_run(tmp_path / "swissroll")
 
 
+@pytest.mark.slow  # two pods of training, 30-50 s on 2 cores
 def test_two_pytorchjob_pods_train_through_the_k8s_entrypoint(tmp_path):
     port = str(free_port())
     processes, logs = [], []
@@ -522,6 +523,7 @@ def test_two_pytorchjob_pods_train_through_the_k8s_entrypoint(tmp_path):
     assert_two_process_run(tmp_path / "swissroll")
 
 
+@pytest.mark.slow  # a training interrupted by the signal, 20-35 s
 def test_slurm_time_limit_signal_checkpoints_then_requeues(tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@120 does): the trap passes it to
     srun, whose step processes all get it (the accelerate launcher among them, which must

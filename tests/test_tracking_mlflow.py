@@ -50,6 +50,7 @@ def test_secrets_are_masked_in_params():
                       "data": {"train": f"s3://{MASK}@bucket/shards"}, "lr": 0.1}
 
 
+@pytest.mark.slow  # servers started and killed around a run, ~25 s
 def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory, mlflow_server_launched, tmp_path,
                                                            caplog):
     """The server is down when training starts, comes up during stage 1, and is killed during
@@ -180,6 +181,7 @@ def test_params_logged_through_the_tracker_are_masked(mlflow_server, tmp_path):
     assert "abc123" not in Path(config_artifact).read_text() and "pw@" not in Path(config_artifact).read_text()
 
 
+@pytest.mark.slow  # embedded store, resume, register, sample in a subprocess: ~30 s
 def test_embedded_store_resume_registry_and_sample(tmp_path, monkeypatch, caplog):
     """No MLFLOW_TRACKING_URI: sqlite in the run directory, the registry on it, a resumed
     training continuing the same MLflow run, and `gapm sample models:/NAME@ALIAS`."""
@@ -236,6 +238,7 @@ def test_sample_and_register_fail_clearly(mlflow_server, tmp_path, monkeypatch, 
     assert "has no run 0123456789abcdef" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # one more tracked run, ~25 s
 def test_checkpoints_in_s3_are_referenced_and_the_model_still_registered(mlflow_server, s3_bucket, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
