@@ -83,3 +83,25 @@ def test_swissroll_demo_beats_an_untrained_model(tmp_path):
     for key, limit in thresholds.items():
         assert untrained.metrics[key] > limit, (key, untrained.metrics[key])
         assert trained.metrics[key] < limit, (key, trained.metrics[key])
+
+
+def test_gradient_accumulation_steps_each_optimizer_every_k_backward_calls(tmp_path):
+    config = tiny_config(tmp_path, "train.gradient_accumulation_steps=2", "train.grad_clip_norm=0.5",
+                         "stage1.critic_steps=2")
+    result = train(config, resume="never")
+    state = checkpoints.load_training_state(result.final_checkpoint)["optimizers"]
+
+    def adam_steps(name):
+        return int(next(iter(state[name]["state"].values()))["step"])
+
+    # 30 stage-1 iterations: 30 autoencoder and 60 critic backward calls; 20 stage-2 iterations:
+    # 20 g and 40 D calls (discriminator_steps=2). One optimizer step every 2 calls.
+    assert adam_steps("autoencoder") == 15 and adam_steps("critic") == 30
+    assert adam_steps("latent_generator") == 10 and adam_steps("latent_discriminator") == 20
+
+
+def test_accumulation_must_divide_stage_lengths_and_checkpoint_interval(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'stage1\.steps' \(30\) must be a multiple of train\.gradient_accumulation_steps \(4\)"):
+        tiny_config(tmp_path, "train.gradient_accumulation_steps=4")
