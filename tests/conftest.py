@@ -199,3 +199,16 @@ def fashion_mnist_dir() -> str:
     if not all(os.path.exists(os.path.join(FASHION_MNIST_DIR, name)) for name in needed):
         pytest.skip(f"real Fashion-MNIST not installed at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny networks on a small, shared CPU run many times faster on one thread than on
+    several fighting over the cores. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

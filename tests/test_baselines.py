@@ -16,14 +16,7 @@ KINDS = ["vae", "aae", "wae", "introvae", "age", "alae"]
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks: with several threads on a shared 2-core machine, synchronisation costs
-    # ~20x more than the arithmetic.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 def t(values):

@@ -39,14 +39,7 @@ TINY_IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=8", "model.prio
 SAMPLES = "120"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks on a small, shared CPU run many times faster on one thread than on
-    several fighting over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
