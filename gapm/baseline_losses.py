@@ -106,26 +106,41 @@ def imq_kernel(first: Tensor, second: Tensor, scales: Sequence[float] = WAE_IMQ_
     return sum(base * s / (base * s + squared_distances) for s in scales)
 
 
+def rbf_kernel(first: Tensor, second: Tensor, scales: Sequence[float] = WAE_IMQ_SCALES,
+               prior_variance: float = 1.0) -> Tensor:
+    """Gaussian (RBF) kernel summed over the same scales, as a (N, M) matrix:
+    k(x, y) = Σ_s exp(−||x − y||² / C_s),  C_s = s · 2·d_z·σ² (Tolstikhin et al. 2018 report
+    WAE-MMD with both kernels; the RBF one has lighter tails)."""
+    squared_distances = torch.cdist(first, second).pow(2)
+    base = 2.0 * first.shape[1] * prior_variance
+    return sum(torch.exp(-squared_distances / (base * s)) for s in scales)
+
+
+WAE_KERNELS = {"imq": imq_kernel, "rbf": rbf_kernel}
+
+
 def mmd_imq(prior_samples: Tensor, embeddings: Tensor, scales: Sequence[float] = WAE_IMQ_SCALES,
-            prior_variance: float = 1.0) -> Tensor:
+            prior_variance: float = 1.0, kernel: str = "imq") -> Tensor:
     """Unbiased estimate of MMD²_k(P_Z, Q_Z) (Tolstikhin et al. 2018, Algorithm 2):
     1/(n(n−1)) Σ_{l≠j} k(z_l, z_j) + 1/(n(n−1)) Σ_{l≠j} k(z̃_l, z̃_j) − 2/n² Σ_{l,j} k(z_l, z̃_j),
-    z ~ P_Z (``prior_samples``), z̃ = E(x) (``embeddings``); both (n, d_z) with n ≥ 2."""
+    z ~ P_Z (``prior_samples``), z̃ = E(x) (``embeddings``); both (n, d_z) with n ≥ 2.
+    ``kernel``: "imq" (default) or "rbf"."""
+    k = WAE_KERNELS[kernel]
     n = prior_samples.shape[0]
     off_diagonal = 1.0 - torch.eye(n, device=prior_samples.device, dtype=prior_samples.dtype)
-    prior_term = (imq_kernel(prior_samples, prior_samples, scales, prior_variance) * off_diagonal).sum()
-    embedding_term = (imq_kernel(embeddings, embeddings, scales, prior_variance) * off_diagonal).sum()
-    cross_term = imq_kernel(prior_samples, embeddings, scales, prior_variance).sum()
+    prior_term = (k(prior_samples, prior_samples, scales, prior_variance) * off_diagonal).sum()
+    embedding_term = (k(embeddings, embeddings, scales, prior_variance) * off_diagonal).sum()
+    cross_term = k(prior_samples, embeddings, scales, prior_variance).sum()
     return (prior_term + embedding_term) / (n * (n - 1)) - 2.0 * cross_term / n**2
 
 
 def wae_mmd_loss(data: Tensor, reconstruction: Tensor, prior_samples: Tensor, embeddings: Tensor,
                  mmd_weight: float, scales: Sequence[float] = WAE_IMQ_SCALES,
-                 prior_variance: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                 prior_variance: float = 1.0, kernel: str = "imq") -> tuple[Tensor, Tensor, Tensor]:
     """WAE objective with D_Z = MMD (paper Eq. 6; Tolstikhin et al. 2018, Eq. 4 and Algorithm 2):
     ||x − G(E(x))||² + λ·MMD²_k(P_Z, Q_Z). Returns (total, reconstruction, MMD)."""
     reconstruction_term = squared_error(data, reconstruction)
-    mmd_term = mmd_imq(prior_samples, embeddings, scales, prior_variance)
+    mmd_term = mmd_imq(prior_samples, embeddings, scales, prior_variance, kernel)
     return reconstruction_term + mmd_weight * mmd_term, reconstruction_term, mmd_term
 
 

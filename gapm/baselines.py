@@ -294,7 +294,8 @@ class AAE(BaselineModel):
         super().__init__(shape, **hyperparameters)
         self.autoencoder = Autoencoder(dataclasses.replace(shape, latent_norm=False))
         self.latent_discriminator = networks.LatentDiscriminator(
-            shape.latent_dim, shape.latent_discriminator_widths)
+            shape.latent_dim, shape.latent_discriminator_widths, shape.latent_discriminator_spectral_norm,
+            shape.latent_discriminator_activation)
 
     def stage_step(self, stage: int, trained: Mapping[str, nn.Module], data: Tensor,
                    update: Update) -> dict[str, float]:
@@ -334,6 +335,11 @@ class WAEHyperparameters:
     mmd_weight: float = 10.0  # λ (Tolstikhin et al. 2018 use 10 on MNIST, 100 on CelebA)
     kernel_scales: tuple[float, ...] = losses.WAE_IMQ_SCALES  # multiples of C = 2·d_z·σ²
     prior_variance: float = 1.0  # σ² of the N(0, σ²I) prior
+    kernel: str = "imq"  # "imq" (inverse multiquadratics, the authors' choice) or "rbf"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in losses.WAE_KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(losses.WAE_KERNELS)}, got {self.kernel!r}")
 
 
 class WAE(BaselineModel):
@@ -363,7 +369,7 @@ class WAE(BaselineModel):
         prior = self._prior(len(data), data.device)
         total, reconstruction_term, mmd_term = losses.wae_mmd_loss(
             data, reconstruction.float(), prior, embeddings.float(), self.hp.mmd_weight,
-            self.hp.kernel_scales, self.hp.prior_variance)
+            self.hp.kernel_scales, self.hp.prior_variance, self.hp.kernel)
         update("autoencoder", total)
         return {"wae_loss": total.item(), "reconstruction_error": reconstruction_term.item(),
                 "mmd": mmd_term.item(),

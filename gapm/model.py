@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,21 @@ class ModelShape:
     width: int = 64
     latent_norm: bool = True
     latent_generator_widths: list[int] = field(default_factory=lambda: [400, 800, 400, 400])
+    latent_generator_output_norm: bool = True
     latent_discriminator_widths: list[int] = field(default_factory=lambda: [400, 400, 400, 64])
+    latent_discriminator_spectral_norm: networks.SpectralNormLayers = "hidden"
+    latent_discriminator_activation: networks.Activation = "relu"
+
+    # What checkpoints written before these options existed were built with.
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "latent_generator_output_norm": False, "latent_discriminator_spectral_norm": "all",
+        "latent_discriminator_activation": "leaky_relu"}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelShape":
+        """Rebuilds a shape saved with `dataclasses.asdict`; keys an older version did not
+        save take the values that version built."""
+        return cls(**{**cls.LEGACY_DEFAULTS, **values})
 
 
 class Autoencoder(nn.Module):
@@ -92,9 +106,10 @@ class GAPM(nn.Module):
         self.autoencoder = Autoencoder(shape)
         self.critic = networks.build_critic(shape.data_shape, shape.latent_dim, shape.width)
         self.latent_generator = networks.build_latent_generator(
-            shape.prior_dim, shape.latent_dim, shape.latent_generator_widths)
+            shape.prior_dim, shape.latent_dim, shape.latent_generator_widths, shape.latent_generator_output_norm)
         self.latent_discriminator = networks.LatentDiscriminator(
-            shape.latent_dim, shape.latent_discriminator_widths)
+            shape.latent_dim, shape.latent_discriminator_widths, shape.latent_discriminator_spectral_norm,
+            shape.latent_discriminator_activation)
 
     @property
     def hyperparameters(self) -> dict[str, Any]:

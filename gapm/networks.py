@@ -7,34 +7,54 @@ Two families share one interface:
   the resolution with strided convolutions down to 4×4 (7×7 for 28×28), so one builder
   covers every image size the paper uses.
 The critic uses the encoder's architecture and averages its output vector to one scalar,
-as in ACAI. g and D follow the authors' public code (MLP 400-800-400-400 with BatchNorm,
-and MLP 400-400-400-64-1 with spectral norm).
+as in ACAI. g and D default to the authors' public code (gengcong940126/AGE,
+`models/dcgan32px.py`): g an MLP 400-800-400-400 with BatchNorm and ReLU after every hidden
+layer, ending Linear then BatchNorm1d over the latent; D an MLP 400-400-400-64-1 with ReLU and
+spectral norm on the hidden layers, the last Linear plain. Their widths, g's output
+BatchNorm, D's spectral norm and D's activation are options (`ModelShape`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 IMAGE_SIZES = {28: 2, 32: 3, 64: 4}  # image side -> number of stride-2 downsamplings
+SpectralNormLayers = Literal["none", "hidden", "all"]
+Activation = Literal["relu", "leaky_relu"]
+SPECTRAL_NORM_LAYERS = ("none", "hidden", "all")
+ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def activation_layer(name: Activation) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.2)
+    raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
 
 
 def mlp(in_features: int, widths: Sequence[int], out_features: int, *, batch_norm: bool = False,
-        spectral: bool = False, activation: type[nn.Module] = nn.LeakyReLU) -> nn.Sequential:
-    """A plain MLP; `spectral` wraps every linear layer in spectral normalisation."""
+        spectral: SpectralNormLayers = "none", activation: Activation = "leaky_relu") -> nn.Sequential:
+    """A plain MLP. `spectral` chooses the linear layers wrapped in spectral normalisation:
+    none, the hidden ones, or all including the output layer."""
+    if spectral not in SPECTRAL_NORM_LAYERS:
+        raise ValueError(f"unknown spectral-norm choice {spectral!r}: expected one of "
+                         f"{', '.join(SPECTRAL_NORM_LAYERS)}")
     layers: list[nn.Module] = []
     previous = in_features
     for width in widths:
         linear = nn.Linear(previous, width)
-        layers.append(spectral_norm(linear) if spectral else linear)
+        layers.append(spectral_norm(linear) if spectral != "none" else linear)
         if batch_norm:
             layers.append(nn.BatchNorm1d(width))
-        layers.append(activation(0.2) if activation is nn.LeakyReLU else activation())
+        layers.append(activation_layer(activation))
         previous = width
     last = nn.Linear(previous, out_features)
-    layers.append(spectral_norm(last) if spectral else last)
+    layers.append(spectral_norm(last) if spectral == "all" else last)
     return nn.Sequential(*layers)
 
 
@@ -123,17 +143,26 @@ def build_critic(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.M
     return ScalarCritic(ConvEncoder(data_shape, latent_dim, base_channels=width))
 
 
-def build_latent_generator(prior_dim: int, latent_dim: int, widths: Sequence[int]) -> nn.Module:
-    """g: prior noise -> latent space. BatchNorm in the hidden layers, as in the authors' code."""
-    return mlp(prior_dim, widths, latent_dim, batch_norm=True, activation=nn.ReLU)
+def build_latent_generator(prior_dim: int, latent_dim: int, widths: Sequence[int],
+                           output_norm: bool = True) -> nn.Module:
+    """g: prior noise -> latent space. BatchNorm and ReLU after every hidden layer; with
+    `output_norm`, a BatchNorm1d (with its affine scale and shift) over the output, as in the
+    authors' code: it starts g's outputs with the unit per-coordinate spread of the BN-ed
+    embeddings it must match."""
+    network = mlp(prior_dim, widths, latent_dim, batch_norm=True, activation="relu")
+    if output_norm:
+        network.append(nn.BatchNorm1d(latent_dim))
+    return network
 
 
 class LatentDiscriminator(nn.Module):
-    """D: latent vector -> realness score (B,), spectrally normalised MLP."""
+    """D: latent vector -> realness score (B,), an MLP with spectral normalisation on the
+    layers `spectral` names (authors: the hidden ones)."""
 
-    def __init__(self, latent_dim: int, widths: Sequence[int]):
+    def __init__(self, latent_dim: int, widths: Sequence[int], spectral: SpectralNormLayers = "hidden",
+                 activation: Activation = "relu"):
         super().__init__()
-        self.net = mlp(latent_dim, widths, 1, spectral=True)
+        self.net = mlp(latent_dim, widths, 1, spectral=spectral, activation=activation)
 
     def forward(self, latent: Tensor) -> Tensor:
         return self.net(latent).squeeze(1)
@@ -144,6 +173,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
+    "ACTIVATIONS", "SPECTRAL_NORM_LAYERS", "Activation", "SpectralNormLayers", "activation_layer",
     "ConvDecoder", "ConvEncoder", "LatentDiscriminator", "ScalarCritic", "build_critic",
     "build_decoder", "build_encoder", "build_latent_generator", "check_image_shape",
     "count_parameters", "is_point_data", "mlp",

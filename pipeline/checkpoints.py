@@ -154,8 +154,9 @@ def check_compatible(meta: CheckpointMeta, shape: ModelShape, checkpoint: Checkp
         raise CheckpointError(f"checkpoint {checkpoint} holds a '{meta.model_kind}' model, not '{kind}'; "
                               "use a new experiment name or pass --resume never")
     expected = dataclasses.asdict(shape)
-    if meta.model_shape != expected:
-        differing = sorted(k for k in expected if meta.model_shape.get(k) != expected[k])
+    saved = dataclasses.asdict(ModelShape.from_dict(meta.model_shape))
+    if saved != expected:
+        differing = sorted(k for k in expected if saved.get(k) != expected[k])
         raise CheckpointError(
             f"checkpoint {checkpoint} was written for a different model "
             f"(differs in: {', '.join(differing) or 'keys'}); use a new experiment name, "
@@ -187,6 +188,6 @@ def load_training_state(checkpoint: Checkpoint) -> dict[str, Any]:
 def load_model(checkpoint: Checkpoint) -> tuple[GAPM, CheckpointMeta]:
     """Rebuilds the model from a checkpoint alone, in eval mode."""
     meta = read_meta(checkpoint)
-    model = build_model(meta.model_kind, ModelShape(**meta.model_shape), **meta.hyperparameters)
+    model = build_model(meta.model_kind, ModelShape.from_dict(meta.model_shape), **meta.hyperparameters)
     load_model_weights(model, checkpoint)
     return model.eval(), meta

@@ -48,7 +48,10 @@ class ModelConfig:
     width: int = 64  # MLP hidden width for points, base channel count for images
     latent_norm: bool = True  # the paper's latent BatchNorm (ablation: false)
     latent_generator_widths: list[int] = field(default_factory=lambda: [400, 800, 400, 400])
+    latent_generator_output_norm: bool = True  # BatchNorm1d over g's output, as the authors
     latent_discriminator_widths: list[int] = field(default_factory=lambda: [400, 400, 400, 64])
+    latent_discriminator_spectral_norm: Literal["none", "hidden", "all"] = "hidden"  # authors: hidden
+    latent_discriminator_activation: Literal["relu", "leaky_relu"] = "relu"
 
 
 @dataclass
@@ -56,6 +59,12 @@ class OptimizerConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
+    # Learning rate over the stage: constant, or decayed from `lr` to `lr * final_lr_fraction`
+    # (cosine or linear) starting at `decay_start` (a fraction of the stage's steps). A function
+    # of the stage step alone, so resuming restores it exactly.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    decay_start: float = 0.0
+    final_lr_fraction: float = 0.0
 
 
 @dataclass
@@ -256,12 +265,29 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"config key '{key}' ({value}) must be a multiple of "
                               f"train.gradient_accumulation_steps ({accumulation}) so that "
                               "checkpoints fall between optimizer steps")
+    for section in ("stage1", "stage2"):
+        for name, settings in vars(getattr(config, section)).items():
+            if not isinstance(settings, OptimizerConfig):
+                continue
+            key = f"{section}.{name}"
+            if settings.lr <= 0:
+                raise ConfigError(f"config key '{key}.lr' must be positive, got {settings.lr}")
+            if len(settings.betas) != 2 or not all(0.0 <= b < 1.0 for b in settings.betas):
+                raise ConfigError(f"config key '{key}.betas' must be two numbers in [0, 1), got {settings.betas}")
+            if settings.weight_decay < 0:
+                raise ConfigError(f"config key '{key}.weight_decay' must be >= 0, got {settings.weight_decay}")
+            if not 0.0 <= settings.decay_start < 1.0:
+                raise ConfigError(f"config key '{key}.decay_start' must be in [0, 1), got {settings.decay_start}")
+            if not 0.0 <= settings.final_lr_fraction <= 1.0:
+                raise ConfigError(f"config key '{key}.final_lr_fraction' must be in [0, 1], "
+                                  f"got {settings.final_lr_fraction}")
     if not 0.0 <= config.stage1.max_mixing <= 1.0:
         raise ConfigError(f"config key 'stage1.max_mixing' must be in [0, 1], got {config.stage1.max_mixing}")
     shape = config.model.data_shape
-    if not (shape == [2] or (len(shape) == 3 and shape[1] == shape[2] and shape[1] in (28, 32, 64))):
-        raise ConfigError(f"config key 'model.data_shape' must be [2] (points) or [C, S, S] with S in "
-                          f"28, 32, 64; got {shape}")
+    is_points = len(shape) == 1 and shape[0] >= 1
+    if not (is_points or (len(shape) == 3 and shape[1] == shape[2] and shape[1] in (28, 32, 64))):
+        raise ConfigError(f"config key 'model.data_shape' must be [D] (points, e.g. [2]) or [C, S, S] "
+                          f"with S in 28, 32, 64; got {shape}")
     if config.data.batch_size < 2 and config.model.latent_norm:
         raise ConfigError("config key 'data.batch_size' must be at least 2 with model.latent_norm "
                           "(BatchNorm needs more than one sample per batch)")

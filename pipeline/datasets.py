@@ -14,20 +14,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline import swissroll
 from pipeline.config import ConfigError, DataConfig
 
-SWISSROLL = "swissroll"
+SWISSROLL = "swissroll"  # the 2-D roll (a curve)
+SWISSROLL3D = "swissroll3d"  # the authors' 3-D roll (a sheet)
+ROLLS = (SWISSROLL, SWISSROLL3D)
 SYNTHETIC = "synthetic"  # uniform noise of model.data_shape: throughput checks without any I/O
-SWISSROLL_SCALE = 10.0  # brings sklearn's roll (radius up to ~14) to roughly [-1, 1.5]
 
 
-def swissroll_points(count: int, seed: int) -> Tensor:
-    """The paper's 2-D swiss-roll: sklearn's roll, uniform in the roll parameter, seen along
-    its axis (the x and z coordinates), scaled to about unit size."""
-    from sklearn.datasets import make_swiss_roll
-
-    points, _ = make_swiss_roll(n_samples=count, noise=0.0, random_state=seed)
-    return torch.from_numpy((points[:, [0, 2]] / SWISSROLL_SCALE).astype(np.float32))
+def swissroll_points(count: int, seed: int, kind: str = SWISSROLL) -> Tensor:
+    """`count` points of the roll `kind` (see pipeline.swissroll), uniform in the roll parameter."""
+    return swissroll.roll_geometry(kind).sample(count, seed)[0]
 
 
 @dataclass
@@ -116,8 +114,8 @@ def check_sources(config: DataConfig, data_shape: list[int]) -> None:
     from pipeline import shards, streaming
 
     for key, spec in (("data.train", config.train), ("data.test", config.test)):
-        if spec == SWISSROLL:
-            found = [2]
+        if spec in ROLLS:
+            found = [swissroll.roll_geometry(spec).dimension]
         elif spec == SYNTHETIC:
             found = None
         else:
@@ -129,6 +127,18 @@ def check_sources(config: DataConfig, data_shape: list[int]) -> None:
                               f"model.data_shape is {list(data_shape)}; set model.data_shape={found}")
 
 
+def test_roll(config: DataConfig) -> "swissroll.RollGeometry | None":
+    """The roll that `data.test` samples (in memory or as shards), for the coverage metrics."""
+    if config.test in ROLLS:
+        return swissroll.roll_geometry(config.test)
+    if config.test == SYNTHETIC or "{" in config.test or config.test.endswith(".tar"):
+        return None
+    from pipeline import shards
+
+    dataset = shards.read_manifest(config.test).get("dataset")
+    return swissroll.roll_geometry(dataset) if dataset in ROLLS else None
+
+
 def synthetic_data(count: int, data_shape: list[int], seed: int) -> Tensor:
     return torch.rand(count, *data_shape, generator=torch.Generator().manual_seed(seed))
 
@@ -137,8 +147,8 @@ def training_source(config: DataConfig, *, rank: int, world_size: int, seed: int
     if config.train == SYNTHETIC:
         data = synthetic_data(config.swissroll_samples, data_shape, seed)
         return InMemoryBatches(data, config.batch_size, rank=rank, world_size=world_size, seed=seed)
-    if config.train == SWISSROLL:
-        points = swissroll_points(config.swissroll_samples, seed)
+    if config.train in ROLLS:
+        points = swissroll_points(config.swissroll_samples, seed, config.train)
         return InMemoryBatches(points, config.batch_size, rank=rank, world_size=world_size, seed=seed)
     return ShardBatches(config.train, config, rank=rank, world_size=world_size, seed=seed)
 
@@ -147,9 +157,9 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
     """Up to `limit` test samples in data space ([0, 1] images or raw points)."""
     if config.test == SYNTHETIC:
         return synthetic_data(min(limit, config.swissroll_test_samples), data_shape, seed + 1)
-    if config.test == SWISSROLL:
+    if config.test in ROLLS:
         # A different seed from training: held-out points from the same roll.
-        return swissroll_points(config.swissroll_test_samples, seed + 1)
+        return swissroll_points(config.swissroll_test_samples, seed + 1, config.test)
     from pipeline import streaming
 
     batches, total = [], 0

@@ -1,10 +1,12 @@
 """End-of-training metrics that need no external model.
 
-Points (swiss-roll): reconstruction MSE on held-out points; generation quality as the mean
-distance from each generated point to its nearest data point (precision: are samples on the
-roll?) and a multi-bandwidth RBF-kernel MMD against held-out points (coverage: is the whole
-roll generated, in the right proportions?). Images: reconstruction MSE with pixels in [0, 1].
-FID lives in the evaluation jobs.
+Points (swiss-roll): reconstruction MSE on held-out points, also relative to the data's
+variance; generation quality as the mean distance from each generated point to its nearest
+data point (precision: are samples on the roll?) and a multi-bandwidth RBF-kernel MMD against
+held-out points (coverage and proportions). When the data is a known roll, also the roll's own
+coverage metrics (`pipeline.swissroll.roll_coverage`): the share of samples off the roll and
+the total variation of their distribution along it. Images: reconstruction MSE with pixels in
+[0, 1]. FID lives in the evaluation jobs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from gapm import GAPM
 from pipeline.datasets import to_data_space, to_model_space
+from pipeline.swissroll import RollGeometry, roll_coverage
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2, 0.5)
 
@@ -57,14 +60,24 @@ def sample_in_batches(model: GAPM, count: int, data_shape: list[int], seed: int,
     return torch.cat(out)
 
 
-def evaluate(model: GAPM, held_out: Tensor, data_shape: list[int], sample_count: int, seed: int
-             ) -> tuple[dict[str, float], Tensor, Tensor]:
-    """Returns (metrics, reconstructions of held_out, generated samples), all in data space."""
+def relative_reconstruction_error(data: Tensor, reconstruction: Tensor) -> float:
+    """Σ‖x − x̂‖² / Σ‖x − mean(x)‖²: the share of the data's variance the reconstruction misses."""
+    data, reconstruction = data.double(), reconstruction.double()
+    return ((reconstruction - data).pow(2).sum() / (data - data.mean(0)).pow(2).sum()).item()
+
+
+def evaluate(model: GAPM, held_out: Tensor, data_shape: list[int], sample_count: int, seed: int,
+             roll: RollGeometry | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Returns (metrics, reconstructions of held_out, generated samples), all in data space.
+    `roll`: the roll the data comes from, for its coverage metrics."""
     model.eval()
     reconstructions = reconstruct_in_batches(model, held_out, data_shape)
     samples = sample_in_batches(model, sample_count, data_shape, seed)
     metrics = {"eval/reconstruction_mse": torch.mean((reconstructions - held_out) ** 2).item()}
     if len(data_shape) == 1:
+        metrics["eval/relative_reconstruction_mse"] = relative_reconstruction_error(held_out, reconstructions)
         metrics["eval/sample_nearest_distance"] = mean_nearest_distance(samples, held_out)
         metrics["eval/sample_mmd"] = rbf_mmd(samples[: len(held_out)], held_out)
+        if roll is not None and roll.dimension == data_shape[0]:
+            metrics.update({f"eval/{key}": value for key, value in roll_coverage(samples, roll).items()})
     return metrics, reconstructions, samples

@@ -15,11 +15,13 @@ from torch import Tensor  # noqa: E402
 
 def save_point_panels(data: Tensor, reconstruction: Tensor, generated: Tensor, path: Path,
                       title: str = "") -> None:
-    """Input manifold, reconstructed manifold, manifold generated from the prior (Fig. 4)."""
+    """Input manifold, reconstructed manifold, manifold generated from the prior (Fig. 4).
+    3-D points (the authors' roll) are seen along the roll's axis: coordinates 0 and 2."""
     figure, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
     panels = (("input", data), ("reconstruction", reconstruction), ("generated", generated))
+    seen = [0, 2] if data.shape[1] == 3 else [0, 1]
     for axis, (name, points) in zip(axes, panels):
-        axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2, alpha=0.6)
+        axis.scatter(points[:, seen[0]].numpy(), points[:, seen[1]].numpy(), s=2, alpha=0.6)
         axis.set_title(name)
         axis.set_aspect("equal")
     if title:
@@ -48,7 +50,8 @@ def save_image_grid(images: Tensor, path: Path, columns: int = 8) -> None:
 def save_point_scatter(points: Tensor, path: Path, title: str = "") -> None:
     """One panel of 2-D points (e.g. `gapm sample` of a swiss-roll model)."""
     figure, axis = plt.subplots(figsize=(5, 5))
-    axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2, alpha=0.6)
+    seen = [0, 2] if points.shape[1] == 3 else [0, 1]
+    axis.scatter(points[:, seen[0]].numpy(), points[:, seen[1]].numpy(), s=2, alpha=0.6)
     axis.set_aspect("equal")
     if title:
         axis.set_title(title)

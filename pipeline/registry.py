@@ -66,7 +66,7 @@ def model_from_files(weights: Path, meta: Path) -> GAPM:
     checkpoint meta.json."""
     try:
         meta_values = checkpoints.CheckpointMeta(**json.loads(Path(meta).read_text()))
-        model = build_model(meta_values.model_kind, ModelShape(**meta_values.model_shape),
+        model = build_model(meta_values.model_kind, ModelShape.from_dict(meta_values.model_shape),
                             **meta_values.hyperparameters)
         model.load_state_dict(load_file(str(weights)))
     except (OSError, ValueError, TypeError, RuntimeError) as error:

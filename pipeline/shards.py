@@ -11,7 +11,8 @@ where OUT is a local directory, a ``file://`` URL or ``s3://bucket/prefix``. Eac
 
 * images: ``.png`` (lossless, default) or ``.jpg``, ``.cls`` (label as text) and ``.json``
   ``{"label": int, "index": int}`` (``index`` is the position in the source split);
-* swiss-roll points: ``.npy`` (float32 array of shape (2,)) and ``.json`` ``{"index", "t"}``.
+* swiss-roll points: ``.npy`` (float32 array of shape (2,), or (3,) for ``swissroll3d``) and
+  ``.json`` ``{"index", "t"}``.
 
 The manifest lists every shard with its sample count and sha256, plus the dataset, split, image
 geometry and preprocessing, so a reader can size epochs without opening the tars and a person can
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import storage
+from pipeline import storage, swissroll
 
 __all__ = [
     "DATASETS",
@@ -55,13 +56,11 @@ __all__ = [
     "crop_celeba",
 ]
 
-DATASETS = ("cifar10", "celeba", "mnist", "fashion-mnist", "swissroll")
+DATASETS = ("cifar10", "celeba", "mnist", "fashion-mnist", "swissroll", "swissroll3d")
 CELEBA_CROPS = ("center178", "authors")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gapm-shards/1"
 SWISSROLL_TEST_SAMPLES = 1000
-# Common practice (e.g. ALAE's swiss-roll experiments) scales the roll to roughly [-1, 1.5].
-SWISSROLL_SCALE = 10.0
 CELEBA_SIZE = 64
 
 # Fixed tar member metadata: shards of the same source are byte-identical, so their sha256 in the
@@ -88,6 +87,7 @@ class _SplitSource:
     samples: Iterator[_Sample]
     image: dict[str, int] | None  # height, width, channels; None for point data
     preprocessing: dict[str, Any]
+    point_dim: int | None = None  # coordinates per point, for point data
 
 
 # --------------------------------------------------------------------------- public API
@@ -140,7 +140,7 @@ def convert_dataset(
     elif dataset == "celeba":
         sources = _celeba_sources(src, limit, celeba_crop)
     else:
-        sources = _swissroll_sources(swissroll_samples, seed, limit)
+        sources = _swissroll_sources(dataset, swissroll_samples, seed, limit)
 
     if split is not None:
         if split not in sources:
@@ -259,7 +259,7 @@ def _write_split(
         "num_samples": total,
         "samples_per_shard": samples_per_shard,
         "image": image,
-        "point_dim": 2 if source.image is None else None,
+        "point_dim": source.point_dim if source.image is None else None,
         "preprocessing": source.preprocessing,
         "source": src,
         "shards": shards,
@@ -562,29 +562,25 @@ def _celeba_sources(src: str, limit: int | None, crop: str) -> dict[str, _SplitS
 # --------------------------------------------------------------------------- swiss-roll
 
 
-def _swissroll_sources(train_samples: int, seed: int, limit: int | None) -> dict[str, _SplitSource]:
+def _swissroll_sources(kind: str, train_samples: int, seed: int, limit: int | None) -> dict[str, _SplitSource]:
     if train_samples < 1:
         raise ValueError(f"swissroll_samples {train_samples}: expected a positive number")
+    geometry = swissroll.roll_geometry(kind)
     preprocessing = {
         "generator": "sklearn.datasets.make_swiss_roll",
-        "noise": 0.0,
-        "projection": "(x, z)",
-        "scale": f"1/{SWISSROLL_SCALE:g}",
+        "roll": kind,  # pipeline.swissroll documents the noise, projection and scaling of each
         "seed": {"train": seed, "test": seed + 1},
     }
 
     def samples(count: int, random_state: int) -> Iterator[_Sample]:
-        from sklearn.datasets import make_swiss_roll
-
         # t is drawn uniformly over the roll's parameter range by scikit-learn.
-        points, t = make_swiss_roll(n_samples=count, noise=0.0, random_state=random_state)
-        projected = (points[:, [0, 2]] / SWISSROLL_SCALE).astype(np.float32)
+        points, t = geometry.sample(count, random_state)
         for i in range(count):
-            yield _Sample(index=i, point=projected[i], extra={"t": float(t[i])})
+            yield _Sample(index=i, point=points[i].numpy(), extra={"t": float(t[i])})
 
     return {
-        "train": _SplitSource("train", _limited(samples(train_samples, seed), limit), None, preprocessing),
-        "test": _SplitSource(
-            "test", _limited(samples(SWISSROLL_TEST_SAMPLES, seed + 1), limit), None, preprocessing
-        ),
+        "train": _SplitSource("train", _limited(samples(train_samples, seed), limit), None, preprocessing,
+                              geometry.dimension),
+        "test": _SplitSource("test", _limited(samples(SWISSROLL_TEST_SAMPLES, seed + 1), limit), None,
+                             preprocessing, geometry.dimension),
     }

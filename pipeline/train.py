@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import sys
 import time
@@ -45,7 +46,10 @@ def model_shape(config: ExperimentConfig) -> ModelShape:
     return ModelShape(data_shape=list(m.data_shape), latent_dim=m.latent_dim, prior_dim=m.prior_dim,
                       width=m.width, latent_norm=m.latent_norm,
                       latent_generator_widths=list(m.latent_generator_widths),
-                      latent_discriminator_widths=list(m.latent_discriminator_widths))
+                      latent_generator_output_norm=m.latent_generator_output_norm,
+                      latent_discriminator_widths=list(m.latent_discriminator_widths),
+                      latent_discriminator_spectral_norm=m.latent_discriminator_spectral_norm,
+                      latent_discriminator_activation=m.latent_discriminator_activation)
 
 
 def method_hyperparameters(config: ExperimentConfig) -> dict:
@@ -77,6 +81,16 @@ def optimizer_settings(config: ExperimentConfig, stage_index: int, name: str) ->
 
 def stage_lengths(config: ExperimentConfig, stage_count: int) -> list[int]:
     return [config.stage1.steps, config.stage2.steps][:stage_count]
+
+
+def scheduled_lr(settings: OptimizerConfig, stage_step: int, stage_steps: int) -> float:
+    """The learning rate of iteration `stage_step` (0-based) of a stage of `stage_steps`."""
+    progress = stage_step / max(stage_steps, 1)
+    if settings.schedule == "constant" or progress <= settings.decay_start:
+        return settings.lr
+    decayed = (progress - settings.decay_start) / (1.0 - settings.decay_start)
+    shape = 0.5 * (1 + math.cos(math.pi * decayed)) if settings.schedule == "cosine" else 1.0 - decayed
+    return settings.lr * (settings.final_lr_fraction + (1 - settings.final_lr_fraction) * shape)
 
 
 def adam(parameters, settings: OptimizerConfig) -> torch.optim.Optimizer:
@@ -229,7 +243,11 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
                             mininterval=0.1 if sys.stderr.isatty() else 30.0)
             window: dict[str, list[float]] = {}
             window_start, window_steps = time.perf_counter(), 0
+            schedules = {name: optimizer_settings(config, index, name) for name in trained}
             for stage_step in range(first, total):
+                for name, settings in schedules.items():
+                    for group in optimizers[name].param_groups:
+                        group["lr"] = scheduled_lr(settings, stage_step, total)
                 seed_iteration(config.seed, accelerator.process_index, step)
                 data = datasets.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
                 logs = model.stage_step(index, {name: networks[name] for name in trained}, data, update)
@@ -292,7 +310,7 @@ def write_outputs(model: GAPM, config: ExperimentConfig, run_dir: Path, device) 
     held_out = datasets.held_out_data(config.data, config.seed, limit=config.eval.samples, data_shape=shape)
     model.to(device)
     metrics, reconstructions, samples = evaluation.evaluate(model, held_out, shape, config.eval.samples,
-                                                            seed=config.seed)
+                                                            seed=config.seed, roll=datasets.test_roll(config.data))
     np.save(run_dir / "recon.npy", reconstructions.numpy())
     np.save(run_dir / "samples.npy", samples.numpy())
     if datasets.is_image_shape(shape):
