@@ -340,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=command_train)
 
     shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards (local dir or s3://)")
-    shards.add_argument("dataset", choices=["cifar10", "celeba", "mnist", "fashion-mnist", "swissroll"])
-    shards.add_argument("src", help="source directory in the dataset's original layout ('-' for swissroll)")
+    shards.add_argument("dataset", choices=["cifar10", "celeba", "mnist", "fashion-mnist", "swissroll", "swissroll3d"])
+    shards.add_argument("src", help="source directory in the dataset's original layout ('-' for the swiss rolls)")
     shards.add_argument("out", help="output directory or s3://bucket/prefix; splits go to OUT/train, OUT/test")
     shards.add_argument("--split", help="convert only this split")
     shards.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding (png: lossless)")

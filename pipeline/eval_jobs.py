@@ -65,7 +65,7 @@ MAX_KID_FEATURES = 10_000
 CHAMPION_WAIT_S = 120.0
 CHECKPOINT_ARTIFACTS = "checkpoints"
 # data.train/test values that are generated in memory, not a shard set
-GENERATED_SOURCES = (datasets.SWISSROLL, getattr(datasets, "SYNTHETIC", "synthetic"))
+GENERATED_SOURCES = (*datasets.ROLLS, datasets.SYNTHETIC)
 RUN_IN_ARTIFACT_PATH = re.compile(r"/([0-9a-f]{32})/artifacts/(.+?)/?$")
 VERSION_SCORE_TAG, VERSION_REFERENCE_TAG = "gapm.eval.score", "gapm.eval.reference"
 
@@ -181,7 +181,7 @@ def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
 
 def point_reference(data: DataConfig, seed: int, samples: int) -> Reference:
     samples = min(samples, MAX_POINT_SAMPLES)
-    source = (f"swissroll:{data.swissroll_test_samples}:{seed}" if data.test == datasets.SWISSROLL else data.test)
+    source = (f"{data.test}:{data.swissroll_test_samples}:{seed}" if data.test in datasets.ROLLS else data.test)
     key = hashlib.sha256(f"points:{source}:{samples}".encode()).hexdigest()[:10]
     return Reference(key=key, description=f"sample MMD-{samples} vs {source}", samples=samples)
 
@@ -266,7 +266,7 @@ def score_point_model(model: GAPM, reference: Reference, data: DataConfig, data_
     held_out = datasets.held_out_data(data, data_seed, limit=1_000_000, data_shape=list(model.shape.data_shape))
     model.to("cpu")
     metrics, _, _ = evaluation.evaluate(model, held_out, list(model.shape.data_shape), reference.samples,
-                                        seed=settings.seed)
+                                        seed=settings.seed, roll=datasets.test_roll(data))
     return {"eval/test_" + key.removeprefix("eval/"): value for key, value in metrics.items()}
 
 
