@@ -1,4 +1,4 @@
-"""Loader overhead benchmark: pipeline.streaming vs a bare tarfile + PIL decode loop.
+"""Loader overhead benchmark: pipeline.data.streaming vs a bare tarfile + PIL decode loop.
 
 Why: the streaming pipeline adds shard splitting, a shuffle buffer, corruption checks and
 batching on top of "read tar, decode PNG". This measures what that costs on the same shards, in
@@ -28,8 +28,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import storage  # noqa: E402
-from pipeline.streaming import make_batch_stream  # noqa: E402
+from pipeline.data import storage  # noqa: E402
+from pipeline.data.streaming import make_batch_stream  # noqa: E402
 
 
 def write_synthetic_shards(out: str, samples: int, image_size: int, samples_per_shard: int, seed: int) -> None:

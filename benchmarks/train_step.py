@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gapm import GAPM, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step  # noqa: E402
 from gapm.steps import plain_update  # noqa: E402
-from pipeline import datasets  # noqa: E402
+from pipeline.data import sources  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train import adam, model_shape, train  # noqa: E402
+from pipeline.train.loop import adam, model_shape, train  # noqa: E402
 
 
 def bare_loop(config, steps: int) -> dict[int, float]:
@@ -58,20 +58,20 @@ def bare_loop(config, steps: int) -> dict[int, float]:
 
         for network in (model.autoencoder, model.critic, model.latent_generator, model.latent_discriminator):
             network.forward = torch.autocast(device.type, dtype=precision)(network.forward)
-    source = datasets.training_source(config.data, rank=0, world_size=1, seed=config.seed,
+    source = sources.training_source(config.data, rank=0, world_size=1, seed=config.seed,
                                       data_shape=shape.data_shape)
-    batches = datasets.endless_batches(source, datasets.StreamPosition())
+    batches = sources.endless_batches(source, sources.StreamPosition())
     timings = {}
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        data = datasets.to_model_space(next(batches).to(device), shape.data_shape)
+        data = sources.to_model_space(next(batches).to(device), shape.data_shape)
         stage1_step(model.autoencoder, model.critic, model.critic, data, Stage1Hyperparameters(), update)
     timings[1] = (time.perf_counter() - start) / steps
     model.autoencoder.eval()
     start = time.perf_counter()
     for _ in range(steps):
-        data = datasets.to_model_space(next(batches).to(device), shape.data_shape)
+        data = sources.to_model_space(next(batches).to(device), shape.data_shape)
         stage2_step(model.autoencoder, model.latent_generator, model.latent_discriminator,
                     model.latent_discriminator, data, shape.prior_dim, Stage2Hyperparameters(), update)
     timings[2] = (time.perf_counter() - start) / steps

@@ -19,7 +19,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     config = load_config(args.config, args.overrides)
     try:
@@ -36,7 +36,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_shards(args: argparse.Namespace) -> int:
-    from pipeline.shards import convert_dataset
+    from pipeline.data.shards import convert_dataset
 
     manifests = convert_dataset(
         args.dataset, args.src, args.out, split=args.split, image_format=args.format,
@@ -49,7 +49,7 @@ def command_shards(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.eval.report import write_report
 
     written = write_report(args.experiment, Path(args.out))
     print(written["markdown"].read_text(), end="")
@@ -67,9 +67,9 @@ def command_show_config(args: argparse.Namespace) -> int:
 def mlflow_environment(model_uri: str | None = None) -> None:
     """Registry commands talk to MLFLOW_TRACKING_URI; without it MLflow would quietly create a
     new, empty ./mlflow.db. Short HTTP retries: a wrong or dead server fails in seconds."""
-    from pipeline.registry import RegistryError, is_local
+    from pipeline.tracking.registry import RegistryError, is_local
 
-    from pipeline.checkpoints import is_remote
+    from pipeline.train.checkpoints import is_remote
 
     registry_uri = model_uri is None or not (is_local(model_uri) or is_remote(model_uri))
     if registry_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -82,7 +82,7 @@ def mlflow_environment(model_uri: str | None = None) -> None:
 
 
 def command_register(args: argparse.Namespace) -> int:
-    from pipeline.registry import register_run_model
+    from pipeline.tracking.registry import register_run_model
 
     mlflow_environment()
     version = register_run_model(args.run_id, args.alias, args.name)
@@ -95,7 +95,8 @@ def command_sample(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from pipeline import figures, registry
+    from pipeline.eval import figures
+    from pipeline.tracking import registry
 
     mlflow_environment(args.model_uri)
     model = registry.load_generator(args.model_uri)
@@ -121,7 +122,7 @@ def positive_int(text: str) -> int:
 # ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval_jobs.py)
 
 def command_fid_stats(args: argparse.Namespace) -> int:
-    from pipeline import fid
+    from pipeline.eval import fid
 
     if not args.name or any(c in args.name for c in "/\\:") or args.name.endswith(".npz"):
         raise ValueError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
@@ -137,7 +138,7 @@ def command_fid_stats(args: argparse.Namespace) -> int:
 
 
 def eval_settings(args: argparse.Namespace, config=None):
-    from pipeline.eval_jobs import EvalSettings
+    from pipeline.eval.jobs import EvalSettings
 
     evaluation = config.eval if config is not None else None
 
@@ -162,14 +163,14 @@ def print_metrics(record: dict) -> None:
 def command_eval(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.eval_jobs import run_eval
+    from pipeline.eval.jobs import run_eval
 
     mlflow_environment(args.target)
     record = run_eval(args.target, eval_settings(args), run_id=args.run_id, log_to_mlflow=not args.no_log)
     if record is not None:  # rank 0
         print_metrics(record)
         if args.json:
-            from pipeline import storage
+            from pipeline.data import storage
 
             storage.write_bytes(args.json, json.dumps(record, indent=1).encode())
     return 0
@@ -178,13 +179,13 @@ def command_eval(args: argparse.Namespace) -> int:
 def command_eval_watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.eval_jobs import CLAIMS_ENV, EvalError, WatchOptions, watch
+    from pipeline.eval.jobs import CLAIMS_ENV, EvalError, WatchOptions, watch
 
     config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
     experiments = args.experiment or ([config.tracking.experiment or config.name] if config is not None else None)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri and config is not None:
-        from pipeline.mlflow_tracking import EMBEDDED_DB, resolve_tracking_uri
+        from pipeline.tracking.mlflow_sink import EMBEDDED_DB, resolve_tracking_uri
 
         if not (config.run_dir / EMBEDDED_DB).is_file():
             print(f"nothing to evaluate: no MLflow store at {config.run_dir / EMBEDDED_DB} yet "
@@ -223,7 +224,7 @@ def command_eval_watch(args: argparse.Namespace) -> int:
 
 
 def command_train_feature_extractor(args: argparse.Namespace) -> int:
-    from pipeline import feature_extractor as fe
+    from pipeline.eval import features as fe
 
     images, labels = fe.labelled_images(args.data, args.limit)
     test = fe.labelled_images(args.test_data, args.test_limit) if args.test_data else None
@@ -386,14 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'fix your input', reported without a traceback."""
-    from pipeline.checkpoints import CheckpointError
+    from pipeline.train.checkpoints import CheckpointError
 
     errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, ValueError]
-    registry = sys.modules.get("pipeline.registry")  # imports mlflow: only if it was used
+    registry = sys.modules.get("pipeline.tracking.registry")  # imports mlflow: only if it was used
     if registry is not None:
         errors.append(registry.RegistryError)
     try:
-        from pipeline.storage import StorageError
+        from pipeline.data.storage import StorageError
 
         errors.append(StorageError)
     except ImportError:
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GAPM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from pipeline.distributed import EXIT_RESUMABLE, TrainingInterrupted
+    from pipeline.train.distributed import EXIT_RESUMABLE, TrainingInterrupted
 
     try:
         return args.handler(args)

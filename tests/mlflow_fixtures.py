@@ -43,7 +43,7 @@ class MlflowServer:
 
     def start(self) -> "MlflowServer":
         """Launches the server (does not wait: see `wait_until_healthy`)."""
-        from pipeline.mlflow_tracking import prepare_embedded_store
+        from pipeline.tracking.mlflow_sink import prepare_embedded_store
 
         # Skips ~100 schema migrations (seconds) with the same template the embedded store uses.
         prepare_embedded_store(self.database, "mlflow-artifacts:")

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install '.[deepspeed]')")
 pytest.importorskip("transformers", reason="accelerate's DeepSpeed integration needs transformers")
 
-from pipeline import checkpoints  # noqa: E402
+from pipeline.train import checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["stage1.steps=10", "stage2.steps=6", "data.batch_size=32", "data.swissroll_samples=256",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoints
+from pipeline.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["stage1.steps=20", "stage2.steps=10", "data.swissroll_samples=512", "data.swissroll_test_samples=256",

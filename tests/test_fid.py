@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import cli, fid, storage, streaming
-from pipeline.feature_extractor import (DomainClassifier, DomainNetShape, labelled_images, load_domain_extractor,
+from pipeline import cli
+from pipeline.eval import fid
+from pipeline.data import storage
+from pipeline.data import streaming
+from pipeline.eval.features import (DomainClassifier, DomainNetShape, labelled_images, load_domain_extractor,
                                         save_domain_extractor)
-from pipeline.shards import convert_dataset
+from pipeline.data.shards import convert_dataset
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py

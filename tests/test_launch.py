@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import checkpoints
+from pipeline.train import checkpoints
 from pipeline.cli import build_parser
 from pipeline.config import ExperimentConfig, load_config
 

@@ -3,9 +3,9 @@
 import pytest
 
 from gapm import GAPM, METHODS
-from pipeline import checkpoints
+from pipeline.train import checkpoints
 from pipeline.config import ConfigError, load_config
-from pipeline.train import train
+from pipeline.train.loop import train
 
 TINY = ["stage1.steps=6", "stage2.steps=4", "data.batch_size=32", "data.swissroll_samples=256",
         "data.swissroll_test_samples=64", "model.width=16", "model.latent_generator_widths=[16]",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["stage1.steps=4", "stage2.steps=2", "data.batch_size=32", "data.swissroll_samples=256",

@@ -1,4 +1,4 @@
-"""pipeline.shards: each converter writes shards stock webdataset can read, with exact pixels."""
+"""pipeline.data.shards: each converter writes shards stock webdataset can read, with exact pixels."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline import storage
-from pipeline.shards import convert_dataset, crop_celeba, read_idx, read_manifest
+from pipeline.data import storage
+from pipeline.data.shards import convert_dataset, crop_celeba, read_idx, read_manifest
 
 
 def read_split_with_stock_webdataset(directory: str) -> list[dict]:
@@ -217,7 +217,7 @@ def test_swissroll(tmp_path):
 
 
 def test_swissroll3d_shards_train_a_3d_model(tmp_path):
-    from pipeline import datasets
+    from pipeline.data import sources
     from pipeline.config import load_config
 
     manifests = convert_dataset("swissroll3d", "-", str(tmp_path), swissroll_samples=256, samples_per_shard=64)
@@ -225,8 +225,8 @@ def test_swissroll3d_shards_train_a_3d_model(tmp_path):
     samples = read_split_with_stock_webdataset(str(tmp_path / "train"))
     assert np.load(io.BytesIO(samples[0]["npy"])).shape == (3,)
     config = load_config("configs/swissroll3d.yaml", [f"data.test={tmp_path / 'test'}"])
-    assert datasets.test_roll(config.data).kind == "swissroll3d"  # coverage metrics on shards too
-    datasets.check_sources(config.data, [3])
+    assert sources.test_roll(config.data).kind == "swissroll3d"  # coverage metrics on shards too
+    sources.check_sources(config.data, [3])
 
 
 def test_bad_sources(tmp_path, cifar10_source, celeba_source):
@@ -270,7 +270,7 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
     import os
     import pickle
 
-    from pipeline import shards
+    from pipeline.data import shards
 
     class Exploit:
         def __reduce__(self):

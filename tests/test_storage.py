@@ -1,4 +1,4 @@
-"""pipeline.storage: one API for local paths and S3 (against a real moto server), and its errors."""
+"""pipeline.data.storage: one API for local paths and S3 (against a real moto server), and its errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import urllib.request
 import boto3
 import pytest
 
-from pipeline import storage
-from pipeline.storage import StorageError
+from pipeline.data import storage
+from pipeline.data.storage import StorageError
 
 
 def test_url_helpers():

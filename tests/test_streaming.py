@@ -1,4 +1,4 @@
-"""pipeline.streaming: shards (local or S3) -> batches, rank splits, bad data and bad locations."""
+"""pipeline.data.streaming: shards (local or S3) -> batches, rank splits, bad data and bad locations."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline import storage
-from pipeline.shards import convert_dataset
-from pipeline.streaming import make_batch_stream, register_s3_opener, resolve_shard_urls
+from pipeline.data import storage
+from pipeline.data.shards import convert_dataset
+from pipeline.data.streaming import make_batch_stream, register_s3_opener, resolve_shard_urls
 
 
 def image_rows(batches: list[torch.Tensor]) -> Counter:
@@ -202,7 +202,7 @@ def test_corrupt_sample_and_broken_shard_are_skipped_and_counted(cifar_shards, c
     with open(broken, "wb") as f:
         f.write(data[: len(data) // 2 + 100])
 
-    caplog.set_level(logging.WARNING, logger="pipeline.streaming")
+    caplog.set_level(logging.WARNING, logger="pipeline.data.streaming")
     stream = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False)
     rows = image_rows(list(stream))
     assert stream.stats.corrupt_samples == 1 and stream.stats.failed_shards == 1

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoints, cli, registry
+from pipeline.train import checkpoints
+from pipeline import cli
+from pipeline.tracking import registry
 from pipeline.config import load_config
-from pipeline.mlflow_tracking import RUN_ID_FILE, MlflowTracker
-from pipeline.tracking import MASK, MultiTracker, NullTracker, RunDirectoryTracker, git_commit, mask_secrets
-from pipeline.train import train
+from pipeline.tracking.mlflow_sink import RUN_ID_FILE, MlflowTracker
+from pipeline.tracking.tracker import MASK, MultiTracker, NullTracker, RunDirectoryTracker, git_commit, mask_secrets
+from pipeline.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 # 20 stage-1 + 10 stage-2 steps, logged every 5, a checkpoint every 10 (steps 10, 20, 30).
@@ -57,7 +59,7 @@ def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory
     stage 2: training finishes, warns once per outage, and what was kept during the first
     outage reaches the same run. (First in this file: `mlflow_server_launched` lets the
     session's server start meanwhile.)"""
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     server = mlflow_server_factory()  # not started yet: nothing listens on its port
     config = tiny_config(tmp_path)
     run_dir = config.run_dir
@@ -85,7 +87,7 @@ def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory
     assert (run_dir / RUN_ID_FILE).read_text().strip() == mlflow.run_id
     calls, metrics = mlflow.pending()
     assert calls > 0 and metrics > 0  # stage 2, pictures, model: kept, never delivered
-    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.mlflow_tracking"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.tracking.mlflow_sink"]
     assert sum("is unreachable" in m for m in messages) == 2, messages  # once per outage
     assert sum("reachable again" in m for m in messages) == 1, messages
     assert sum("unreachable at the end of training" in m for m in messages) == 1, messages
@@ -192,7 +194,7 @@ def test_embedded_store_resume_registry_and_sample(tmp_path, monkeypatch, caplog
     assert (run_dir / "mlflow.db").is_file() and (run_dir / "mlartifacts").is_dir()
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
 
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     resumed = load_config(REPO / "configs/swissroll.yaml",
                           [f"name={config.name}", f"output_dir={tmp_path}", *TINY])  # now with stage 2
     result = train(resumed, resume="auto")

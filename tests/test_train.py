@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoints
+from pipeline.train import checkpoints
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.train.loop import train
 
 TINY = ["stage1.steps=30", "stage2.steps=20", "data.batch_size=64", "data.swissroll_samples=512",
         "data.swissroll_test_samples=256", "model.width=32", "model.latent_generator_widths=[32]",

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoints, storage
+from pipeline.train import checkpoints
+from pipeline.data import storage
 from pipeline.config import load_config
-from pipeline.shards import convert_dataset
-from pipeline.train import train
+from pipeline.data.shards import convert_dataset
+from pipeline.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["stage1.steps=12", "stage2.steps=6", "data.batch_size=32", "model.width=16",

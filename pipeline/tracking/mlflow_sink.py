@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipeline.tracking import flatten, mask_secret_value, mask_secrets
+from pipeline.tracking.tracker import flatten, mask_secret_value, mask_secrets
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
@@ -129,7 +129,7 @@ class _Outbox:
 
 
 class MlflowTracker:
-    """Satisfies pipeline.tracking.Tracker; see the module docstring."""
+    """Satisfies pipeline.tracking.tracker.Tracker; see the module docstring."""
 
     def __init__(self, run_dir: Path, experiment_name: str, *, run_name: str | None = None,
                  tracking_uri: str | None = None, registered_model_name: str | None = None,
@@ -533,7 +533,7 @@ class MlflowTracker:
             raise FileNotFoundError(f"{path} no longer exists (a pruned checkpoint?)")
 
     def _send_model(self, checkpoint: Path | str) -> None:
-        from pipeline import registry
+        from pipeline.tracking import registry
 
         logged = registry.log_model(self._client, self.run_id, checkpoint)
         tags = {"gapm.model_id": logged.model_id}

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline import storage
+from pipeline.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
     import webdataset as wds
     from PIL import Image
 
-    from pipeline import streaming
-    from pipeline.shards import read_manifest
+    from pipeline.data import streaming
+    from pipeline.data.shards import read_manifest
 
     streaming.register_s3_opener()
     urls = streaming.resolve_shard_urls(spec)

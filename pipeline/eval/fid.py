@@ -11,7 +11,7 @@ Everything goes through clean-fid's own pieces, so numbers match `cleanfid.fid.c
     `cleanfid.fid.kernel_distance`.
 
 Feature extractors: clean-fid's Inception (`mode="clean"`, the TorchScript file
-inception-2015-12-05.pt), a domain classifier of pipeline.feature_extractor (its own input
+inception-2015-12-05.pt), a domain classifier of pipeline.eval.features (its own input
 size, resized with the same PIL-bicubic resizer), or any callable (tests). Inception weights
 never come from the network behind the user's back with no way out: an explicit path or
 s3:// URL (`--inception-weights`, GAPM_INCEPTION_WEIGHTS), clean-fid's own place
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import storage
+from pipeline.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def inception_extractor(weights: str | None = None, device: torch.device | None 
 
 
 def domain_extractor(location: str, device: torch.device | None = None) -> FeatureExtractor:
-    from pipeline.feature_extractor import DomainFeatures, load_domain_extractor
+    from pipeline.eval.features import DomainFeatures, load_domain_extractor
 
     device = device or default_device()
     loaded = load_domain_extractor(location)
@@ -376,7 +376,7 @@ def compute_reference_stats(data: str, extractor: FeatureExtractor, name: str, *
     """Statistics of every image of a shard set (or the first `limit`), in shard order."""
     stream = images
     if stream is None:
-        from pipeline import streaming
+        from pipeline.data import streaming
 
         stream = streaming.make_batch_stream(data, batch_size, drop_last=False, shuffle_buffer=0)
     moments, kept, shape = FeatureMoments(), [], None

@@ -4,7 +4,7 @@ Points (swiss-roll): reconstruction MSE on held-out points, also relative to the
 variance; generation quality as the mean distance from each generated point to its nearest
 data point (precision: are samples on the roll?) and a multi-bandwidth RBF-kernel MMD against
 held-out points (coverage and proportions). When the data is a known roll, also the roll's own
-coverage metrics (`pipeline.swissroll.roll_coverage`): the share of samples off the roll and
+coverage metrics (`pipeline.data.swissroll.roll_coverage`): the share of samples off the roll and
 the total variation of their distribution along it. Images: reconstruction MSE with pixels in
 [0, 1]. FID lives in the evaluation jobs.
 """
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from gapm import GAPM
-from pipeline.datasets import to_data_space, to_model_space
-from pipeline.swissroll import RollGeometry, roll_coverage
+from pipeline.data.sources import to_data_space, to_model_space
+from pipeline.data.swissroll import RollGeometry, roll_coverage
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2, 0.5)
 

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import storage, swissroll
+from pipeline.data import storage
+from pipeline.data import swissroll
 
 __all__ = [
     "DATASETS",
@@ -568,7 +569,7 @@ def _swissroll_sources(kind: str, train_samples: int, seed: int, limit: int | No
     geometry = swissroll.roll_geometry(kind)
     preprocessing = {
         "generator": "sklearn.datasets.make_swiss_roll",
-        "roll": kind,  # pipeline.swissroll documents the noise, projection and scaling of each
+        "roll": kind,  # pipeline.data.swissroll documents the noise, projection and scaling of each
         "seed": {"train": seed, "test": seed + 1},
     }
 

@@ -124,7 +124,7 @@ def default_tracker(config: ExperimentConfig, run_dir: Path) -> Tracker:
     directory = RunDirectoryTracker(run_dir)
     if not config.tracking.enabled:
         return directory
-    from pipeline.mlflow_tracking import MlflowTracker  # imports mlflow: only when tracking
+    from pipeline.tracking.mlflow_sink import MlflowTracker  # imports mlflow: only when tracking
 
     return MultiTracker(directory, MlflowTracker.from_config(config, run_dir))
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import swissroll
+from pipeline.data import swissroll
 from pipeline.config import ConfigError, DataConfig
 
 SWISSROLL = "swissroll"  # the 2-D roll (a curve)
@@ -24,7 +24,7 @@ SYNTHETIC = "synthetic"  # uniform noise of model.data_shape: throughput checks 
 
 
 def swissroll_points(count: int, seed: int, kind: str = SWISSROLL) -> Tensor:
-    """`count` points of the roll `kind` (see pipeline.swissroll), uniform in the roll parameter."""
+    """`count` points of the roll `kind` (see pipeline.data.swissroll), uniform in the roll parameter."""
     return swissroll.roll_geometry(kind).sample(count, seed)[0]
 
 
@@ -79,7 +79,7 @@ class ShardBatches:
 
     def __init__(self, spec: str, config: DataConfig, *, rank: int, world_size: int, seed: int):
         self.spec, self.config, self.rank, self.world_size, self.seed = spec, config, rank, world_size, seed
-        from pipeline import streaming
+        from pipeline.data import streaming
 
         self.streaming = streaming
         self.epoch_stats: list = []  # one StreamStats per epoch streamed
@@ -111,7 +111,8 @@ def manifest_data_shape(manifest: dict) -> list[int] | None:
 def check_sources(config: DataConfig, data_shape: list[int]) -> None:
     """Fails before training starts if a data location is unreachable or holds data of
     another shape than the model expects; the message names the config key."""
-    from pipeline import shards, streaming
+    from pipeline.data import shards
+    from pipeline.data import streaming
 
     for key, spec in (("data.train", config.train), ("data.test", config.test)):
         if spec in ROLLS:
@@ -133,7 +134,7 @@ def test_roll(config: DataConfig) -> "swissroll.RollGeometry | None":
         return swissroll.roll_geometry(config.test)
     if config.test == SYNTHETIC or "{" in config.test or config.test.endswith(".tar"):
         return None
-    from pipeline import shards
+    from pipeline.data import shards
 
     dataset = shards.read_manifest(config.test).get("dataset")
     return swissroll.roll_geometry(dataset) if dataset in ROLLS else None
@@ -160,7 +161,7 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
     if config.test in ROLLS:
         # A different seed from training: held-out points from the same roll.
         return swissroll_points(config.swissroll_test_samples, seed + 1, config.test)
-    from pipeline import streaming
+    from pipeline.data import streaming
 
     batches, total = [], 0
     for batch in streaming.make_batch_stream(config.test, min(config.batch_size, limit), drop_last=False,

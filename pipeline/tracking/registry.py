@@ -35,7 +35,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from gapm import GAPM, ModelShape, build_model
-from pipeline import checkpoints, datasets, evaluation
+from pipeline.train import checkpoints
+from pipeline.data import sources
+from pipeline.eval import quality
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
 WEIGHTS, META = "weights", "meta"  # pyfunc artifact keys
@@ -54,11 +56,11 @@ def default_model_name(experiment: str) -> str:
 def sample(model: GAPM, count: int, seed: int) -> torch.Tensor:
     """`count` generated samples in data space ([0, 1] images or points), a pure function of
     the weights and `seed`: the same for a checkpoint and the model registered from it."""
-    return evaluation.sample_in_batches(model, count, model.shape.data_shape, seed)
+    return quality.sample_in_batches(model, count, model.shape.data_shape, seed)
 
 
 def reconstruct(model: GAPM, data: torch.Tensor) -> torch.Tensor:
-    return evaluation.reconstruct_in_batches(model, data, model.shape.data_shape)
+    return quality.reconstruct_in_batches(model, data, model.shape.data_shape)
 
 
 def model_from_files(weights: Path, meta: Path) -> GAPM:
@@ -160,7 +162,7 @@ def log_model(client: MlflowClient, run_id: str, checkpoint: checkpoints.Checkpo
 def register_logged_model(client: MlflowClient, name: str, logged_model) -> ModelVersion:
     """The registry version of `logged_model` under `name`, created if it does not exist."""
     try:
-        client.create_registered_model(name, description="GAPM generator (pipeline.registry)")
+        client.create_registered_model(name, description="GAPM generator (pipeline.tracking.registry)")
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -267,4 +269,4 @@ def _explain(error: BaseException, tracking_uri: str, thing: str) -> str:
 
 
 def is_image_model(model: GAPM) -> bool:
-    return datasets.is_image_shape(model.shape.data_shape)
+    return sources.is_image_shape(model.shape.data_shape)

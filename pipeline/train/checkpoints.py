@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gapm import GAPM, ModelShape, build_model
-from pipeline import storage
+from pipeline.data import storage
 
 # A checkpoint is a local directory (Path) or an s3:// URL (str).
 Checkpoint = Path | str

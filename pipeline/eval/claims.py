@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipeline import storage
+from pipeline.data import storage
 
 log = logging.getLogger(__name__)
 

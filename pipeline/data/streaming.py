@@ -39,8 +39,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline import storage
-from pipeline.shards import MANIFEST_NAME, read_manifest
+from pipeline.data import storage
+from pipeline.data.shards import MANIFEST_NAME, read_manifest
 
 __all__ = ["StreamStats", "BatchStream", "resolve_shard_urls", "register_s3_opener", "make_batch_stream"]
 
@@ -147,7 +147,7 @@ def _counts_from_neighbour_manifest(urls: list[str]) -> tuple[list[int] | None, 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
     if mode != "rb":
-        raise ValueError(f"{url}: the s3 opener only reads; write shards with pipeline.shards")
+        raise ValueError(f"{url}: the s3 opener only reads; write shards with pipeline.data.shards")
     return storage.open_read_stream(url)
 
 

@@ -26,7 +26,7 @@ splits the N samples across ranks, each with its own seed, and all-reduces the f
 (mean and covariance need nothing else); KID gathers at most 10,000 feature vectors. The
 test split is split by shards when there are enough, else rank 0 reads it. Rank 0 logs.
 `eval-watch` is one process (one GPU is plenty for 50k samples); run several copies to
-spread work — claims (pipeline.eval_claims) keep them from doing the same checkpoint twice.
+spread work — claims (pipeline.eval.claims) keep them from doing the same checkpoint twice.
 """
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ import numpy as np
 import torch
 
 from gapm import GAPM
-from pipeline import checkpoints, datasets, evaluation, fid, storage
+from pipeline.train import checkpoints
+from pipeline.data import sources
+from pipeline.eval import quality
+from pipeline.eval import fid
+from pipeline.data import storage
 from pipeline.config import DataConfig
-from pipeline.eval_claims import DEFAULT_TTL_S, ClaimStore
+from pipeline.eval.claims import DEFAULT_TTL_S, ClaimStore
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ MAX_KID_FEATURES = 10_000
 CHAMPION_WAIT_S = 120.0
 CHECKPOINT_ARTIFACTS = "checkpoints"
 # data.train/test values that are generated in memory, not a shard set
-GENERATED_SOURCES = (*datasets.ROLLS, datasets.SYNTHETIC)
+GENERATED_SOURCES = (*sources.ROLLS, sources.SYNTHETIC)
 RUN_IN_ARTIFACT_PATH = re.compile(r"/([0-9a-f]{32})/artifacts/(.+?)/?$")
 VERSION_SCORE_TAG, VERSION_REFERENCE_TAG = "gapm.eval.score", "gapm.eval.reference"
 
@@ -181,7 +185,7 @@ def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
 
 def point_reference(data: DataConfig, seed: int, samples: int) -> Reference:
     samples = min(samples, MAX_POINT_SAMPLES)
-    source = (f"{data.test}:{data.swissroll_test_samples}:{seed}" if data.test in datasets.ROLLS else data.test)
+    source = (f"{data.test}:{data.swissroll_test_samples}:{seed}" if data.test in sources.ROLLS else data.test)
     key = hashlib.sha256(f"points:{source}:{samples}".encode()).hexdigest()[:10]
     return Reference(key=key, description=f"sample MMD-{samples} vs {source}", samples=samples)
 
@@ -199,14 +203,14 @@ def image_generator(model: GAPM, device: torch.device, seed: int) -> Callable[[t
     @torch.no_grad()
     def generate(z: torch.Tensor) -> torch.Tensor:
         samples = model.sample(len(z), generator)
-        return fid.to_rgb_255(datasets.to_data_space(samples.float(), shape))
+        return fid.to_rgb_255(sources.to_data_space(samples.float(), shape))
 
     return generate
 
 
 def split_reconstruction_mse(model: GAPM, spec: str, ranks: Ranks, batch_size: int) -> tuple[float, int]:
     """Mean squared error over every pixel of every test image, pixels in [0, 1]."""
-    from pipeline import streaming
+    from pipeline.data import streaming
 
     shards = len(streaming.resolve_shard_urls(spec))
     split = shards >= ranks.world
@@ -216,7 +220,7 @@ def split_reconstruction_mse(model: GAPM, spec: str, ranks: Ranks, batch_size: i
                                              world_size=ranks.world if split else 1, drop_last=False,
                                              shuffle_buffer=0)
         for batch in stream:
-            recon = evaluation.reconstruct_in_batches(model, batch, model.shape.data_shape, batch_size)
+            recon = quality.reconstruct_in_batches(model, batch, model.shape.data_shape, batch_size)
             squared += torch.sum((recon.double() - batch.double()) ** 2).item()
             values += batch.numel()
             images += len(batch)
@@ -263,15 +267,15 @@ def score_image_model(model: GAPM, reference: Reference, settings: EvalSettings,
 
 def score_point_model(model: GAPM, reference: Reference, data: DataConfig, data_seed: int,
                       settings: EvalSettings) -> dict[str, float]:
-    held_out = datasets.held_out_data(data, data_seed, limit=1_000_000, data_shape=list(model.shape.data_shape))
+    held_out = sources.held_out_data(data, data_seed, limit=1_000_000, data_shape=list(model.shape.data_shape))
     model.to("cpu")
-    metrics, _, _ = evaluation.evaluate(model, held_out, list(model.shape.data_shape), reference.samples,
-                                        seed=settings.seed, roll=datasets.test_roll(data))
+    metrics, _, _ = quality.evaluate(model, held_out, list(model.shape.data_shape), reference.samples,
+                                        seed=settings.seed, roll=sources.test_roll(data))
     return {"eval/test_" + key.removeprefix("eval/"): value for key, value in metrics.items()}
 
 
 def score_metric(model: GAPM) -> str:
-    return FID_METRIC if datasets.is_image_shape(model.shape.data_shape) else POINT_METRIC
+    return FID_METRIC if sources.is_image_shape(model.shape.data_shape) else POINT_METRIC
 
 
 # --------------------------------------------------------------------------- MLflow plumbing
@@ -345,7 +349,7 @@ def resolve_target(uri: str, run_id: str | None = None) -> Target:
         if path.parent.name == "checkpoints":
             run_dir = path.parent.parent
             target.run_dir = run_dir
-            from pipeline.mlflow_tracking import RUN_ID_FILE, resolve_tracking_uri
+            from pipeline.tracking.mlflow_sink import RUN_ID_FILE, resolve_tracking_uri
 
             id_file = run_dir / RUN_ID_FILE
             if not target.run_id and id_file.is_file():
@@ -374,7 +378,7 @@ def load_target(target: Target, scratch: str) -> tuple[GAPM, int | None]:
         model, meta = checkpoints.load_model(local)
         return model, meta.step
     if _is_mlflow_uri(uri):
-        from pipeline import registry
+        from pipeline.tracking import registry
 
         model = registry.load_generator(uri)
         run_id, step = model_source(uri, target.tracking_uri)
@@ -391,7 +395,7 @@ def load_target(target: Target, scratch: str) -> tuple[GAPM, int | None]:
 
 def model_source(uri: str, tracking_uri: str | None) -> tuple[str | None, int | None]:
     """(run id, checkpoint step) of a logged or registered gapm model."""
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     client = mlflow_client(tracking_uri)
     rest = uri.split(":/", 1)[1].strip("/")
@@ -418,7 +422,7 @@ def model_source(uri: str, tracking_uri: str | None) -> tuple[str | None, int | 
 
 def find_run_by_checkpoint_location(location: str, tracking_uri: str | None) -> str | None:
     """The run whose latest-checkpoint tag points into the same checkpoint directory."""
-    from pipeline.mlflow_tracking import LATEST_CHECKPOINT_TAG
+    from pipeline.tracking.mlflow_sink import LATEST_CHECKPOINT_TAG
 
     if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         return None
@@ -443,7 +447,7 @@ def download_checkpoint(client: Any, run_id: str, artifact_path: str, scratch: s
 def evaluate_model(model: GAPM, settings: EvalSettings, *, data: DataConfig | None, data_seed: int,
                    ranks: Ranks, reference: Reference | None = None) -> tuple[dict[str, float], Reference]:
     """Scores one model; returns (metrics, the reference they are relative to)."""
-    if datasets.is_image_shape(model.shape.data_shape):
+    if sources.is_image_shape(model.shape.data_shape):
         reference = reference or image_reference(settings, ranks.device)
         test_data = settings.test_data or (data.test if data else None)
         return score_image_model(model, reference, settings, test_data, ranks), reference
@@ -545,7 +549,7 @@ class WatchOptions:
 
 
 def registered_name(run: Any, client: Any) -> str:
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     name = run.data.tags.get(registry.REGISTERED_NAME_TAG)
     return name or registry.default_model_name(run.info.run_name)
@@ -555,7 +559,7 @@ def gapm_runs(client: Any, experiments: list[str] | None, run_names: list[str] |
     """Active runs written by `gapm train` in the named experiments (all when None), only
     those named `run_names` (the config names) when given."""
     from mlflow.entities import ViewType
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     if experiments:
         found = []
@@ -583,7 +587,7 @@ def gapm_runs(client: Any, experiments: list[str] | None, run_names: list[str] |
 def checkpoints_of_run(client: Any, run: Any) -> dict[int, list[str]]:
     """step -> places to read the checkpoint from: a local or s3:// copy where the run's
     checkpoints live (tag gapm.latest_checkpoint), then the run's artifacts."""
-    from pipeline.mlflow_tracking import LATEST_CHECKPOINT_TAG
+    from pipeline.tracking.mlflow_sink import LATEST_CHECKPOINT_TAG
 
     found: dict[int, list[str]] = {}
     latest = run.data.tags.get(LATEST_CHECKPOINT_TAG)
@@ -668,7 +672,7 @@ class Watcher:
 
     def reference_for(self, run: Any, meta: checkpoints.CheckpointMeta) -> Reference:
         shape = meta.model_shape["data_shape"]
-        if datasets.is_image_shape(shape):
+        if sources.is_image_shape(shape):
             reference = self.image_reference()
             expected = reference.stats.image_shape
             if expected and list(shape[1:]) != list(expected[1:]):
@@ -761,7 +765,7 @@ class Watcher:
         checkpoint's model first if needed. Serialised by a claim so that two jobs finishing
         at once cannot leave the alias on the worse of their results."""
         from mlflow.exceptions import MlflowException
-        from pipeline import registry
+        from pipeline.tracking import registry
 
         claim = self.claims.acquire(f"champion/{name}", wait_s=CHAMPION_WAIT_S)
         if claim is None:
@@ -799,7 +803,7 @@ class Watcher:
             return f"version {version.version} (moved)"
 
     def model_version_of(self, name: str, record: dict[str, Any]) -> Any:
-        from pipeline import registry
+        from pipeline.tracking import registry
 
         run_id, step = record["run_id"], int(record["step"])
         logged = registry.find_logged_model(self.client, run_id, step)

@@ -24,11 +24,15 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from gapm import GAPM, ModelShape, build_model
-from pipeline import checkpoints, datasets, deepspeed_engines, evaluation, figures
-from pipeline.distributed import (
+from pipeline.train import checkpoints
+from pipeline.data import sources
+from pipeline.train import deepspeed_engines
+from pipeline.eval import quality
+from pipeline.eval import figures
+from pipeline.train.distributed import (
     StopRequest, TrainingInterrupted, average_batchnorm_statistics, max_parameter_divergence)
 from pipeline.config import ConfigError, ExperimentConfig, OptimizerConfig, dump_config, to_dict
-from pipeline.tracking import NullTracker, Tracker, default_tracker, git_commit
+from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     is_main = accelerator.is_main_process
-    datasets.check_sources(config.data, config.model.data_shape)
+    sources.check_sources(config.data, config.model.data_shape)
     run_dir = config.run_dir
     checkpoints_dir = config.train.checkpoint_dir or run_dir / "checkpoints"
     if not checkpoints.is_remote(checkpoints_dir):
@@ -185,13 +189,13 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
     if not use_deepspeed:
         update = accelerate_update
 
-    position = datasets.StreamPosition()
+    position = sources.StreamPosition()
     if meta is not None:
-        position = datasets.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
-    source = datasets.training_source(config.data, rank=accelerator.process_index,
+        position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
+    source = sources.training_source(config.data, rank=accelerator.process_index,
                                       world_size=accelerator.num_processes, seed=config.seed,
                                       data_shape=shape.data_shape)
-    batches = datasets.endless_batches(source, position)
+    batches = sources.endless_batches(source, position)
 
     if is_main:
         tracker.log_params(to_dict(config))
@@ -249,7 +253,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
                     for group in optimizers[name].param_groups:
                         group["lr"] = scheduled_lr(settings, stage_step, total)
                 seed_iteration(config.seed, accelerator.process_index, step)
-                data = datasets.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
+                data = sources.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
                 logs = model.stage_step(index, {name: networks[name] for name in trained}, data, update)
                 step += 1
                 window_steps += 1
@@ -307,13 +311,13 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
 def write_outputs(model: GAPM, config: ExperimentConfig, run_dir: Path, device) -> dict[str, float]:
     """Evaluates the trained model; writes the recon/samples arrays and pictures."""
     shape = config.model.data_shape
-    held_out = datasets.held_out_data(config.data, config.seed, limit=config.eval.samples, data_shape=shape)
+    held_out = sources.held_out_data(config.data, config.seed, limit=config.eval.samples, data_shape=shape)
     model.to(device)
-    metrics, reconstructions, samples = evaluation.evaluate(model, held_out, shape, config.eval.samples,
-                                                            seed=config.seed, roll=datasets.test_roll(config.data))
+    metrics, reconstructions, samples = quality.evaluate(model, held_out, shape, config.eval.samples,
+                                                            seed=config.seed, roll=sources.test_roll(config.data))
     np.save(run_dir / "recon.npy", reconstructions.numpy())
     np.save(run_dir / "samples.npy", samples.numpy())
-    if datasets.is_image_shape(shape):
+    if sources.is_image_shape(shape):
         figures.save_image_grid(samples[:64], run_dir / "samples.png")
         paired = torch.stack([held_out[:32], reconstructions[:32]], dim=1).flatten(0, 1)
         figures.save_image_grid(paired, run_dir / "reconstructions.png")

@@ -1,0 +1,1 @@
+"""Data: dataset converters, shards, object storage and the streaming reader."""

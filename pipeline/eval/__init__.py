@@ -1,0 +1,1 @@
+"""Evaluation: end-of-training metrics, FID, the evaluation jobs and reports."""

@@ -1,0 +1,1 @@
+"""Tracking: the tracker interface, MLflow and the model registry."""

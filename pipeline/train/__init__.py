@@ -1,0 +1,1 @@
+"""Training: the loop over both stages, checkpoints, multi-process and DeepSpeed support."""
