@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gapm import GAPM, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step  # noqa: E402
-from gapm.steps import plain_update  # noqa: E402
+from gapm.method import plain_update  # noqa: E402
 from pipeline.data import sources  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train.loop import adam, model_shape, train  # noqa: E402

@@ -1,15 +1,24 @@
 """GAPM: Generative model without prior distribution matching (Geng et al., AAAI 2021).
 
-The method as plain PyTorch: networks, the latent BatchNorm, the losses (pure functions
-with the paper's equation numbers), the two-stage model and one step function per stage;
-and the paper's baselines (`gapm.baselines`, their losses in `gapm.baseline_losses`).
+The method as plain PyTorch: the networks (`networks`), the latent BatchNorm, the paper's
+losses as pure functions (`losses`), the two-stage model (`model.GAPM`) with one step function
+per stage (`steps`), and the paper's baselines (`baselines`, one file each). Every method
+implements the `method.Method` protocol; `methods.METHODS` names them all.
 This package knows nothing of Accelerate, MLflow, object storage or files.
 """
 
-from gapm.model import GAPM, Autoencoder, ModelShape
+from gapm.baselines.aae import AAE
+from gapm.baselines.age import AGE
+from gapm.baselines.alae import ALAE
+from gapm.baselines.introvae import IntroVAE
+from gapm.baselines.vae import VAE
+from gapm.baselines.wae import WAE
+from gapm.method import Method, MethodBase, Update, frozen, plain_update
+from gapm.methods import METHODS, build_model, method_class
+from gapm.model import GAPM, Autoencoder, GAPMHyperparameters
+from gapm.shape import ModelShape
 from gapm.steps import Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
-from gapm.baselines import AAE, AGE, ALAE, METHODS, VAE, WAE, IntroVAE, build_model
 
-__all__ = ["GAPM", "Autoencoder", "ModelShape", "Stage1Hyperparameters",
-           "Stage2Hyperparameters", "stage1_step", "stage2_step",
-           "AAE", "AGE", "ALAE", "IntroVAE", "METHODS", "VAE", "WAE", "build_model"]
+__all__ = ["GAPM", "AAE", "AGE", "ALAE", "Autoencoder", "GAPMHyperparameters", "IntroVAE", "METHODS", "Method",
+           "MethodBase", "ModelShape", "Stage1Hyperparameters", "Stage2Hyperparameters", "Update", "VAE", "WAE",
+           "build_model", "frozen", "method_class", "plain_update", "stage1_step", "stage2_step"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -168,11 +169,53 @@ class LatentDiscriminator(nn.Module):
         return self.net(latent).squeeze(1)
 
 
+# --- networks the baselines share ---------------------------------------------------------
+
+class GaussianEncoder(nn.Module):
+    """x -> (mean, log-variance) of q(z|x): the shared encoder with 2·latent_dim outputs."""
+
+    def __init__(self, data_shape: Sequence[int], latent_dim: int, width: int):
+        super().__init__()
+        self.body = build_encoder(data_shape, 2 * latent_dim, width)
+
+    def forward(self, data: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_variance = self.body(data).chunk(2, dim=1)
+        return mean, log_variance
+
+
+class SphereEncoder(nn.Module):
+    """AGE's encoder: the shared encoder, its output projected onto the unit sphere."""
+
+    def __init__(self, data_shape: Sequence[int], latent_dim: int, width: int):
+        super().__init__()
+        self.body = build_encoder(data_shape, latent_dim, width)
+
+    def forward(self, data: Tensor) -> Tensor:
+        return F.normalize(self.body(data), dim=1)
+
+
+class ScoreMLP(nn.Module):
+    """Vector -> logit (B,): a plain MLP."""
+
+    def __init__(self, in_features: int, widths: Sequence[int]):
+        super().__init__()
+        self.net = mlp(in_features, widths, 1)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return self.net(latent).squeeze(1)
+
+
+def reparameterize(mean: Tensor, log_variance: Tensor, noise: Tensor) -> Tensor:
+    """z = μ + σ·ε (Kingma & Welling 2014, Sec. 2.4)."""
+    return mean + (0.5 * log_variance).exp() * noise
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 __all__ = [
+    "GaussianEncoder", "ScoreMLP", "SphereEncoder", "reparameterize",
     "ACTIVATIONS", "SPECTRAL_NORM_LAYERS", "Activation", "SpectralNormLayers", "activation_layer",
     "ConvDecoder", "ConvEncoder", "LatentDiscriminator", "ScalarCritic", "build_critic",
     "build_decoder", "build_encoder", "build_latent_generator", "check_image_shape",

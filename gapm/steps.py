@@ -13,17 +13,13 @@ gradient synchronisation nor computes gradients for the frozen network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from gapm import losses
-
-Update = Callable[[str, Tensor], None]
-
+from gapm.method import Update, frozen
 
 @dataclass
 class Stage1Hyperparameters:
@@ -37,34 +33,20 @@ class Stage1Hyperparameters:
     critic_steps: int = 2
     adversarial_regularizer: bool = True  # False trains a plain (BN-)autoencoder: ablation
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_mixing <= 1.0:
+            raise ValueError(f"max_mixing must be in [0, 1], got {self.max_mixing}")
+        if self.critic_steps < 1:
+            raise ValueError(f"critic_steps must be at least 1, got {self.critic_steps}")
+
 
 @dataclass
 class Stage2Hyperparameters:
-    discriminator_steps: int = 5
+    discriminator_steps: int = 5  # D updates per g update (authors: 5)
 
-
-def plain_update(optimizers: dict[str, torch.optim.Optimizer]) -> Update:
-    """The ordinary backward / step / zero_grad, for use outside the pipeline."""
-
-    def update(name: str, loss: Tensor) -> None:
-        loss.backward()
-        optimizers[name].step()
-        optimizers[name].zero_grad(set_to_none=True)
-
-    return update
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Temporarily stops gradients into `module`'s parameters (inputs still get gradients)."""
-    previous = [p.requires_grad for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), previous):
-            p.requires_grad_(flag)
+    def __post_init__(self) -> None:
+        if self.discriminator_steps < 1:
+            raise ValueError(f"discriminator_steps must be at least 1, got {self.discriminator_steps}")
 
 
 def sample_mixing_coefficient(batch_size: int, max_mixing: float, device: torch.device) -> Tensor:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from gapm import GAPM, METHODS, ModelShape, build_model
-from gapm import baseline_losses as L
-from gapm.baselines import BaselineModel, reparameterize
-from gapm.steps import plain_update
+from gapm.baselines import losses as L
+from gapm.method import MethodBase
+from gapm.networks import reparameterize
+from gapm.method import plain_update
 
 KINDS = ["vae", "aae", "wae", "introvae", "age", "alae"]
 LN2 = math.log(2.0)
@@ -165,7 +166,7 @@ def run_steps(model, data, steps, update=None):
     optimizers = optimizers_for(model)
     update = update or plain_update(optimizers)
     trained = {name: getattr(model, name) for name in names}
-    return [model.stage_step(0, trained, data, update) for _ in range(steps)], optimizers
+    return [model.stage_step(1, trained, data, update) for _ in range(steps)], optimizers
 
 
 def model_space_batch(data_shape, count=8):
@@ -178,7 +179,7 @@ def model_space_batch(data_shape, count=8):
 def test_stage_step_trains_exactly_the_stage_networks(kind, data_shape):
     torch.manual_seed(0)
     model = tiny(kind, data_shape)
-    assert model.kind == kind and isinstance(model, BaselineModel)
+    assert model.kind == kind and isinstance(model, MethodBase)
     assert len(model.stages) == 1
     names = model.stages[0]
     children = dict(model.named_children())
@@ -194,7 +195,7 @@ def test_stage_step_trains_exactly_the_stage_networks(kind, data_shape):
     trained = {name: getattr(model, name) for name in names}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(2):
-        logs = model.stage_step(0, trained, data, update)
+        logs = model.stage_step(1, trained, data, update)
         assert logs and all(isinstance(v, float) and math.isfinite(v) for v in logs.values()), logs
     assert set(calls) == set(names)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -257,9 +258,9 @@ def test_build_model_registry_and_errors():
     with pytest.raises(ValueError, match="decoder_steps must be a positive integer"):
         tiny("age", [2], decoder_steps=0)
     with pytest.raises(ValueError, match=r"trains \['autoencoder'\]"):
-        model.stage_step(0, {"encoder": model.autoencoder}, torch.randn(4, 2), lambda n, l: None)
-    with pytest.raises(ValueError, match="not 1"):
-        model.stage_step(1, {"autoencoder": model.autoencoder}, torch.randn(4, 2), lambda n, l: None)
+        model.stage_step(1, {"encoder": model.autoencoder}, torch.randn(4, 2), lambda n, l: None)
+    with pytest.raises(ValueError, match="not 2"):
+        model.stage_step(2, {"autoencoder": model.autoencoder}, torch.randn(4, 2), lambda n, l: None)
 
 
 def noisy_circle(count, generator, radius=3.0):
@@ -279,7 +280,7 @@ def test_vae_training_reduces_reconstruction_error_on_a_circle():
     generator = torch.Generator().manual_seed(0)
     errors = []
     for _ in range(200):
-        logs = model.stage_step(0, {"autoencoder": model.autoencoder}, noisy_circle(64, generator), update)
+        logs = model.stage_step(1, {"autoencoder": model.autoencoder}, noisy_circle(64, generator), update)
         errors.append(logs["reconstruction_mse"])
     first, last = sum(errors[:20]) / 20, sum(errors[-20:]) / 20
     assert last < 0.5 * first, (first, last)

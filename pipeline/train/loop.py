@@ -254,7 +254,7 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
                         group["lr"] = scheduled_lr(settings, stage_step, total)
                 seed_iteration(config.seed, accelerator.process_index, step)
                 data = sources.to_model_space(next(batches).to(accelerator.device), shape.data_shape)
-                logs = model.stage_step(index, {name: networks[name] for name in trained}, data, update)
+                logs = model.stage_step(stage, {name: networks[name] for name in trained}, data, update)
                 step += 1
                 window_steps += 1
                 for key, value in logs.items():
