@@ -27,17 +27,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gapm import GAPM, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step  # noqa: E402
+from gapm import (  # noqa: E402
+    GAPM,
+    Stage1Hyperparameters,
+    Stage2Hyperparameters,
+    stage1_step,
+    stage2_step,
+)
 from gapm.method import plain_update  # noqa: E402
-from pipeline.data import sources  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train.loop import adam, model_shape, train  # noqa: E402
+from pipeline.data import sources  # noqa: E402
+from pipeline.train.engines import adam  # noqa: E402
+from pipeline.train.loop import train  # noqa: E402
 
 
 def bare_loop(config, steps: int) -> dict[int, float]:
     """Seconds per step of stage 1 and stage 2 in plain PyTorch."""
     torch.manual_seed(config.seed)
-    shape = model_shape(config)
+    shape = config.model.shape()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision or "no")
     model = GAPM(shape).to(device)

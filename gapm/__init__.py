@@ -17,7 +17,12 @@ from gapm.method import Method, MethodBase, Update, frozen, plain_update
 from gapm.methods import METHODS, build_model, method_class
 from gapm.model import GAPM, Autoencoder, GAPMHyperparameters
 from gapm.shape import ModelShape
-from gapm.steps import Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+from gapm.steps import (
+           Stage1Hyperparameters,
+           Stage2Hyperparameters,
+           stage1_step,
+           stage2_step,
+)
 
 __all__ = ["GAPM", "AAE", "AGE", "ALAE", "Autoencoder", "GAPMHyperparameters", "IntroVAE", "METHODS", "Method",
            "MethodBase", "ModelShape", "Stage1Hyperparameters", "Stage2Hyperparameters", "Update", "VAE", "WAE",

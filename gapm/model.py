@@ -15,7 +15,12 @@ from torch import Tensor, nn
 from gapm import networks
 from gapm.method import MethodBase, Update, interpolate_latents
 from gapm.shape import ModelShape
-from gapm.steps import Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+from gapm.steps import (
+    Stage1Hyperparameters,
+    Stage2Hyperparameters,
+    stage1_step,
+    stage2_step,
+)
 
 
 class Autoencoder(nn.Module):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from gapm import losses
 from gapm.method import Update, frozen
 
+
 @dataclass
 class Stage1Hyperparameters:
     """Defaults from the authors' public code (γ = λ = 0.2, ω1 = ω2 = 1, 2 critic steps)."""

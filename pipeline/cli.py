@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import GapmError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +69,6 @@ def mlflow_environment(model_uri: str | None = None) -> None:
     """Registry commands talk to MLFLOW_TRACKING_URI; without it MLflow would quietly create a
     new, empty ./mlflow.db. Short HTTP retries: a wrong or dead server fails in seconds."""
     from pipeline.tracking.registry import RegistryError, is_local
-
     from pipeline.train.checkpoints import is_remote
 
     registry_uri = model_uri is None or not (is_local(model_uri) or is_remote(model_uri))
@@ -119,17 +119,18 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-# ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval_jobs.py)
+# ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval/)
 
 def command_fid_stats(args: argparse.Namespace) -> int:
     from pipeline.eval import fid
+    from pipeline.eval.settings import EvalSettings
 
     if not args.name or any(c in args.name for c in "/\\:") or args.name.endswith(".npz"):
-        raise ValueError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
+        raise GapmError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
     device = torch_device(args.device)
     extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
     stats = fid.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
-                                        batch_size=args.batch_size, kid_features=args.kid_features)
+                                        batch_size=args.batch_size or EvalSettings.batch_size, kid_features=args.kid_features)
     for location in fid.save_reference_stats(stats, args.out):
         print(f"wrote {location}")
     print(f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features {stats.feature_extractor_id} "
@@ -138,20 +139,14 @@ def command_fid_stats(args: argparse.Namespace) -> int:
 
 
 def eval_settings(args: argparse.Namespace, config=None):
-    from pipeline.eval.jobs import EvalSettings
+    """The scoring settings: the config's `eval` section (or its defaults), command-line flags first."""
+    from pipeline.eval.settings import EvalSettings
 
-    evaluation = config.eval if config is not None else None
-
-    def pick(value, key, default=None):
-        if value is not None:
-            return value
-        return getattr(evaluation, key) if evaluation is not None else default
-
-    return EvalSettings(stats=pick(args.stats, "fid_stats"), samples=pick(args.n, "fid_samples", 50_000),
-                        test_data=args.test_data, kid=bool(args.kid or pick(None, "kid", False)),
-                        feature_extractor=pick(args.feature_extractor, "feature_extractor"),
-                        inception_weights=pick(args.inception_weights, "inception_weights"), seed=args.seed,
-                        batch_size=args.batch_size, device=args.device)
+    return EvalSettings.from_config(
+        config.eval if config is not None else None, stats=args.stats, samples=args.n,
+        kid=True if args.kid else None, feature_extractor=args.feature_extractor,
+        inception_weights=args.inception_weights, test_data=args.test_data, seed=args.seed,
+        batch_size=args.batch_size, device=args.device)
 
 
 def print_metrics(record: dict) -> None:
@@ -180,6 +175,7 @@ def command_eval_watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.eval.jobs import CLAIMS_ENV, EvalError, WatchOptions, watch
+    from pipeline.eval.settings import EvalConfig
 
     config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
     experiments = args.experiment or ([config.tracking.experiment or config.name] if config is not None else None)
@@ -203,7 +199,7 @@ def command_eval_watch(args: argparse.Namespace) -> int:
     options = WatchOptions(
         experiments=experiments, claims=claims, tracking_uri=tracking_uri,
         run_names=[config.name] if config is not None else None,
-        alias=args.alias or (config.eval.champion_alias if config is not None else "champion"),
+        alias=args.alias or (config.eval if config is not None else EvalConfig()).champion_alias,
         claim_ttl_s=args.claim_ttl, max_evaluations=args.max_evaluations,
         data=config.data if config is not None else None, data_seed=config.seed if config is not None else None)
 
@@ -251,6 +247,8 @@ def torch_device(name: str | None):
 
 
 def add_evaluation_commands(commands) -> None:
+    from pipeline.eval.settings import EvalConfig, EvalSettings
+
     def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
         parser.add_argument("--feature-extractor", metavar="inception|PATH",
                             help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
@@ -259,13 +257,15 @@ def add_evaluation_commands(commands) -> None:
                             help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
                                  "then /tmp/inception-2015-12-05.pt, then one download attempt)")
         parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-        parser.add_argument("--batch-size", type=positive_int, default=250, help="images per batch (default 250)")
+        parser.add_argument("--batch-size", type=positive_int,
+                            help=f"images per batch (default {EvalSettings.batch_size})")
 
     def scoring_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--stats", metavar="NAME_OR_URL",
                             help="reference statistics: a name from `gapm fid-stats`, an .npz path or s3:// URL, "
                                  "or cleanfid:DATASET/SPLIT/RES (clean-fid's published ones; needs network once)")
-        parser.add_argument("-n", type=positive_int, help="generated samples for FID (default 50000)")
+        parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
+                                                          f"{EvalConfig.fid_samples})")
         parser.add_argument("--test-data", metavar="URL",
                             help="test shards for the reconstruction MSE (default: the run's data.test)")
         parser.add_argument("--kid", action="store_true", help="also compute KID")
@@ -304,7 +304,8 @@ def add_evaluation_commands(commands) -> None:
                        help="MLflow experiment to watch; repeatable (default: the config's tracking.experiment "
                             "or name, and only the config's run; else every experiment with gapm runs)")
     scoring_arguments(watch)
-    watch.add_argument("--alias", help="registry alias for the best model (default: eval.champion_alias, champion)")
+    watch.add_argument("--alias", help=f"registry alias for the best model (default: eval.champion_alias, "
+                                       f"{EvalConfig.champion_alias})")
     watch.add_argument("--claims", metavar="URL",
                        help="where jobs claim checkpoints: a directory every job sees, or s3://bucket/prefix "
                             "(default: $GAPM_EVAL_CLAIMS, else OUTPUT_DIR/.eval-claims)")
@@ -385,23 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean 'fix your input', reported without a traceback."""
-    from pipeline.train.checkpoints import CheckpointError
-
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, ValueError]
-    registry = sys.modules.get("pipeline.tracking.registry")  # imports mlflow: only if it was used
-    if registry is not None:
-        errors.append(registry.RegistryError)
-    try:
-        from pipeline.data.storage import StorageError
-
-        errors.append(StorageError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GAPM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -413,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stopped:
         print(f"gapm {args.command}: {stopped}", file=sys.stderr)
         return EXIT_RESUMABLE
-    except user_errors() as error:
+    except (GapmError, FileNotFoundError) as error:
         print(f"gapm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,18 @@
-"""Typed experiment configuration loaded from YAML.
+"""The experiment config: one YAML file describes a run, assembled from the typed settings
+each component owns.
 
-A run is fully described by its config file plus `--set key.path=value` overrides. Unknown
-keys, wrong types and impossible values are errors that name the key, e.g.
-`config key 'stage1.lr': expected a float, got 'fast'`.
+    data      pipeline.data.sources.DataConfig
+    model     gapm.ModelShape (the networks) + the method's kind and its own hyper-parameters,
+              typed by the method's `Hyperparameters` dataclass and checked at load time
+    stage1    gapm.Stage1Hyperparameters (Eq. 9 / 10) + steps and the Adam settings of its networks
+    stage2    gapm.Stage2Hyperparameters + steps and the Adam settings of its networks
+    train     pipeline.train.settings.TrainConfig
+    eval      pipeline.eval.settings.EvalConfig
+    tracking  pipeline.tracking.tracker.TrackingConfig
+
+Defaults live in those classes only. `--set key.path=value` overrides any key (YAML value).
+Unknown keys, wrong types and impossible values are errors that name the key, e.g.
+`config key 'stage1.autoencoder.lr': expected a float, got 'fast'`.
 """
 
 from __future__ import annotations
@@ -16,115 +26,49 @@ from typing import Any, Literal
 
 import yaml
 
+from gapm import (
+    METHODS,
+    GAPMHyperparameters,
+    ModelShape,
+    Stage1Hyperparameters,
+    Stage2Hyperparameters,
+)
+from pipeline.data.sources import DataConfig
+from pipeline.errors import ConfigError
+from pipeline.eval.settings import EvalConfig
+from pipeline.tracking.tracker import TrackingConfig
+from pipeline.train.settings import OptimizerConfig, TrainConfig
 
-class ConfigError(ValueError):
-    """A problem with the configuration; the message names the key and the fix."""
-
-
-@dataclass
-class DataConfig:
-    # "swissroll" generates the paper's 2-D swiss-roll in memory; "synthetic" uniform noise of
-    # model.data_shape (throughput checks); anything else is a shard set (local directory,
-    # file:// or s3:// prefix holding manifest.json, or a brace pattern).
-    train: str = "swissroll"
-    test: str = "swissroll"
-    batch_size: int = 32
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
-    swissroll_samples: int = 5000  # also the size of the "synthetic" set
-    swissroll_test_samples: int = 1000
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig",
+           "Stage1Config", "Stage2Config", "TrackingConfig", "TrainConfig", "dump_config", "load_config",
+           "method_hyperparameters", "to_dict"]
 
 
 @dataclass
-class ModelConfig:
-    # gapm, or a baseline from the paper (gapm/baselines.py): one stage of stage1.steps, every
-    # network with stage1.autoencoder's Adam settings, method settings in `hyperparameters`.
-    kind: Literal["gapm", "vae", "aae", "wae", "introvae", "age", "alae"] = "gapm"
+class ModelConfig(ModelShape):
+    # gapm, or a baseline from the paper (gapm/baselines/): a baseline trains one stage of
+    # stage1.steps, every network with stage1.autoencoder's Adam settings.
+    kind: str = "gapm"
+    # A baseline's own settings, e.g. {kl_weight: 0.01}: the fields of its Hyperparameters class
+    # (gapm/baselines/<kind>.py). GAPM's live in the stage1 / stage2 sections.
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    data_shape: list[int] = field(default_factory=lambda: [2])  # [2] points or [C, S, S]
-    latent_dim: int = 128
-    prior_dim: int = 128
-    width: int = 64  # MLP hidden width for points, base channel count for images
-    latent_norm: bool = True  # the paper's latent BatchNorm (ablation: false)
-    latent_generator_widths: list[int] = field(default_factory=lambda: [400, 800, 400, 400])
-    latent_generator_output_norm: bool = True  # BatchNorm1d over g's output, as the authors
-    latent_discriminator_widths: list[int] = field(default_factory=lambda: [400, 400, 400, 64])
-    latent_discriminator_spectral_norm: Literal["none", "hidden", "all"] = "hidden"  # authors: hidden
-    latent_discriminator_activation: Literal["relu", "leaky_relu"] = "relu"
+
+    def shape(self) -> ModelShape:
+        return ModelShape(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelShape)})
 
 
 @dataclass
-class OptimizerConfig:
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.0
-    # Learning rate over the stage: constant, or decayed from `lr` to `lr * final_lr_fraction`
-    # (cosine or linear) starting at `decay_start` (a fraction of the stage's steps). A function
-    # of the stage step alone, so resuming restores it exactly.
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    decay_start: float = 0.0
-    final_lr_fraction: float = 0.0
-
-
-@dataclass
-class Stage1Config:
-    steps: int = 1000
+class Stage1Config(Stage1Hyperparameters):
+    steps: int = 1000  # iterations: each `critic_steps` critic updates + 1 autoencoder update
     autoencoder: OptimizerConfig = field(default_factory=OptimizerConfig)
     critic: OptimizerConfig = field(default_factory=OptimizerConfig)
-    critic_steps: int = 2
-    mix_gamma: float = 0.2
-    critic_offset_lambda: float = 0.2
-    omega_interpolation: float = 1.0
-    omega_reconstruction: float = 1.0
-    max_mixing: float = 0.5
-    adversarial_regularizer: bool = True  # ablation: false trains a plain (BN-)autoencoder
 
 
 @dataclass
-class Stage2Config:
-    steps: int = 1000
+class Stage2Config(Stage2Hyperparameters):
+    steps: int = 1000  # iterations: each `discriminator_steps` D updates + 1 g update
     latent_generator: OptimizerConfig = field(default_factory=OptimizerConfig)
     latent_discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
-    discriminator_steps: int = 5
-
-
-@dataclass
-class TrainConfig:
-    # null: whatever the launcher says (`accelerate launch --mixed_precision` or its config file),
-    # else no; a value here overrides the launcher.
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    gradient_accumulation_steps: int = 1
-    grad_clip_norm: float | None = None
-    compile: bool = False
-    checkpoint_dir: str | None = None  # local dir or s3://bucket/prefix; null: <run dir>/checkpoints
-    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of each stage
-    keep_last_checkpoints: int = 3
-    log_every: int = 50
-    progress_bar: bool = True
-
-
-@dataclass
-class EvalConfig:
-    samples: int = 5000  # generated samples for the end-of-training metrics
-    # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval_jobs.py):
-    fid_stats: str | None = None  # reference statistics: a name, path or s3:// URL (gapm fid-stats)
-    fid_samples: int = 50000  # generated samples per FID (the paper: 50,000)
-    feature_extractor: str | None = None  # null: the one the statistics were computed with
-    inception_weights: str | None = None  # path or s3:// URL of inception-2015-12-05.pt
-    kid: bool = False  # also KID (needs statistics with features, the default of fid-stats)
-    champion_alias: str = "champion"  # registry alias moved to the best-scoring checkpoint
-
-
-@dataclass
-class TrackingConfig:
-    # MLflow: the server named by MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db.
-    enabled: bool = True
-    experiment: str | None = None  # MLflow experiment; null: the config's name. Comparisons share one.
-    registered_model_name: str | None = None  # null: "gapm-" + name
-    register_model: bool = True  # register the model logged at the end of stage 2 (logged either way)
-    log_checkpoints: bool = True  # upload every checkpoint as run artifacts (else: location only)
-    system_metrics: bool = True  # CPU/GPU/memory/disk/network every 10 s (needs psutil)
 
 
 @dataclass
@@ -143,6 +87,16 @@ class ExperimentConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def method_hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
+    """The hyper-parameters the method of `model.kind` is built with: GAPM's from the stage
+    sections (the fields of gapm.GAPMHyperparameters), a baseline's from model.hyperparameters."""
+    if config.model.kind != "gapm":
+        return dict(config.model.hyperparameters)
+    sections = (config.stage1, config.stage2)
+    return {f.name: next(getattr(s, f.name) for s in sections if hasattr(s, f.name))
+            for f in dataclasses.fields(GAPMHyperparameters)}
 
 
 def _type_name(expected: Any) -> str:
@@ -178,6 +132,11 @@ def _convert(value: Any, expected: Any, key: str) -> Any:
         if value not in typing.get_args(expected):
             raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
         return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        item_type = typing.get_args(expected)[0]
+        return tuple(_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
@@ -224,7 +183,10 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{prefix}{key}'; known keys under "
                               f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(known))}")
     kwargs = {key: _convert(value, hints[key], prefix + key) for key, value in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}': {error}") from None
 
 
 def apply_override(values: dict[str, Any], assignment: str) -> None:
@@ -242,22 +204,19 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
 
 
 def validate(config: ExperimentConfig) -> None:
-    """Value checks that types alone cannot express."""
-    positive = {
-        "data.batch_size": config.data.batch_size, "stage1.critic_steps": config.stage1.critic_steps,
-        "stage2.discriminator_steps": config.stage2.discriminator_steps,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "train.keep_last_checkpoints": config.train.keep_last_checkpoints,
-        "train.log_every": config.train.log_every, "model.latent_dim": config.model.latent_dim,
-        "model.prior_dim": config.model.prior_dim, "model.width": config.model.width,
-        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
-    for key, value in {"stage1.steps": config.stage1.steps, "stage2.steps": config.stage2.steps}.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    """Value checks that types alone cannot express: each section's own, then across sections."""
+    config.data.validate()
+    config.train.validate()
+    config.eval.validate()
+    config.tracking.validate()
+    for section in ("stage1", "stage2"):
+        stage = getattr(config, section)
+        if stage.steps < 0:
+            raise ConfigError(f"config key '{section}.steps' must be >= 0, got {stage.steps}")
+        for name, settings in vars(stage).items():
+            if isinstance(settings, OptimizerConfig):
+                settings.validate(f"{section}.{name}")
+    validate_model(config.model)
     accumulation = config.train.gradient_accumulation_steps
     for key, value in {"stage1.steps": config.stage1.steps, "stage2.steps": config.stage2.steps,
                        "train.checkpoint_every": config.train.checkpoint_every}.items():
@@ -265,41 +224,35 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"config key '{key}' ({value}) must be a multiple of "
                               f"train.gradient_accumulation_steps ({accumulation}) so that "
                               "checkpoints fall between optimizer steps")
-    for section in ("stage1", "stage2"):
-        for name, settings in vars(getattr(config, section)).items():
-            if not isinstance(settings, OptimizerConfig):
-                continue
-            key = f"{section}.{name}"
-            if settings.lr <= 0:
-                raise ConfigError(f"config key '{key}.lr' must be positive, got {settings.lr}")
-            if len(settings.betas) != 2 or not all(0.0 <= b < 1.0 for b in settings.betas):
-                raise ConfigError(f"config key '{key}.betas' must be two numbers in [0, 1), got {settings.betas}")
-            if settings.weight_decay < 0:
-                raise ConfigError(f"config key '{key}.weight_decay' must be >= 0, got {settings.weight_decay}")
-            if not 0.0 <= settings.decay_start < 1.0:
-                raise ConfigError(f"config key '{key}.decay_start' must be in [0, 1), got {settings.decay_start}")
-            if not 0.0 <= settings.final_lr_fraction <= 1.0:
-                raise ConfigError(f"config key '{key}.final_lr_fraction' must be in [0, 1], "
-                                  f"got {settings.final_lr_fraction}")
-    if not 0.0 <= config.stage1.max_mixing <= 1.0:
-        raise ConfigError(f"config key 'stage1.max_mixing' must be in [0, 1], got {config.stage1.max_mixing}")
-    shape = config.model.data_shape
-    is_points = len(shape) == 1 and shape[0] >= 1
-    if not (is_points or (len(shape) == 3 and shape[1] == shape[2] and shape[1] in (28, 32, 64))):
-        raise ConfigError(f"config key 'model.data_shape' must be [D] (points, e.g. [2]) or [C, S, S] "
-                          f"with S in 28, 32, 64; got {shape}")
     if config.data.batch_size < 2 and config.model.latent_norm:
         raise ConfigError("config key 'data.batch_size' must be at least 2 with model.latent_norm "
                           "(BatchNorm needs more than one sample per batch)")
     if "/" in config.name or not config.name:
         raise ConfigError(f"config key 'name' must be a non-empty name without '/', got {config.name!r}")
-    model_name = config.tracking.registered_model_name
-    if model_name is not None and (not model_name or any(c in model_name for c in "/@:")):
-        # models:/NAME@ALIAS and models:/NAME/VERSION could not name it.
-        raise ConfigError(f"config key 'tracking.registered_model_name' must be a non-empty name "
-                          f"without '/', '@' or ':', got {model_name!r}")
-    if config.eval.fid_samples < 2:
-        raise ConfigError(f"config key 'eval.fid_samples' must be at least 2, got {config.eval.fid_samples}")
+
+
+def validate_model(model: ModelConfig) -> None:
+    for key in ("latent_dim", "prior_dim", "width"):
+        if getattr(model, key) < 1:
+            raise ConfigError(f"config key 'model.{key}' must be at least 1, got {getattr(model, key)}")
+    shape = model.data_shape
+    is_points = len(shape) == 1 and shape[0] >= 1
+    if not (is_points or (len(shape) == 3 and shape[1] == shape[2] and shape[1] in (28, 32, 64))):
+        raise ConfigError(f"config key 'model.data_shape' must be [D] (points, e.g. [2]) or [C, S, S] "
+                          f"with S in 28, 32, 64; got {shape}")
+    for key in ("latent_generator_widths", "latent_discriminator_widths"):
+        if not all(width >= 1 for width in getattr(model, key)):
+            raise ConfigError(f"config key 'model.{key}' must list positive widths, got {getattr(model, key)}")
+    if model.kind not in METHODS:
+        raise ConfigError(f"config key 'model.kind' must be one of {', '.join(sorted(METHODS))}; "
+                          f"got {model.kind!r}")
+    if model.kind == "gapm":
+        if model.hyperparameters:
+            raise ConfigError("config key 'model.hyperparameters' is for the baselines; GAPM's settings "
+                              "live in stage1 (mix_gamma, critic_steps, ...) and stage2 (discriminator_steps)")
+        return
+    # The baseline's typed settings: unknown keys, wrong types and bad values named here.
+    from_dict(METHODS[model.kind].Hyperparameters, model.hyperparameters, prefix="model.hyperparameters.")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -26,7 +26,8 @@ from pipeline.eval import fid
 from pipeline.tracking import registry
 from pipeline.config import load_config
 from pipeline.eval.claims import ClaimStore, create_exclusive
-from pipeline.eval.jobs import EvalSettings, WatchOptions, parse_result_tag, watch
+from pipeline.eval.jobs import WatchOptions, parse_result_tag, watch
+from pipeline.eval.settings import EvalSettings
 from pipeline.eval.features import DomainClassifier, DomainNetShape, save_domain_extractor
 from pipeline.data.shards import convert_dataset
 from pipeline.train.loop import train
@@ -114,7 +115,7 @@ def test_two_eval_watch_jobs_at_once_score_each_checkpoint_once_and_crown_the_be
     assert not list((tmp_path / "claims").rglob("claim-*.json"))  # all released
 
     # the next scheduled pass finds nothing to do
-    summary = watch(EvalSettings(stats=trained["stats"], samples=int(SAMPLES), device="cpu"),
+    summary = watch(EvalSettings.from_config(stats=trained["stats"], samples=int(SAMPLES), device="cpu"),
                     WatchOptions(experiments=[trained["name"]], claims=str(tmp_path / "claims"),
                                  tracking_uri=trained["server"].url), once=True, interval_s=0)
     assert summary.did_nothing and not summary.failed and not summary.busy

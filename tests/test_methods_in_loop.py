@@ -39,7 +39,7 @@ def test_resuming_with_another_method_is_refused(tmp_path):
 
 
 def test_unknown_method_hyperparameter_names_the_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.hyperparameters.*vae.*kl_wieght"):
+    with pytest.raises(ConfigError, match=r"model\.hyperparameters\.kl_wieght.*known keys.*kl_weight"):
         train(config_for(tmp_path, "vae", "model.hyperparameters={kl_wieght: 1}"), resume="never")
     with pytest.raises(ConfigError, match=r"'model\.kind'"):
         config_for(tmp_path, "vqvae")

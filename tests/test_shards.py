@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipeline.errors import DataError
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset, crop_celeba, read_idx, read_manifest
 
@@ -133,7 +134,7 @@ def test_crop_celeba_geometry():
     image = Image.new("RGB", (178, 218))
     assert crop_celeba(image, "center178").size == (64, 64)
     assert crop_celeba(image, "authors").size == (64, 64)
-    with pytest.raises(ValueError, match="smaller than the 178x178"):
+    with pytest.raises(DataError, match="smaller than the 178x178"):
         crop_celeba(Image.new("RGB", (100, 100)), "center178")
 
 
@@ -189,15 +190,15 @@ def test_mnist_uncompressed_idx(tmp_path):
 def test_bad_idx_magic(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # e.g. a zip file saved under the IDX name
-    with pytest.raises(ValueError, match="bad IDX magic number 0x504b0304.*expected 0x00000801"):
+    with pytest.raises(DataError, match="bad IDX magic number 0x504b0304.*expected 0x00000801"):
         read_idx(str(path))
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"")
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte: bad IDX magic"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: bad IDX magic"):
         convert_dataset("mnist", str(tmp_path), str(tmp_path / "out"))
     truncated = tmp_path / "short"
     _write_idx(str(truncated), np.zeros((10, 28, 28)), compress=False)
     truncated.write_bytes(truncated.read_bytes()[:-5])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(DataError, match="truncated or corrupt"):
         read_idx(str(truncated))
 
 
@@ -240,7 +241,7 @@ def test_bad_sources(tmp_path, cifar10_source, celeba_source):
         f.write(b"this is not a pickle")
     with open(os.path.join(src, "data_batch_1"), "wb") as f:
         f.write(b"this is not a pickle")
-    with pytest.raises(ValueError, match="data_batch_1: cannot unpickle"):
+    with pytest.raises(DataError, match="data_batch_1: cannot unpickle"):
         convert_dataset("cifar10", src, str(tmp_path / "out"))
 
     celeba, _ = celeba_source
@@ -253,9 +254,9 @@ def test_bad_sources(tmp_path, cifar10_source, celeba_source):
 
     with pytest.raises(FileNotFoundError, match="t.*-ubyte\\[.gz\\]: missing"):
         convert_dataset("mnist", str(tmp_path), str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
         convert_dataset("imagenet", "-", str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="has no split 'valid'"):
+    with pytest.raises(DataError, match="has no split 'valid'"):
         convert_dataset("swissroll", "-", str(tmp_path / "out"), split="valid")
     assert not os.path.exists(tmp_path / "out")  # nothing written for any bad source
 
@@ -279,6 +280,6 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
     (tmp_path / "cifar").mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (tmp_path / "cifar" / name).write_bytes(pickle.dumps({b"data": Exploit(), b"labels": [0]}))
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(DataError, match="refusing to load"):
         shards.convert_dataset("cifar10", str(tmp_path / "cifar"), str(tmp_path / "out"))
     assert not (tmp_path / "pwned").exists()

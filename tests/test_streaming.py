@@ -13,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from pipeline.errors import DataError
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset
 from pipeline.data.streaming import make_batch_stream, register_s3_opener, resolve_shard_urls
@@ -155,7 +156,7 @@ def test_workers_and_epochs(cifar_shards):
 def test_too_few_shards_is_refused_up_front(cifar10_source, tmp_path):
     src, _ = cifar10_source
     convert_dataset("cifar10", src, str(tmp_path), split="train", samples_per_shard=100)  # 2 shards
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(DataError) as error:
         make_batch_stream(str(tmp_path / "train"), batch_size=8, world_size=2, num_workers=2)
     message = str(error.value)
     assert "2 shard(s)" in message and "= 4 readers" in message

@@ -10,7 +10,8 @@ import torch
 from gapm import ModelShape, networks
 from pipeline.data import swissroll
 from pipeline.config import ConfigError, OptimizerConfig, load_config
-from pipeline.train.loop import scheduled_lr, train
+from pipeline.train.loop import train
+from pipeline.train.settings import scheduled_lr
 
 TINY = ["stage1.steps=30", "stage2.steps=20", "data.batch_size=64", "data.swissroll_samples=512",
         "data.swissroll_test_samples=256", "model.width=32", "model.latent_generator_widths=[32]",

@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from gapm import networks
 from gapm.baselines import losses
-from gapm.method import MethodBase, Update, frozen, interpolate_latents, require_positive_steps
+from gapm.method import (
+    MethodBase,
+    Update,
+    frozen,
+    interpolate_latents,
+    require_positive_steps,
+)
 from gapm.shape import ModelShape
 
 

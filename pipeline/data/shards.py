@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.data import storage
-from pipeline.data import swissroll
+from pipeline.data import storage, swissroll
+from pipeline.errors import DataError
 
 __all__ = [
     "DATASETS",
@@ -119,20 +119,20 @@ def convert_dataset(
     the wrong format, raises FileNotFoundError / ValueError naming the file and the expected layout.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     image_format = image_format.lower()
     if image_format == "jpeg":
         image_format = "jpg"
     if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format {image_format!r}: expected 'png' (lossless) or 'jpg'")
+        raise DataError(f"image_format {image_format!r}: expected 'png' (lossless) or 'jpg'")
     if not 1 <= int(jpeg_quality) <= 100:
-        raise ValueError(f"jpeg_quality {jpeg_quality}: expected 1..100")
+        raise DataError(f"jpeg_quality {jpeg_quality}: expected 1..100")
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard {samples_per_shard}: expected a positive number")
+        raise DataError(f"samples_per_shard {samples_per_shard}: expected a positive number")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit {limit}: expected a positive number or None for the whole dataset")
+        raise DataError(f"limit {limit}: expected a positive number or None for the whole dataset")
     if celeba_crop not in CELEBA_CROPS:
-        raise ValueError(f"celeba_crop {celeba_crop!r}: expected one of {', '.join(CELEBA_CROPS)}")
+        raise DataError(f"celeba_crop {celeba_crop!r}: expected one of {', '.join(CELEBA_CROPS)}")
 
     if dataset == "cifar10":
         sources = _cifar10_sources(src, limit)
@@ -145,7 +145,7 @@ def convert_dataset(
 
     if split is not None:
         if split not in sources:
-            raise ValueError(f"{dataset} has no split {split!r}; expected one of {', '.join(sources)}")
+            raise DataError(f"{dataset} has no split {split!r}; expected one of {', '.join(sources)}")
         sources = {split: sources[split]}
 
     if storage.is_s3_url(out):
@@ -174,9 +174,9 @@ def read_manifest(directory_url: str) -> dict[str, Any]:
     try:
         manifest = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{url}: not valid JSON ({exc}); re-run the shard conversion") from exc
+        raise DataError(f"{url}: not valid JSON ({exc}); re-run the shard conversion") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"{url}: not a shard manifest (no 'shards' list); re-run the shard conversion")
+        raise DataError(f"{url}: not a shard manifest (no 'shards' list); re-run the shard conversion")
     return manifest
 
 
@@ -247,7 +247,7 @@ def _write_split(
                     os.remove(os.path.join(staging, leftover))
 
     if total == 0:
-        raise ValueError(f"{src}: the {source.split} split of {dataset} has no samples; nothing written")
+        raise DataError(f"{src}: the {source.split} split of {dataset} has no samples; nothing written")
     image = None
     if source.image is not None:
         image = dict(source.image, format=image_format)
@@ -367,17 +367,17 @@ def _load_cifar_batch(path: str) -> tuple[np.ndarray, list[int]]:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:
-        raise ValueError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc}); {_CIFAR_LAYOUT}") from exc
+        raise DataError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc}); {_CIFAR_LAYOUT}") from exc
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: unpickled a {type(batch).__name__}, not a dict; {_CIFAR_LAYOUT}")
+        raise DataError(f"{path}: unpickled a {type(batch).__name__}, not a dict; {_CIFAR_LAYOUT}")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
         keys = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
-        raise ValueError(f"{path}: batch has keys {keys}, expected 'data' and 'labels'; {_CIFAR_LAYOUT}")
+        raise DataError(f"{path}: batch has keys {keys}, expected 'data' and 'labels'; {_CIFAR_LAYOUT}")
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"{path}: 'data' is {data.dtype} {data.shape} with {len(labels)} labels; expected uint8 "
             f"(N, 3072) row-major RGB planes and N labels; {_CIFAR_LAYOUT}"
         )
@@ -416,20 +416,20 @@ def read_idx(path: str) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise ValueError(f"{path}: corrupt gzip data ({exc}); re-download the file") from exc
+            raise DataError(f"{path}: corrupt gzip data ({exc}); re-download the file") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number 0x{raw[:4].hex()}; expected 0x00000801 (labels) or "
             f"0x00000803 (images) - is this really an MNIST-format file? {_IDX_LAYOUT}"
         )
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header; re-download the file")
+        raise DataError(f"{path}: truncated IDX header; re-download the file")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX header says shape {dims} ({expected} bytes) but the file holds "
             f"{len(raw) - header} bytes of data; the file is truncated or corrupt, re-download it"
         )
@@ -456,11 +456,11 @@ def _idx_sources(src: str, limit: int | None) -> dict[str, _SplitSource]:
         labels_path = _find_idx(root, f"{stem}-labels-idx1")
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise ValueError(
+            raise DataError(
                 f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}"
             )
         if labels.ndim != 1 or len(labels) != len(images):
-            raise ValueError(
+            raise DataError(
                 f"{labels_path}: expected {len(images)} labels to match {images_path}, got shape {labels.shape}"
             )
         geometry = {"height": int(images.shape[1]), "width": int(images.shape[2]), "channels": 1}
@@ -494,7 +494,7 @@ def crop_celeba(image: Image.Image, crop: str = "center178") -> Image.Image:
     if crop == "center178":
         width, height = image.size
         if width < 178 or height < 178:
-            raise ValueError(f"CelebA image of size {width}x{height} is smaller than the 178x178 crop")
+            raise DataError(f"CelebA image of size {width}x{height} is smaller than the 178x178 crop")
         # Same arithmetic as torchvision.transforms.CenterCrop.
         top = int(round((height - 178) / 2.0))
         left = int(round((width - 178) / 2.0))
@@ -502,7 +502,7 @@ def crop_celeba(image: Image.Image, crop: str = "center178") -> Image.Image:
         return square.resize((CELEBA_SIZE, CELEBA_SIZE), Image.BILINEAR)
     if crop == "authors":
         return image.resize((64, 78), Image.BILINEAR).crop((0, 7, 64, 71))
-    raise ValueError(f"celeba_crop {crop!r}: expected one of {', '.join(CELEBA_CROPS)}")
+    raise DataError(f"celeba_crop {crop!r}: expected one of {', '.join(CELEBA_CROPS)}")
 
 
 def _celeba_sources(src: str, limit: int | None, crop: str) -> dict[str, _SplitSource]:
@@ -523,11 +523,11 @@ def _celeba_sources(src: str, limit: int | None, crop: str) -> dict[str, _SplitS
             if not fields:
                 continue
             if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-                raise ValueError(f"{partition_path}:{line_number}: cannot parse {line.strip()!r}; {_CELEBA_LAYOUT}")
+                raise DataError(f"{partition_path}:{line_number}: cannot parse {line.strip()!r}; {_CELEBA_LAYOUT}")
             by_split[_CELEBA_PARTITIONS[int(fields[1])]].append(fields[0])
     listed = [name for names in by_split.values() for name in names]
     if not listed:
-        raise ValueError(f"{partition_path}: lists no images; {_CELEBA_LAYOUT}")
+        raise DataError(f"{partition_path}: lists no images; {_CELEBA_LAYOUT}")
     present = set(os.listdir(images_dir))
     missing = [name for name in listed if name not in present]
     if missing:
@@ -549,7 +549,7 @@ def _celeba_sources(src: str, limit: int | None, crop: str) -> dict[str, _SplitS
                 with Image.open(path) as picture:
                     cropped = crop_celeba(picture, crop)
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{path}: cannot read image ({exc}); re-extract img_align_celeba") from exc
+                raise DataError(f"{path}: cannot read image ({exc}); re-extract img_align_celeba") from exc
             number = int(os.path.splitext(name)[0]) if os.path.splitext(name)[0].isdigit() else -1
             yield _Sample(index=number, label=None, image=np.asarray(cropped), extra={"file": name})
 
@@ -565,7 +565,7 @@ def _celeba_sources(src: str, limit: int | None, crop: str) -> dict[str, _SplitS
 
 def _swissroll_sources(kind: str, train_samples: int, seed: int, limit: int | None) -> dict[str, _SplitSource]:
     if train_samples < 1:
-        raise ValueError(f"swissroll_samples {train_samples}: expected a positive number")
+        raise DataError(f"swissroll_samples {train_samples}: expected a positive number")
     geometry = swissroll.roll_geometry(kind)
     preprocessing = {
         "generator": "sklearn.datasets.make_swiss_roll",

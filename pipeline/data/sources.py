@@ -10,17 +10,42 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from pipeline.data import swissroll
-from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import ConfigError, DataError
 
 SWISSROLL = "swissroll"  # the 2-D roll (a curve)
 SWISSROLL3D = "swissroll3d"  # the authors' 3-D roll (a sheet)
 ROLLS = (SWISSROLL, SWISSROLL3D)
 SYNTHETIC = "synthetic"  # uniform noise of model.data_shape: throughput checks without any I/O
+
+
+@dataclass
+class DataConfig:
+    # "swissroll" / "swissroll3d" generate the paper's toy rolls in memory (pipeline/data/swissroll.py);
+    # "synthetic" uniform noise of model.data_shape (throughput checks); anything else is a shard
+    # set (local directory, file:// or s3:// prefix holding manifest.json, or a brace pattern).
+    train: str = "swissroll"
+    test: str = "swissroll"
+    batch_size: int = 32
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
+    swissroll_samples: int = 5000  # also the size of the "synthetic" set
+    swissroll_test_samples: int = 1000
+
+    def validate(self) -> None:
+        for key in ("batch_size", "swissroll_samples", "swissroll_test_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'data.{key}' must be at least 1, got {getattr(self, key)}")
+        for key in ("num_workers", "shuffle_buffer"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        for key in ("train", "test"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"config key 'data.{key}' is empty; name a shard set or 'swissroll'")
 
 
 def swissroll_points(count: int, seed: int, kind: str = SWISSROLL) -> Tensor:
@@ -47,7 +72,7 @@ class InMemoryBatches:
         self.data, self.batch_size, self.rank, self.world_size, self.seed = data, batch_size, rank, world_size, seed
         self.batches_per_epoch = len(data) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(data)} samples cannot fill one batch of {batch_size} on each of "
+            raise DataError(f"{len(data)} samples cannot fill one batch of {batch_size} on each of "
                              f"{world_size} ranks; lower data.batch_size or use more data")
 
     def data_problems(self) -> dict[str, int]:
@@ -111,8 +136,7 @@ def manifest_data_shape(manifest: dict) -> list[int] | None:
 def check_sources(config: DataConfig, data_shape: list[int]) -> None:
     """Fails before training starts if a data location is unreachable or holds data of
     another shape than the model expects; the message names the config key."""
-    from pipeline.data import shards
-    from pipeline.data import streaming
+    from pipeline.data import shards, streaming
 
     for key, spec in (("data.train", config.train), ("data.test", config.test)):
         if spec in ROLLS:

@@ -32,6 +32,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from pipeline.errors import GapmError
+
 __all__ = [
     "StorageError",
     "is_s3_url",
@@ -74,7 +76,7 @@ _ACCESS_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
-class StorageError(RuntimeError):
+class StorageError(GapmError):
     """A storage operation failed; the message names the URL, the problem and the fix."""
 
 

@@ -41,6 +41,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.data import storage
 from pipeline.data.shards import MANIFEST_NAME, read_manifest
+from pipeline.errors import DataError
 
 __all__ = ["StreamStats", "BatchStream", "resolve_shard_urls", "register_s3_opener", "make_batch_stream"]
 
@@ -83,11 +84,11 @@ def _resolve(spec: str) -> tuple[list[str], list[int] | None, dict[str, Any] | N
     """Shard URLs plus, when a manifest describes them, their sample counts and the manifest."""
     spec = spec.strip()
     if not spec:
-        raise ValueError("empty shard spec; expected a shard directory, a brace pattern or a .tar URL")
+        raise DataError("empty shard spec; expected a shard directory, a brace pattern or a .tar URL")
     if "{" in spec or spec.endswith(".tar"):
         urls = list(braceexpand.braceexpand(spec))
         if not urls:
-            raise ValueError(f"{spec}: the pattern expands to no shard names")
+            raise DataError(f"{spec}: the pattern expands to no shard names")
         if not storage.is_s3_url(spec):
             missing = [url for url in urls if not os.path.isfile(storage.local_path(url))]
             if missing:
@@ -114,9 +115,9 @@ def _resolve(spec: str) -> tuple[list[str], list[int] | None, dict[str, Any] | N
         urls = [storage.join_url(spec, shard["name"]) for shard in manifest["shards"]]
         counts = [int(shard["num_samples"]) for shard in manifest["shards"]]
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{manifest_url}: malformed shard entry ({exc}); re-run the conversion") from exc
+        raise DataError(f"{manifest_url}: malformed shard entry ({exc}); re-run the conversion") from exc
     if not urls:
-        raise ValueError(f"{manifest_url}: lists no shards; re-run the conversion")
+        raise DataError(f"{manifest_url}: lists no shards; re-run the conversion")
     return urls, counts, manifest
 
 
@@ -265,7 +266,7 @@ class _ShardSamples(IterableDataset):
             if not self.drop_last:
                 return
             if produced == 0:
-                raise RuntimeError(
+                raise DataError(
                     f"no readable samples in shard(s) {', '.join(urls)} (rank {self.rank}, worker {worker}): "
                     "every shard failed or every sample was corrupt; check the warnings above and the data"
                 )
@@ -284,7 +285,7 @@ class _ShardSamples(IterableDataset):
                 corrupt_in_a_row += 1
                 # A pass ends by itself; a resampled reader would spin forever on bad data.
                 if self.resampled and corrupt_in_a_row > GIVE_UP_AFTER:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{GIVE_UP_AFTER} corrupt samples in a row (last in {sample.get('__url__')}); check the data"
                     )
                 continue
@@ -332,7 +333,7 @@ def _shard_samples(
                 stream.close()
         barren_in_a_row = 0 if produced else barren_in_a_row + 1
         if barren_in_a_row > GIVE_UP_AFTER:
-            raise RuntimeError(
+            raise DataError(
                 f"{GIVE_UP_AFTER} shards in a row gave no samples (last: {url}); check the storage and data"
             )
 
@@ -346,7 +347,7 @@ def _decode(sample: dict[str, Any], counters: _Counters, image_shape: tuple[int,
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
             members = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) or npy member, only {members}")
+            raise DataError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) or npy member, only {members}")
         with Image.open(io.BytesIO(sample[extension])) as picture:
             picture.load()  # decode now so truncated data fails here, not later
             want_gray = image_shape[2] == 1 if image_shape else picture.mode in ("L", "1", "I;16", "I", "F")
@@ -355,7 +356,7 @@ def _decode(sample: dict[str, Any], counters: _Counters, image_shape: tuple[int,
         if array.ndim == 2:
             array = array[:, :, None]
         if image_shape is not None and array.shape != image_shape:
-            raise ValueError(f"image shape {array.shape} differs from the manifest's {image_shape}")
+            raise DataError(f"image shape {array.shape} differs from the manifest's {image_shape}")
         return array
     except Exception as exc:
         counters.corrupt += 1
@@ -459,15 +460,15 @@ def make_batch_stream(
     ``world_size * max(1, num_workers)`` readers, and StorageError when the location is unreadable.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size}: expected a positive number")
+        raise DataError(f"batch_size {batch_size}: expected a positive number")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
+        raise DataError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
     if num_workers < 0:
-        raise ValueError(f"num_workers {num_workers}: expected 0 or more")
+        raise DataError(f"num_workers {num_workers}: expected 0 or more")
     if batches_per_epoch is not None and batches_per_epoch < 1:
-        raise ValueError(f"batches_per_epoch {batches_per_epoch}: expected a positive number or None")
+        raise DataError(f"batches_per_epoch {batches_per_epoch}: expected a positive number or None")
     if not drop_last and (resampled or batches_per_epoch is not None):
-        raise ValueError(
+        raise DataError(
             "drop_last=False means one exact pass over the shards; it cannot be combined with "
             "resampled=True or batches_per_epoch (those give capped, full batches)"
         )
@@ -482,7 +483,7 @@ def make_batch_stream(
     if not resampled and len(urls) < readers:
         total_hint = f" (of {sum(counts)} samples)" if counts else ""
         per_shard = f" <= {sum(counts) // readers}" if counts and sum(counts) >= readers else ""
-        raise ValueError(
+        raise DataError(
             f"{shard_spec}: {len(urls)} shard(s){total_hint} but world_size {world_size} x "
             f"num_workers {max(1, num_workers)} = {readers} readers each need at least one shard; "
             f"reshard with samples_per_shard{per_shard} to get {readers}+ shards, lower num_workers, "
@@ -491,13 +492,13 @@ def make_batch_stream(
 
     if drop_last and batches_per_epoch is None:
         if counts is None:
-            raise ValueError(
+            raise DataError(
                 f"{shard_spec}: sample counts unknown (no manifest.json next to the shards); point "
                 "data at the shard directory holding manifest.json or set batches_per_epoch"
             )
         batches_per_epoch = sum(counts) // (world_size * batch_size)
         if batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{shard_spec}: {sum(counts)} samples are fewer than world_size {world_size} x "
                 f"batch_size {batch_size}; lower the batch size or add data"
             )

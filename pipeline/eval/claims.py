@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 
 from pipeline.data import storage
+from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ DEFAULT_TTL_S = 900.0
 CLAIM_PREFIX, CLAIM_SUFFIX = "claim-", ".json"
 
 
-class ClaimError(ValueError):
+class ClaimError(GapmError):
     """The claims location cannot be used; the message says which and what to do."""
 
 

@@ -31,13 +31,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline.data import storage
+from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
 
 KIND = "gapm-domain-feature-extractor"
 
 
-class FeatureExtractorError(ValueError):
+class FeatureExtractorError(GapmError):
     """A feature extractor file that cannot be used; the message says what to do."""
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data import storage
+from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ CLEANFID_PREFIX = "cleanfid:"
 DEFAULT_KID_FEATURES = 5000
 
 
-class FidError(ValueError):
+class FidError(GapmError):
     """FID cannot be computed as asked; the message says what to provide."""
 
 

@@ -51,13 +51,13 @@ import numpy as np
 import torch
 
 from gapm import GAPM
-from pipeline.train import checkpoints
-from pipeline.data import sources
-from pipeline.eval import quality
-from pipeline.eval import fid
-from pipeline.data import storage
-from pipeline.config import DataConfig
+from pipeline.data import sources, storage
+from pipeline.data.sources import DataConfig
+from pipeline.errors import GapmError
+from pipeline.eval import fid, quality
 from pipeline.eval.claims import DEFAULT_TTL_S, ClaimStore
+from pipeline.eval.settings import EvalConfig, EvalSettings
+from pipeline.train import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +74,12 @@ RUN_IN_ARTIFACT_PATH = re.compile(r"/([0-9a-f]{32})/artifacts/(.+?)/?$")
 VERSION_SCORE_TAG, VERSION_REFERENCE_TAG = "gapm.eval.score", "gapm.eval.reference"
 
 
-class EvalError(ValueError):
+class EvalError(GapmError):
     """An evaluation that cannot run as asked; the message says what to change."""
 
 
 class RunMismatch(EvalError):
     """This run cannot be scored with the job's reference (e.g. another image size)."""
-
-
-@dataclass
-class EvalSettings:
-    stats: str | None = None  # name, path, s3:// URL or cleanfid:DATASET/SPLIT/RES
-    samples: int = 50_000
-    test_data: str | None = None  # None: the run's data.test
-    kid: bool = False
-    feature_extractor: str | None = None  # None: the one the statistics were made with
-    inception_weights: str | None = None
-    seed: int = 0
-    batch_size: int = 250
-    device: str | None = None
 
 
 @dataclass
@@ -541,7 +528,7 @@ class WatchOptions:
     claims: str
     run_names: list[str] | None = None  # only runs of these config names (None: every gapm run)
     tracking_uri: str | None = None
-    alias: str = "champion"
+    alias: str = EvalConfig.champion_alias
     claim_ttl_s: float = DEFAULT_TTL_S
     max_evaluations: int | None = None
     data: DataConfig | None = None  # from --config: overrides the runs' params
@@ -559,6 +546,7 @@ def gapm_runs(client: Any, experiments: list[str] | None, run_names: list[str] |
     """Active runs written by `gapm train` in the named experiments (all when None), only
     those named `run_names` (the config names) when given."""
     from mlflow.entities import ViewType
+
     from pipeline.tracking import registry
 
     if experiments:
@@ -713,9 +701,9 @@ class Watcher:
                 continue
             log.info("run %s: checkpoints at steps %s", run.info.run_id, sorted(found))
             names.setdefault(registered_name(run, self.client), set()).add(reference.key)
-            for step, sources in found.items():
+            for step, locations in found.items():
                 if result_tag(reference.key, step) not in run.data.tags:
-                    work.append((Candidate(run, step, sources), reference))
+                    work.append((Candidate(run, step, locations), reference))
         work.sort(key=lambda item: item[0].step, reverse=True)  # newest first
         for candidate, reference in work:
             if self.options.max_evaluations is not None and len(summary.evaluated) >= self.options.max_evaluations:
@@ -765,6 +753,7 @@ class Watcher:
         checkpoint's model first if needed. Serialised by a claim so that two jobs finishing
         at once cannot leave the alias on the worse of their results."""
         from mlflow.exceptions import MlflowException
+
         from pipeline.tracking import registry
 
         claim = self.claims.acquire(f"champion/{name}", wait_s=CHAMPION_WAIT_S)

@@ -13,6 +13,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
+from pipeline.errors import GapmError
+
 log = logging.getLogger(__name__)
 
 # Columns of the table: (metric key, header, format). FID columns appear once an evaluation
@@ -27,7 +29,7 @@ METRIC_COLUMNS = [
 FIGURE_NAMES = ("figure4.png", "samples.png")
 
 
-class ReportError(ValueError):
+class ReportError(GapmError):
     """No experiment or no finished runs to report on."""
 
 

@@ -478,7 +478,9 @@ class MlflowTracker:
             return
         try:
             import psutil  # noqa: F401 - MLflow's monitor needs it
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
 
             self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume,
                                                  tracking_uri=self.tracking_uri)

@@ -35,9 +35,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from gapm import GAPM, ModelShape, build_model
-from pipeline.train import checkpoints
 from pipeline.data import sources
+from pipeline.errors import GapmError
 from pipeline.eval import quality
+from pipeline.train import checkpoints
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
 WEIGHTS, META = "weights", "meta"  # pyfunc artifact keys
@@ -45,7 +46,7 @@ CHECKPOINT_STEP_TAG = "gapm.checkpoint_step"
 REGISTERED_NAME_TAG = "gapm.registered_model_name"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(GapmError):
     """A model that cannot be found, loaded or registered; the message says what to do."""
 
 

@@ -12,11 +12,34 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipeline.errors import ConfigError
+
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow: the server named by MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db.
+    enabled: bool = True
+    experiment: str | None = None  # MLflow experiment; null: the config's name. Comparisons share one.
+    registered_model_name: str | None = None  # null: "gapm-" + name
+    register_model: bool = True  # register the model logged at the end of stage 2 (logged either way)
+    log_checkpoints: bool = True  # upload every checkpoint as run artifacts (else: location only)
+    system_metrics: bool = True  # CPU/GPU/memory/disk/network every 10 s (needs psutil)
+
+    def validate(self) -> None:
+        name = self.registered_model_name
+        if name is not None and (not name or any(c in name for c in "/@:")):
+            # models:/NAME@ALIAS and models:/NAME/VERSION could not name it.
+            raise ConfigError(f"config key 'tracking.registered_model_name' must be a non-empty name "
+                              f"without '/', '@' or ':', got {name!r}")
+        if self.experiment is not None and not self.experiment.strip():
+            raise ConfigError("config key 'tracking.experiment' is empty; give a name or null")
 
 
 class Tracker(Protocol):
@@ -124,7 +147,9 @@ def default_tracker(config: ExperimentConfig, run_dir: Path) -> Tracker:
     directory = RunDirectoryTracker(run_dir)
     if not config.tracking.enabled:
         return directory
-    from pipeline.tracking.mlflow_sink import MlflowTracker  # imports mlflow: only when tracking
+    from pipeline.tracking.mlflow_sink import (
+        MlflowTracker,  # imports mlflow: only when tracking
+    )
 
     return MultiTracker(directory, MlflowTracker.from_config(config, run_dir))
 

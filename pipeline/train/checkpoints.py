@@ -18,18 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from gapm import GAPM, ModelShape, build_model
 from pipeline.data import storage
+from pipeline.errors import GapmError
 
 # A checkpoint is a local directory (Path) or an s3:// URL (str).
 Checkpoint = Path | str
@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "training_state.pt", "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GapmError):
     """A checkpoint that cannot be used; the message says which and what to do."""
 
 

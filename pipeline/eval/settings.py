@@ -1,0 +1,56 @@
+"""The settings of evaluation: `eval:` in the experiment config (`EvalConfig`, where every
+default lives), and the settings of one scoring job (`EvalSettings`), built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 5000  # generated samples for the end-of-training metrics
+    # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval/jobs.py):
+    fid_stats: str | None = None  # reference statistics: a name, path or s3:// URL (gapm fid-stats)
+    fid_samples: int = 50000  # generated samples per FID (the paper: 50,000)
+    feature_extractor: str | None = None  # null: the one the statistics were computed with
+    inception_weights: str | None = None  # path or s3:// URL of inception-2015-12-05.pt
+    kid: bool = False  # also KID (needs statistics with features, the default of fid-stats)
+    champion_alias: str = "champion"  # registry alias moved to the best-scoring checkpoint
+
+    def validate(self) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"config key 'eval.samples' must be at least 2, got {self.samples}")
+        if self.fid_samples < 2:
+            raise ConfigError(f"config key 'eval.fid_samples' must be at least 2, got {self.fid_samples}")
+        if not self.champion_alias or any(c in self.champion_alias for c in "/@:"):
+            raise ConfigError(f"config key 'eval.champion_alias' must be a plain name, got {self.champion_alias!r}")
+
+
+@dataclass
+class EvalSettings:
+    """What one `gapm eval` / `eval-watch` scores against and how."""
+
+    stats: str | None  # name, path, s3:// URL or cleanfid:DATASET/SPLIT/RES
+    samples: int  # generated samples per FID
+    kid: bool
+    feature_extractor: str | None  # None: the one the statistics were made with
+    inception_weights: str | None
+    test_data: str | None = None  # None: the run's data.test
+    seed: int = 0
+    batch_size: int = 250
+    device: str | None = None
+
+    @classmethod
+    def from_config(cls, config: EvalConfig | None = None, **overrides: Any) -> "EvalSettings":
+        """The settings of `config` (defaults: EvalConfig()), with the non-None `overrides`
+        (command-line flags) taking precedence."""
+        config = config or EvalConfig()
+        values = {"stats": config.fid_stats, "samples": config.fid_samples, "kid": config.kid,
+                  "feature_extractor": config.feature_extractor, "inception_weights": config.inception_weights}
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})

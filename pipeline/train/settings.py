@@ -1,0 +1,72 @@
+"""The settings of the training loop (`train:`) and of each network's optimizer
+(`stage1.autoencoder`, `stage2.latent_generator`, ...), with the learning-rate schedule.
+
+Kept apart from the loop so that reading a config does not import Accelerate or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam for one network."""
+
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.0
+    # Learning rate over the stage: constant, or decayed from `lr` to `lr * final_lr_fraction`
+    # (cosine or linear) starting at `decay_start` (a fraction of the stage's steps). A function
+    # of the stage step alone, so resuming restores it exactly.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    decay_start: float = 0.0
+    final_lr_fraction: float = 0.0
+
+    def validate(self, key: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"config key '{key}.lr' must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"config key '{key}.betas' must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config key '{key}.weight_decay' must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.decay_start < 1.0:
+            raise ConfigError(f"config key '{key}.decay_start' must be in [0, 1), got {self.decay_start}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ConfigError(f"config key '{key}.final_lr_fraction' must be in [0, 1], got {self.final_lr_fraction}")
+
+
+def scheduled_lr(settings: OptimizerConfig, stage_step: int, stage_steps: int) -> float:
+    """The learning rate of iteration `stage_step` (0-based) of a stage of `stage_steps`."""
+    progress = stage_step / max(stage_steps, 1)
+    if settings.schedule == "constant" or progress <= settings.decay_start:
+        return settings.lr
+    decayed = (progress - settings.decay_start) / (1.0 - settings.decay_start)
+    shape = 0.5 * (1 + math.cos(math.pi * decayed)) if settings.schedule == "cosine" else 1.0 - decayed
+    return settings.lr * (settings.final_lr_fraction + (1 - settings.final_lr_fraction) * shape)
+
+
+@dataclass
+class TrainConfig:
+    # null: whatever the launcher says (`accelerate launch --mixed_precision` or its config file),
+    # else no; a value here overrides the launcher.
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    gradient_accumulation_steps: int = 1
+    grad_clip_norm: float | None = None
+    compile: bool = False
+    checkpoint_dir: str | None = None  # local dir or s3://bucket/prefix; null: <run dir>/checkpoints
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of each stage
+    keep_last_checkpoints: int = 3
+    log_every: int = 50
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        for key in ("gradient_accumulation_steps", "checkpoint_every", "keep_last_checkpoints", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be at least 1, got {getattr(self, key)}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ConfigError(f"config key 'train.grad_clip_norm' must be positive or null, got {self.grad_clip_norm}")
