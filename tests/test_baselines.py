@@ -9,9 +9,8 @@ import torch
 
 from gapm import GAPM, METHODS, ModelShape, build_model
 from gapm.baselines import losses as L
-from gapm.method import MethodBase
+from gapm.method import MethodBase, plain_update
 from gapm.networks import reparameterize
-from gapm.method import plain_update
 
 KINDS = ["vae", "aae", "wae", "introvae", "age", "alae"]
 LN2 = math.log(2.0)

@@ -19,19 +19,24 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow_fixtures import free_port
 
-from pipeline.train import checkpoints
 from pipeline import cli
-from pipeline.eval import fid
-from pipeline.tracking import registry
 from pipeline.config import load_config
-from pipeline.eval.claims import ClaimStore, create_exclusive
+from pipeline.data.shards import convert_dataset
+from pipeline.data.storage import create_exclusive
+from pipeline.eval import fid
+from pipeline.eval.claims import ClaimStore
+from pipeline.eval.features import (
+    DomainClassifier,
+    DomainNetShape,
+    save_domain_extractor,
+)
 from pipeline.eval.jobs import WatchOptions, parse_result_tag, watch
 from pipeline.eval.settings import EvalSettings
-from pipeline.eval.features import DomainClassifier, DomainNetShape, save_domain_extractor
-from pipeline.data.shards import convert_dataset
+from pipeline.tracking import registry
+from pipeline.train import checkpoints
 from pipeline.train.loop import train
-from mlflow_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 stage-1 + 2 stage-2 steps, a checkpoint every 2: step-00000002 and step-00000004.
@@ -243,7 +248,12 @@ def random_image_checkpoint(directory: Path, step: int = 7) -> Path:
 def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp_path):
     from conftest import FASHION_MNIST_DIR
 
-    from pipeline.eval.jobs import Ranks, image_generator, rank_seed, split_reconstruction_mse
+    from pipeline.eval.jobs import (
+        Ranks,
+        image_generator,
+        rank_seed,
+        split_reconstruction_mse,
+    )
 
     convert_dataset("fashion-mnist", FASHION_MNIST_DIR, str(tmp_path / "fm"), limit=100, samples_per_shard=50)
     checkpoint = random_image_checkpoint(tmp_path / "checkpoints")

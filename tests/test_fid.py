@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import cli
-from pipeline.eval import fid
-from pipeline.data import storage
-from pipeline.data import streaming
-from pipeline.eval.features import (DomainClassifier, DomainNetShape, labelled_images, load_domain_extractor,
-                                        save_domain_extractor)
+from pipeline.data import storage, streaming
 from pipeline.data.shards import convert_dataset
-
+from pipeline.eval import fid
+from pipeline.eval.features import (
+    DomainClassifier,
+    DomainNetShape,
+    labelled_images,
+    load_domain_extractor,
+    save_domain_extractor,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.train import checkpoints
 from pipeline.cli import build_parser
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"

@@ -3,8 +3,8 @@
 import pytest
 
 from gapm import GAPM, METHODS
-from pipeline.train import checkpoints
 from pipeline.config import ConfigError, load_config
+from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
 TINY = ["stage1.steps=6", "stage2.steps=4", "data.batch_size=32", "data.swissroll_samples=256",

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from gapm import GAPM, ModelShape, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+from gapm import (
+    GAPM,
+    ModelShape,
+    Stage1Hyperparameters,
+    Stage2Hyperparameters,
+    stage1_step,
+    stage2_step,
+)
 from gapm.method import plain_update
 
 SHAPES = [[2], [1, 28, 28], [3, 32, 32], [3, 64, 64]]

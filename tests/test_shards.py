@@ -14,9 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.errors import DataError
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset, crop_celeba, read_idx, read_manifest
+from pipeline.errors import DataError
 
 
 def read_split_with_stock_webdataset(directory: str) -> list[dict]:
@@ -218,8 +218,8 @@ def test_swissroll(tmp_path):
 
 
 def test_swissroll3d_shards_train_a_3d_model(tmp_path):
-    from pipeline.data import sources
     from pipeline.config import load_config
+    from pipeline.data import sources
 
     manifests = convert_dataset("swissroll3d", "-", str(tmp_path), swissroll_samples=256, samples_per_shard=64)
     assert manifests["train"]["point_dim"] == 3 and manifests["train"]["dataset"] == "swissroll3d"

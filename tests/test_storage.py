@@ -10,7 +10,7 @@ import urllib.request
 import boto3
 import pytest
 
-from pipeline.data import storage
+from pipeline.data import s3, storage
 from pipeline.data.storage import StorageError
 
 
@@ -100,8 +100,8 @@ def test_s3_roundtrip(s3_bucket, tmp_path, monkeypatch):
     storage.check_readable(base + "/x/1.bin")
 
     # Multipart upload path: shrink the threshold instead of uploading 64 MiB.
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
     big = tmp_path / "big.bin"
     payload = os.urandom(6 * 1024 * 1024 + 123)
     big.write_bytes(payload)

@@ -13,10 +13,14 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.errors import DataError
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset
-from pipeline.data.streaming import make_batch_stream, register_s3_opener, resolve_shard_urls
+from pipeline.data.streaming import (
+    make_batch_stream,
+    register_s3_opener,
+    resolve_shard_urls,
+)
+from pipeline.errors import DataError
 
 
 def image_rows(batches: list[torch.Tensor]) -> Counter:

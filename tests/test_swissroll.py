@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gapm import ModelShape, networks
-from pipeline.data import swissroll
 from pipeline.config import ConfigError, OptimizerConfig, load_config
+from pipeline.data import swissroll
 from pipeline.train.loop import train
 from pipeline.train.settings import scheduled_lr
 

@@ -17,12 +17,19 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import checkpoints
 from pipeline import cli
-from pipeline.tracking import registry
 from pipeline.config import load_config
+from pipeline.tracking import registry
 from pipeline.tracking.mlflow_sink import RUN_ID_FILE, MlflowTracker
-from pipeline.tracking.tracker import MASK, MultiTracker, NullTracker, RunDirectoryTracker, git_commit, mask_secrets
+from pipeline.tracking.tracker import (
+    MASK,
+    MultiTracker,
+    NullTracker,
+    RunDirectoryTracker,
+    git_commit,
+    mask_secrets,
+)
+from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train import checkpoints
 from pipeline.config import load_config
+from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
 TINY = ["stage1.steps=30", "stage2.steps=20", "data.batch_size=64", "data.swissroll_samples=512",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import checkpoints
-from pipeline.data import storage
 from pipeline.config import load_config
+from pipeline.data import storage
 from pipeline.data.shards import convert_dataset
+from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,25 +21,19 @@ through a buffer of ``shuffle_buffer`` samples.
 
 from __future__ import annotations
 
-import io
-import itertools
 import logging
 import math
 import os
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.data import storage
+from pipeline.data.shard_reader import ShardSamples
 from pipeline.data.shards import MANIFEST_NAME, read_manifest
 from pipeline.errors import DataError
 
@@ -164,217 +158,6 @@ def register_s3_opener() -> None:
 # --------------------------------------------------------------------------- the stream
 
 
-class _Counters:
-    """Problems seen by one reader since the last batch it emitted."""
-
-    def __init__(self) -> None:
-        self.corrupt = 0
-        self.failed = 0
-
-    def take(self) -> tuple[int, int]:
-        counts = (self.corrupt, self.failed)
-        self.corrupt = self.failed = 0
-        return counts
-
-
-def _epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """The same permutation on every rank (string seeds hash identically in every process)."""
-    order = list(urls)
-    random.Random(f"gapm-shards:{seed}:{epoch}").shuffle(order)
-    return order
-
-
-class _ShardSamples(IterableDataset):
-    """Per-reader pipeline: shards -> raw samples -> shuffle buffer -> decode -> batches.
-
-    Yields ``(batch_or_None, corrupt_count, failed_count)`` so that counts from DataLoader worker
-    processes reach the parent with the batches. Holds only plain configuration, so it pickles
-    into workers under any start method.
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        epoch: int,
-        shuffle_buffer: int,
-        resampled: bool,
-        drop_last: bool,
-        image_shape: tuple[int, int, int] | None,
-        shard_counts: dict[str, int] | None,
-    ) -> None:
-        super().__init__()
-        self.urls = urls
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.epoch = epoch
-        self.shuffle_buffer = shuffle_buffer
-        self.resampled = resampled
-        # drop_last=True is the capped training mode: readers cycle through their shards until the
-        # loader's cap; drop_last=False is one exact pass (evaluation).
-        self.drop_last = drop_last
-        self.image_shape = image_shape
-        self.shard_counts = shard_counts
-
-    def reader_urls(self, worker: int, num_workers: int) -> list[str]:
-        """The shards one reader (rank, worker) owns this epoch (all shards when resampled)."""
-        if self.resampled:
-            return list(self.urls)
-        rank_urls = _epoch_shard_order(self.urls, self.seed, self.epoch)[self.rank :: self.world_size]
-        return rank_urls[worker::num_workers]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, int]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counters = _Counters()
-        arrays = self._decoded(self.reader_urls(worker, num_workers), worker, counters)
-        batch: list[np.ndarray] = []
-        for array in arrays:
-            batch.append(array)
-            if len(batch) == self.batch_size:
-                yield (_collate(batch), *counters.take())
-                batch = []
-        if batch and not self.drop_last:
-            yield (_collate(batch), *counters.take())
-        corrupt, failed = counters.take()
-        if corrupt or failed:
-            yield (None, corrupt, failed)
-
-    def _decoded(self, urls: list[str], worker: int, counters: _Counters) -> Iterator[np.ndarray]:
-        reader = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
-        if self.resampled:
-            rng = random.Random(f"gapm-resampled:{reader}")
-            raw = _shard_samples(_draw_forever(urls, rng), counters, self.shard_counts)
-            yield from self._decode_all(self._shuffled(raw, rng), counters)
-            return
-        for pass_index in itertools.count():
-            rng = random.Random(f"gapm-pass:{reader}:{pass_index}")
-            order = list(urls)
-            if pass_index > 0:
-                rng.shuffle(order)  # a different order when a reader cycles through its shards again
-            produced = 0
-            raw = _shard_samples(order, counters, self.shard_counts)
-            for array in self._decode_all(self._shuffled(raw, rng), counters):
-                produced += 1
-                yield array
-            if not self.drop_last:
-                return
-            if produced == 0:
-                raise DataError(
-                    f"no readable samples in shard(s) {', '.join(urls)} (rank {self.rank}, worker {worker}): "
-                    "every shard failed or every sample was corrupt; check the warnings above and the data"
-                )
-
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-        if self.shuffle_buffer <= 1:
-            return samples
-        # Shuffle encoded samples (small) and decode only what leaves the buffer.
-        return wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
-
-    def _decode_all(self, samples: Iterator[dict[str, Any]], counters: _Counters) -> Iterator[np.ndarray]:
-        corrupt_in_a_row = 0
-        for sample in samples:
-            array = _decode(sample, counters, self.image_shape)
-            if array is None:
-                corrupt_in_a_row += 1
-                # A pass ends by itself; a resampled reader would spin forever on bad data.
-                if self.resampled and corrupt_in_a_row > GIVE_UP_AFTER:
-                    raise DataError(
-                        f"{GIVE_UP_AFTER} corrupt samples in a row (last in {sample.get('__url__')}); check the data"
-                    )
-                continue
-            corrupt_in_a_row = 0
-            yield array
-
-
-def _draw_forever(urls: list[str], rng: random.Random) -> Iterator[str]:
-    while True:
-        yield rng.choice(urls)
-
-
-def _shard_samples(
-    urls: Iterator[str] | list[str], counters: _Counters, expected: dict[str, int] | None
-) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of member bytes) from each shard in turn; unreadable shards are skipped.
-
-    A shard that cannot be opened, or that breaks off mid-way (truncated upload, dropped
-    connection), is counted once as failed; the samples read before the break are kept. Python's
-    tarfile takes a tar cut at a header boundary for a normal end, so the sample count is also
-    checked against the manifest (``expected``) when there is one.
-    """
-    barren_in_a_row = 0  # shards that gave nothing; only unbounded for resampled readers
-    for url in urls:
-        produced = 0
-        try:
-            stream = storage.open_read_stream(url)
-        except Exception as exc:
-            counters.failed += 1
-            log.warning("skipping unreadable shard %s: %s", url, exc)
-        else:
-            try:
-                members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-                for sample in group_by_keys(members):
-                    produced += 1
-                    yield sample
-                if expected and produced < expected.get(url, 0):
-                    counters.failed += 1
-                    log.warning("shard %s ended after %d of the manifest's %d samples; it is truncated",
-                                url, produced, expected[url])
-            except Exception as exc:
-                counters.failed += 1
-                log.warning("shard %s broke off (%s: %s); skipping the rest of it", url, type(exc).__name__, exc)
-            finally:
-                stream.close()
-        barren_in_a_row = 0 if produced else barren_in_a_row + 1
-        if barren_in_a_row > GIVE_UP_AFTER:
-            raise DataError(
-                f"{GIVE_UP_AFTER} shards in a row gave no samples (last: {url}); check the storage and data"
-            )
-
-
-def _decode(sample: dict[str, Any], counters: _Counters, image_shape: tuple[int, int, int] | None) -> np.ndarray | None:
-    """Decode one sample to an (H, W, C) uint8 image or a float32 point; None (counted) if corrupt."""
-    try:
-        if "npy" in sample:
-            array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-            return np.asarray(array, dtype=np.float32).reshape(-1)
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if extension is None:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            raise DataError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) or npy member, only {members}")
-        with Image.open(io.BytesIO(sample[extension])) as picture:
-            picture.load()  # decode now so truncated data fails here, not later
-            want_gray = image_shape[2] == 1 if image_shape else picture.mode in ("L", "1", "I;16", "I", "F")
-            picture = picture.convert("L") if want_gray else picture.convert("RGB")
-            array = np.asarray(picture)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if image_shape is not None and array.shape != image_shape:
-            raise DataError(f"image shape {array.shape} differs from the manifest's {image_shape}")
-        return array
-    except Exception as exc:
-        counters.corrupt += 1
-        log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
-        return None
-
-
-def _collate(arrays: list[np.ndarray]) -> torch.Tensor:
-    """Stack images into float32 (B, C, H, W) in [0, 1], or points into float32 (B, D)."""
-    stacked = np.stack(arrays)
-    if stacked.dtype == np.uint8:
-        # In numpy: an order of magnitude faster than torch's permute/float/div on small batches.
-        scaled = stacked.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-        scaled /= np.float32(255.0)
-        return torch.from_numpy(scaled)
-    return torch.from_numpy(stacked)
-
-
 class BatchStream:
     """One rank's batches: iterate it once per epoch; call :meth:`set_epoch` between epochs.
 
@@ -382,7 +165,7 @@ class BatchStream:
     identical on every rank), an upper bound for ``drop_last=False`` passes.
     """
 
-    def __init__(self, samples: _ShardSamples, *, num_workers: int, batches_per_epoch: int | None) -> None:
+    def __init__(self, samples: ShardSamples, *, num_workers: int, batches_per_epoch: int | None) -> None:
         self._samples = samples
         self.num_workers = num_workers
         self.batches_per_epoch = batches_per_epoch
@@ -456,9 +239,29 @@ def make_batch_stream(
     exact pass over this rank's shards, the last batch of each reader may be short, and batch
     counts may differ between ranks - never use it for DDP training.
 
-    Raises ValueError up front when non-resampled reading has fewer shards than
+    Raises DataError up front when non-resampled reading has fewer shards than
     ``world_size * max(1, num_workers)`` readers, and StorageError when the location is unreadable.
     """
+    _check_arguments(batch_size, rank, world_size, num_workers, batches_per_epoch, drop_last, resampled)
+    register_s3_opener()
+    if storage.is_s3_url(shard_spec):
+        prefix = shard_spec.split("{", 1)[0]
+        storage.check_readable(prefix if "{" in shard_spec else shard_spec)
+    urls, counts, manifest = _resolve(shard_spec)
+    if not resampled:
+        _check_enough_shards(shard_spec, urls, counts, readers=world_size * max(1, num_workers),
+                             world_size=world_size, num_workers=num_workers)
+    if drop_last and batches_per_epoch is None:
+        batches_per_epoch = _full_batches_per_rank(shard_spec, counts, world_size, batch_size)
+    samples = ShardSamples(
+        urls, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+        shuffle_buffer=shuffle_buffer, resampled=resampled, drop_last=drop_last,
+        image_shape=_manifest_image_shape(manifest), shard_counts=dict(zip(urls, counts)) if counts else None)
+    return BatchStream(samples, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
+
+
+def _check_arguments(batch_size: int, rank: int, world_size: int, num_workers: int,
+                     batches_per_epoch: int | None, drop_last: bool, resampled: bool) -> None:
     if batch_size < 1:
         raise DataError(f"batch_size {batch_size}: expected a positive number")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -473,52 +276,40 @@ def make_batch_stream(
             "resampled=True or batches_per_epoch (those give capped, full batches)"
         )
 
-    register_s3_opener()
-    if storage.is_s3_url(shard_spec):
-        prefix = shard_spec.split("{", 1)[0]
-        storage.check_readable(prefix if "{" in shard_spec else shard_spec)
-    urls, counts, manifest = _resolve(shard_spec)
 
-    readers = world_size * max(1, num_workers)
-    if not resampled and len(urls) < readers:
-        total_hint = f" (of {sum(counts)} samples)" if counts else ""
-        per_shard = f" <= {sum(counts) // readers}" if counts and sum(counts) >= readers else ""
-        raise DataError(
-            f"{shard_spec}: {len(urls)} shard(s){total_hint} but world_size {world_size} x "
-            f"num_workers {max(1, num_workers)} = {readers} readers each need at least one shard; "
-            f"reshard with samples_per_shard{per_shard} to get {readers}+ shards, lower num_workers, "
-            "or set resampled: true"
-        )
-
-    if drop_last and batches_per_epoch is None:
-        if counts is None:
-            raise DataError(
-                f"{shard_spec}: sample counts unknown (no manifest.json next to the shards); point "
-                "data at the shard directory holding manifest.json or set batches_per_epoch"
-            )
-        batches_per_epoch = sum(counts) // (world_size * batch_size)
-        if batches_per_epoch == 0:
-            raise DataError(
-                f"{shard_spec}: {sum(counts)} samples are fewer than world_size {world_size} x "
-                f"batch_size {batch_size}; lower the batch size or add data"
-            )
-
-    image_shape = None
-    if manifest and manifest.get("image"):
-        image = manifest["image"]
-        image_shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
-
-    samples = _ShardSamples(
-        urls,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        shuffle_buffer=shuffle_buffer,
-        resampled=resampled,
-        drop_last=drop_last,
-        image_shape=image_shape,
-        shard_counts=dict(zip(urls, counts)) if counts else None,
+def _check_enough_shards(shard_spec: str, urls: list[str], counts: list[int] | None, *, readers: int,
+                         world_size: int, num_workers: int) -> None:
+    """Fewer shards than readers would leave a reader without data: a DDP hang, or silently
+    repeated samples. Refused up front, with the fix."""
+    if len(urls) >= readers:
+        return
+    total_hint = f" (of {sum(counts)} samples)" if counts else ""
+    per_shard = f" <= {sum(counts) // readers}" if counts and sum(counts) >= readers else ""
+    raise DataError(
+        f"{shard_spec}: {len(urls)} shard(s){total_hint} but world_size {world_size} x "
+        f"num_workers {max(1, num_workers)} = {readers} readers each need at least one shard; "
+        f"reshard with samples_per_shard{per_shard} to get {readers}+ shards, lower num_workers, "
+        "or set resampled: true"
     )
-    return BatchStream(samples, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
+
+
+def _full_batches_per_rank(shard_spec: str, counts: list[int] | None, world_size: int, batch_size: int) -> int:
+    if counts is None:
+        raise DataError(
+            f"{shard_spec}: sample counts unknown (no manifest.json next to the shards); point "
+            "data at the shard directory holding manifest.json or set batches_per_epoch"
+        )
+    batches = sum(counts) // (world_size * batch_size)
+    if batches == 0:
+        raise DataError(
+            f"{shard_spec}: {sum(counts)} samples are fewer than world_size {world_size} x "
+            f"batch_size {batch_size}; lower the batch size or add data"
+        )
+    return batches
+
+
+def _manifest_image_shape(manifest: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    if not manifest or not manifest.get("image"):
+        return None
+    image = manifest["image"]
+    return int(image["height"]), int(image["width"]), int(image["channels"])

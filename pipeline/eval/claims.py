@@ -44,43 +44,6 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def create_exclusive(url: str, data: bytes) -> bool:
-    """Creates `url` with `data` if nothing is there; False if something already is."""
-    if storage.is_s3_url(url):
-        from botocore.exceptions import ClientError
-
-        bucket, key = storage.split_s3_url(url)
-        client = storage.s3_client()
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code"))
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise storage._storage_error(url, error, client) from error  # noqa: SLF001 - one message style
-        except Exception as error:
-            raise storage._storage_error(url, error, client) from error  # noqa: SLF001
-    path = storage.local_path(url)
-    for attempt in range(5):
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            break
-        except FileExistsError:
-            return False
-        except FileNotFoundError:  # a releasing job removed the empty directory just now
-            if attempt == 4:
-                raise ClaimError(f"claims location {url}: its directory keeps disappearing") from None
-        except OSError as error:
-            raise ClaimError(f"claims location {url}: {error}; make it writable or pass another --claims") from None
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return True
-
-
 @dataclass
 class ClaimInfo:
     owner: str
@@ -213,7 +176,7 @@ class ClaimStore:
                 pass  # released between listing and reading
             generation = top + 1
         acquired = time.time()
-        if not create_exclusive(self.generation_url(key, generation), self.payload(acquired)):
+        if not storage.create_exclusive(self.generation_url(key, generation), self.payload(acquired)):
             return None
         if self.generations(key)[-1] != generation:  # lost a race with a newer generation
             storage.delete(self.generation_url(key, generation))

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.data import storage
+from pipeline.data import shard_reader, storage
 from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
     for sample in dataset:
         if limit is not None and len(images) >= limit:
             break
-        extension = next((ext for ext in streaming.IMAGE_EXTENSIONS if ext in sample), None)
+        extension = next((ext for ext in shard_reader.IMAGE_EXTENSIONS if ext in sample), None)
         try:
             label = int(sample["cls"].decode())
             with Image.open(io.BytesIO(sample[extension])) as picture:
