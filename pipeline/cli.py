@@ -122,16 +122,16 @@ def positive_int(text: str) -> int:
 # ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval/)
 
 def command_fid_stats(args: argparse.Namespace) -> int:
-    from pipeline.eval import fid
+    from pipeline.eval import fid, reference_stats
     from pipeline.eval.settings import EvalSettings
 
     if not args.name or any(c in args.name for c in "/\\:") or args.name.endswith(".npz"):
         raise GapmError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
     device = torch_device(args.device)
     extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
-    stats = fid.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
+    stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
                                         batch_size=args.batch_size or EvalSettings.batch_size, kid_features=args.kid_features)
-    for location in fid.save_reference_stats(stats, args.out):
+    for location in reference_stats.save_reference_stats(stats, args.out):
         print(f"wrote {location}")
     print(f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features {stats.feature_extractor_id} "
           f"(dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with --stats {args.name}")

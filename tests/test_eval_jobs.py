@@ -25,7 +25,7 @@ from pipeline import cli
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
 from pipeline.data.storage import create_exclusive
-from pipeline.eval import fid
+from pipeline.eval import fid, reference_stats
 from pipeline.eval.claims import ClaimStore
 from pipeline.eval.features import (
     DomainClassifier,
@@ -65,7 +65,7 @@ def trained(mlflow_server, tmp_path_factory):
     extractor_file = work / "extractor.safetensors"
     save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=16)), str(extractor_file))
     extractor = fid.load_extractor(str(extractor_file), device=torch.device("cpu"))
-    stats = fid.compute_reference_stats(str(work / "fm/train"), extractor, "fm-train", kid_features=200)
+    stats = reference_stats.compute_reference_stats(str(work / "fm/train"), extractor, "fm-train", kid_features=200)
     stats_file = work / "fm-train.npz"
     stats_file.write_bytes(stats.to_npz_bytes())
     name = f"e{uuid.uuid4().hex[:8]}"
@@ -149,7 +149,7 @@ def test_eval_scores_one_checkpoint_from_run_artifacts_and_logs_it_at_its_step(t
     assert cli.main(["eval", str(local), "--stats", trained["stats"], "-n", "60", "--device", "cpu"]) == 0
     assert 4 in [m.step for m in client.get_metric_history(run_id, "eval/fid")]
     # statistics of other images than the model makes: one clear error
-    wrong = fid.ReferenceStats.from_npz_bytes(Path(trained["stats"]).read_bytes(), "x")
+    wrong = reference_stats.ReferenceStats.from_npz_bytes(Path(trained["stats"]).read_bytes(), "x")
     wrong.image_shape = [3, 32, 32]
     (tmp_path / "wrong.npz").write_bytes(wrong.to_npz_bytes())
     assert cli.main(["eval", str(local), "--stats", str(tmp_path / "wrong.npz"), "-n", "8", "--no-log",
@@ -260,7 +260,7 @@ def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp
     torch.manual_seed(0)
     save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=8)), str(tmp_path / "fx.st"))
     extractor = fid.load_extractor(str(tmp_path / "fx.st"), device=torch.device("cpu"))
-    stats = fid.compute_reference_stats(str(tmp_path / "fm/train"), extractor, "fm")
+    stats = reference_stats.compute_reference_stats(str(tmp_path / "fm/train"), extractor, "fm")
     (tmp_path / "fm.npz").write_bytes(stats.to_npz_bytes())
     out = tmp_path / "result.json"
     result = subprocess.run(
@@ -280,7 +280,7 @@ def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp
         moments.add(fid.generated_features(image_generator(model, torch.device("cpu"), seed), 1, share, extractor,
                                            seed=seed))
     assert record["metrics"]["eval/fid_samples"] == 41
-    assert record["metrics"]["eval/fid"] == pytest.approx(fid.fid_against(stats, moments), rel=1e-3, abs=1e-9)
+    assert record["metrics"]["eval/fid"] == pytest.approx(reference_stats.fid_against(stats, moments), rel=1e-3, abs=1e-9)
     mse, images = split_reconstruction_mse(model, str(tmp_path / "fm/test"), Ranks(), 250)
     assert record["metrics"]["eval/test_reconstruction_mse"] == pytest.approx(mse, rel=1e-6)
     assert record["metrics"]["eval/test_images"] == images == 100

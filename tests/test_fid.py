@@ -17,7 +17,7 @@ from torch import nn
 from pipeline import cli
 from pipeline.data import storage, streaming
 from pipeline.data.shards import convert_dataset
-from pipeline.eval import fid
+from pipeline.eval import fid, reference_stats
 from pipeline.eval.features import (
     DomainClassifier,
     DomainNetShape,
@@ -72,22 +72,22 @@ def batches(spec: str, limit: int, transform=None, batch_size: int = 100):
             return
 
 
-def distance(a: fid.ReferenceStats, b: fid.ReferenceStats) -> float:
+def distance(a: reference_stats.ReferenceStats, b: reference_stats.ReferenceStats) -> float:
     return fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(fashion_shards):
     extractor = small_extractor()
     train = str(fashion_shards / "train")
-    reference = fid.compute_reference_stats(train, extractor, "train", limit=200)
+    reference = reference_stats.compute_reference_stats(train, extractor, "train", limit=200)
     assert reference.count == 200 and reference.image_shape == [1, 28, 28]
-    again = fid.compute_reference_stats(train, extractor, "again", limit=200)
+    again = reference_stats.compute_reference_stats(train, extractor, "again", limit=200)
     itself = distance(again, reference)
     assert itself == pytest.approx(0.0, abs=1e-6)
     assert again.id == reference.id
-    scores = [distance(fid.compute_reference_stats("shifted", extractor, "s", images=batches(
+    scores = [distance(reference_stats.compute_reference_stats("shifted", extractor, "s", images=batches(
         train, 200, lambda b, s=s: torch.roll(b, shifts=s, dims=3))), reference) for s in (2, 6)]
-    brighter = distance(fid.compute_reference_stats("bright", extractor, "b", images=batches(
+    brighter = distance(reference_stats.compute_reference_stats("bright", extractor, "b", images=batches(
         train, 200, lambda b: (b + 0.3).clamp(0, 1))), reference)
     assert max(abs(itself), 1e-9) * 1000 < scores[0] < scores[1]
     assert brighter > 1000 * max(abs(itself), 1e-9)
@@ -157,10 +157,10 @@ def test_generated_features_have_compute_fid_gen_semantics(fashion_shards, tmp_p
             raise
         pytest.skip("clean-fid's own frechet_distance does not run on this SciPy")
     position["next"] = 0
-    reference = fid.compute_reference_stats("real", extractor, "real", images=iter([real]))
+    reference = reference_stats.compute_reference_stats("real", extractor, "real", images=iter([real]))
     moments = fid.FeatureMoments()
     moments.add(fid.generated_features(generate, 4, 120, extractor, batch_size=40))
-    assert fid.fid_against(reference, moments) == pytest.approx(theirs, rel=1e-4)
+    assert reference_stats.fid_against(reference, moments) == pytest.approx(theirs, rel=1e-4)
     # the same for a random generator with a seed: deterministic
     noise = lambda z: torch.sigmoid(z[:, :1, None, None] * torch.ones(1, 3, 28, 28)) * 255  # noqa: E731
     first = fid.generated_features(noise, 4, 50, extractor, batch_size=20, seed=3)
@@ -176,8 +176,8 @@ def test_fid_stats_command_writes_local_and_s3_copies_that_load_by_name_or_url(
                      "--feature-extractor", str(extractor_file), "--out", f"s3://{s3_bucket}/fid", "--device", "cpu",
                      "--kid-features", "100"]) == 0
     assert "use with --stats fm-train" in capsys.readouterr().out
-    by_name = fid.load_reference_stats("fm-train", with_kid=True)
-    from_s3 = fid.load_reference_stats(f"s3://{s3_bucket}/fid/fm-train.npz")
+    by_name = reference_stats.load_reference_stats("fm-train", with_kid=True)
+    from_s3 = reference_stats.load_reference_stats(f"s3://{s3_bucket}/fid/fm-train.npz")
     assert (isolated_stats_dir / "fm-train.npz").is_file()
     assert by_name.id == from_s3.id and by_name.count == 250 and by_name.image_shape == [1, 28, 28]
     assert by_name.feature_extractor == str(extractor_file) and by_name.kid_features.shape == (100, 16)
@@ -190,9 +190,9 @@ def test_fid_stats_command_writes_local_and_s3_copies_that_load_by_name_or_url(
     np.testing.assert_allclose(by_name.sigma, np.cov(features, rowvar=False), rtol=1e-5, atol=1e-8)
     # statistics are only used with the extractor they were computed with
     with pytest.raises(fid.FidError, match="computed with feature extractor"):
-        fid.check_comparable(by_name, small_extractor(), "fm-train")
+        reference_stats.check_comparable(by_name, small_extractor(), "fm-train")
     with pytest.raises(fid.FidError, match="gapm fid-stats SHARDS --name nope"):
-        fid.load_reference_stats("nope")
+        reference_stats.load_reference_stats("nope")
 
 
 def test_missing_inception_weights_fail_fast_and_say_how_to_stage_them(tmp_path, monkeypatch, capsys):
@@ -270,16 +270,16 @@ def test_domain_feature_extractor_tells_real_from_blurred_and_noise(fashion_shar
     accuracy = float(printed.split("test accuracy ")[1].split(",")[0])
     assert accuracy > 0.3  # 10 classes: chance is 0.1; ~0.45 after 2 epochs on 600 images
     extractor = fid.load_extractor(str(out), device=torch.device("cpu"))
-    train = fid.compute_reference_stats(str(fashion_shards / "train"), extractor, "train")
-    test = fid.compute_reference_stats(str(fashion_shards / "test"), extractor, "test", limit=300)
+    train = reference_stats.compute_reference_stats(str(fashion_shards / "train"), extractor, "train")
+    test = reference_stats.compute_reference_stats(str(fashion_shards / "test"), extractor, "test", limit=300)
 
     def blur(batch: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(F.avg_pool2d(batch, 7, stride=1, padding=3), 7, stride=1, padding=3)
 
-    blurred = fid.compute_reference_stats("blurred", extractor, "b", images=batches(str(fashion_shards / "test"),
+    blurred = reference_stats.compute_reference_stats("blurred", extractor, "b", images=batches(str(fashion_shards / "test"),
                                                                                     300, blur))
     generator = torch.Generator().manual_seed(0)
-    noise = fid.compute_reference_stats("noise", extractor, "n",
+    noise = reference_stats.compute_reference_stats("noise", extractor, "n",
                                         images=iter([torch.rand(300, 1, 28, 28, generator=generator)]))
     real_vs_real = distance(test, train)
     assert 5 * real_vs_real < distance(blurred, train)

@@ -54,7 +54,7 @@ from gapm import GAPM
 from pipeline.data import sources, storage
 from pipeline.data.sources import DataConfig
 from pipeline.errors import GapmError
-from pipeline.eval import fid, quality
+from pipeline.eval import fid, quality, reference_stats
 from pipeline.eval.claims import DEFAULT_TTL_S, ClaimStore
 from pipeline.eval.settings import EvalConfig, EvalSettings
 from pipeline.train import checkpoints
@@ -152,7 +152,7 @@ class Reference:
 
     key: str
     description: str
-    stats: fid.ReferenceStats | None = None
+    stats: reference_stats.ReferenceStats | None = None
     extractor: fid.FeatureExtractor | None = None
     samples: int = 0
 
@@ -161,10 +161,10 @@ def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
     if not settings.stats:
         raise fid.FidError("no reference statistics for FID: pass --stats NAME_OR_URL (or set eval.fid_stats); "
                         "compute them from the training shards with `gapm fid-stats SHARDS --name NAME`")
-    stats = fid.load_reference_stats(settings.stats, with_kid=settings.kid)
+    stats = reference_stats.load_reference_stats(settings.stats, with_kid=settings.kid)
     extractor = fid.load_extractor(settings.feature_extractor or stats.feature_extractor,
                                    inception_weights=settings.inception_weights, device=device)
-    fid.check_comparable(stats, extractor, settings.stats)
+    reference_stats.check_comparable(stats, extractor, settings.stats)
     key = hashlib.sha256(f"fid:{stats.id}:{settings.samples}".encode()).hexdigest()[:10]
     return Reference(key=key, description=f"FID-{settings.samples} vs {stats.name} ({stats.feature_extractor_id})",
                      stats=stats, extractor=extractor, samples=settings.samples)
@@ -232,7 +232,7 @@ def score_image_model(model: GAPM, reference: Reference, settings: EvalSettings,
     moments = fid.FeatureMoments()
     moments.add(features)
     moments = reduce_moments(moments, len(stats.mu), ranks)
-    metrics = {FID_METRIC: fid.fid_against(stats, moments), "eval/fid_samples": float(moments.count),
+    metrics = {FID_METRIC: reference_stats.fid_against(stats, moments), "eval/fid_samples": float(moments.count),
                "eval/fid_seconds": time.perf_counter() - started}
     if settings.kid:
         keep = features[: math.ceil(MAX_KID_FEATURES / ranks.world)]
