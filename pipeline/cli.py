@@ -174,8 +174,9 @@ def command_eval(args: argparse.Namespace) -> int:
 def command_eval_watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.eval.jobs import CLAIMS_ENV, EvalError, WatchOptions, watch
+    from pipeline.eval.scoring import EvalError
     from pipeline.eval.settings import EvalConfig
+    from pipeline.eval.watch import CLAIMS_ENV, WatchOptions, watch
 
     config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
     experiments = args.experiment or ([config.tracking.experiment or config.name] if config is not None else None)

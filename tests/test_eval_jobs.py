@@ -32,8 +32,9 @@ from pipeline.eval.features import (
     DomainNetShape,
     save_domain_extractor,
 )
-from pipeline.eval.jobs import WatchOptions, parse_result_tag, watch
+from pipeline.eval.mlflow_runs import parse_result_tag
 from pipeline.eval.settings import EvalSettings
+from pipeline.eval.watch import WatchOptions, watch
 from pipeline.tracking import registry
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
@@ -248,7 +249,7 @@ def random_image_checkpoint(directory: Path, step: int = 7) -> Path:
 def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp_path):
     from conftest import FASHION_MNIST_DIR
 
-    from pipeline.eval.jobs import (
+    from pipeline.eval.scoring import (
         Ranks,
         image_generator,
         rank_seed,

@@ -207,7 +207,7 @@ def test_corrupt_sample_and_broken_shard_are_skipped_and_counted(cifar_shards, c
     with open(broken, "wb") as f:
         f.write(data[: len(data) // 2 + 100])
 
-    caplog.set_level(logging.WARNING, logger="pipeline.data.streaming")
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
     stream = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False)
     rows = image_rows(list(stream))
     assert stream.stats.corrupt_samples == 1 and stream.stats.failed_shards == 1

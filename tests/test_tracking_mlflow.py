@@ -66,7 +66,7 @@ def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory
     stage 2: training finishes, warns once per outage, and what was kept during the first
     outage reaches the same run. (First in this file: `mlflow_server_launched` lets the
     session's server start meanwhile.)"""
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
     server = mlflow_server_factory()  # not started yet: nothing listens on its port
     config = tiny_config(tmp_path)
     run_dir = config.run_dir
@@ -94,7 +94,7 @@ def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory
     assert (run_dir / RUN_ID_FILE).read_text().strip() == mlflow.run_id
     calls, metrics = mlflow.pending()
     assert calls > 0 and metrics > 0  # stage 2, pictures, model: kept, never delivered
-    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.tracking.mlflow_sink"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("pipeline.tracking")]
     assert sum("is unreachable" in m for m in messages) == 2, messages  # once per outage
     assert sum("reachable again" in m for m in messages) == 1, messages
     assert sum("unreachable at the end of training" in m for m in messages) == 1, messages
@@ -201,7 +201,7 @@ def test_embedded_store_resume_registry_and_sample(tmp_path, monkeypatch, caplog
     assert (run_dir / "mlflow.db").is_file() and (run_dir / "mlartifacts").is_dir()
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
 
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
     resumed = load_config(REPO / "configs/swissroll.yaml",
                           [f"name={config.name}", f"output_dir={tmp_path}", *TINY])  # now with stage 2
     result = train(resumed, resume="auto")

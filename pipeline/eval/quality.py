@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gapm import GAPM
+from gapm import Method
 from pipeline.data.sources import to_data_space, to_model_space
 from pipeline.data.swissroll import RollGeometry, roll_coverage
 
@@ -39,7 +39,7 @@ def rbf_mmd(first: Tensor, second: Tensor, bandwidths: tuple[float, ...] = MMD_B
 
 
 @torch.no_grad()
-def reconstruct_in_batches(model: GAPM, data: Tensor, data_shape: list[int], batch_size: int = 500) -> Tensor:
+def reconstruct_in_batches(model: Method, data: Tensor, data_shape: list[int], batch_size: int = 500) -> Tensor:
     device = next(model.parameters()).device
     out = []
     for chunk in data.split(batch_size):
@@ -49,7 +49,7 @@ def reconstruct_in_batches(model: GAPM, data: Tensor, data_shape: list[int], bat
 
 
 @torch.no_grad()
-def sample_in_batches(model: GAPM, count: int, data_shape: list[int], seed: int, batch_size: int = 500) -> Tensor:
+def sample_in_batches(model: Method, count: int, data_shape: list[int], seed: int, batch_size: int = 500) -> Tensor:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out, remaining = [], count
@@ -66,7 +66,7 @@ def relative_reconstruction_error(data: Tensor, reconstruction: Tensor) -> float
     return ((reconstruction - data).pow(2).sum() / (data - data.mean(0)).pow(2).sum()).item()
 
 
-def evaluate(model: GAPM, held_out: Tensor, data_shape: list[int], sample_count: int, seed: int,
+def evaluate(model: Method, held_out: Tensor, data_shape: list[int], sample_count: int, seed: int,
              roll: RollGeometry | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
     """Returns (metrics, reconstructions of held_out, generated samples), all in data space.
     `roll`: the roll the data comes from, for its coverage metrics."""

@@ -13,7 +13,7 @@ from pipeline.errors import ConfigError
 @dataclass
 class EvalConfig:
     samples: int = 5000  # generated samples for the end-of-training metrics
-    # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval/jobs.py):
+    # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval/):
     fid_stats: str | None = None  # reference statistics: a name, path or s3:// URL (gapm fid-stats)
     fid_samples: int = 50000  # generated samples per FID (the paper: 50,000)
     feature_extractor: str | None = None  # null: the one the statistics were computed with

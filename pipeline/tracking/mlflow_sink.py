@@ -11,33 +11,28 @@ the final checkpoint (the registered model) holds both. Metric keys say the stag
 (`stage1/...`, `stage2/...`) and the tag `stage` says which one is in progress. The run id is
 kept in <run_dir>/mlflow_run_id, so a resumed training continues the same run.
 
-Tracking never stops or slows training. Every MLflow call runs on one background thread, in
-order; the training loop only appends to in-memory queues. When MLflow is unreachable the
-thread warns once per outage, keeps metrics (up to `max_buffered_metrics`, oldest dropped
-first) and the other calls, and retries with a growing interval; when the server is back
-everything queued is delivered into the same run. HTTP retries inside MLflow are kept short
-(MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=10 unless already set) so an
-outage is noticed in seconds, not minutes. `finish` waits for delivery up to
-`finish_timeout_s` while MLflow is unreachable; whatever is still undelivered is named in a
-warning — the run directory keeps the full record either way.
+Tracking never stops or slows training: every MLflow call goes through an `Outbox`
+(pipeline.tracking.outbox), delivered in order by one background thread that survives
+outages and delivers everything into the same run when the server is back. HTTP retries
+inside MLflow are kept short (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=10
+unless already set) so an outage is noticed in seconds, not minutes. `finish` waits for
+delivery up to `finish_timeout_s` while MLflow is unreachable; whatever is still undelivered
+is named in a warning — the run directory keeps the full record either way.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import getpass
-import itertools
 import logging
 import os
 import shutil
 import sqlite3
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from pipeline.tracking.outbox import MetricValue, Outbox
 from pipeline.tracking.tracker import flatten, mask_secret_value, mask_secrets
 
 if TYPE_CHECKING:
@@ -52,7 +47,6 @@ HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TI
 LATEST_CHECKPOINT_TAG = "gapm.latest_checkpoint"
 UPLOAD_STAGING = ".mlflow-upload"  # in the run directory: checkpoints waiting to be uploaded
 MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
-FAILURES_BEFORE_DROPPING = 3  # a call that fails while the server answers other calls
 
 
 def resolve_tracking_uri(run_dir: Path) -> tuple[str, str | None]:
@@ -112,24 +106,9 @@ def is_transient(error: BaseException) -> bool:
                                     "ReadTimeoutError", "ConnectionClosedError")
 
 
-@dataclass
-class _Call:
-    what: str  # named in warnings
-    run: Callable[[], None]
-    after: int  # metric values numbered below this were logged before the call: send them first
-    failures: int = 0
-
-
-@dataclass
-class _Outbox:
-    calls: collections.deque = field(default_factory=collections.deque)
-    metrics: collections.deque = field(default_factory=collections.deque)  # (number, key, value, ms, step)
-    next_number: int = 0
-    dropped_metrics: int = 0
-
-
 class MlflowTracker:
-    """Satisfies pipeline.tracking.tracker.Tracker; see the module docstring."""
+    """Satisfies pipeline.tracking.tracker.Tracker: the MLflow calls of a run, queued in an
+    Outbox; see the module docstring."""
 
     def __init__(self, run_dir: Path, experiment_name: str, *, run_name: str | None = None,
                  tracking_uri: str | None = None, registered_model_name: str | None = None,
@@ -144,12 +123,11 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri or default_uri
         if tracking_uri and tracking_uri != default_uri:
             self.artifact_location = None
+        self.name = f"MLflow at {self.tracking_uri}"
         self.registered_model_name = registered_model_name or f"gapm-{self.run_name}"
         self.register_model = register_model
         self.log_checkpoints = log_checkpoints
         self.system_metrics = system_metrics
-        self.retry_interval_s, self.max_retry_interval_s = retry_interval_s, max_retry_interval_s
-        self.max_buffered_metrics = max_buffered_metrics
         self.finish_timeout_s = finish_timeout_s
         for name, value in HTTP_SETTINGS.items():
             os.environ.setdefault(name, value)
@@ -158,17 +136,10 @@ class MlflowTracker:
         self.resumed = False
         self._client: Any = None
         self._monitor: Any = None
-        self._outbox = _Outbox()
-        self._lock = threading.Condition()
-        self._closing = False
         self._finished = False
-        self._disabled = False
-        self._outage = False
-        self._next_attempt = 0.0
-        self._backoff = retry_interval_s
-        self._close_deadline = float("inf")
-        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-        self._thread.start()
+        self._outbox = Outbox(self, retry_interval_s=retry_interval_s, max_retry_interval_s=max_retry_interval_s,
+                              max_buffered_metrics=max_buffered_metrics, max_metrics_per_batch=MAX_METRICS_PER_BATCH,
+                              thread_name="mlflow-tracker")
         # A training that dies with an exception never calls finish: mark its run FAILED and
         # deliver what is queued (briefly) rather than leave it RUNNING forever.
         atexit.register(self._at_exit)
@@ -184,35 +155,20 @@ class MlflowTracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         masked = mask_secrets(params)
-        self._call("params", lambda: self._send_params(masked))
+        self._outbox.add_call("params", lambda: self._send_params(masked))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        with self._lock:
-            if self._closing or self._disabled:
-                return
-            box = self._outbox
-            for key, value in metrics.items():
-                if len(box.metrics) >= self.max_buffered_metrics:
-                    box.metrics.popleft()
-                    if box.dropped_metrics == 0:
-                        log.warning("MLflow: more than %d metric values waiting; dropping the oldest "
-                                    "(metrics.jsonl in the run directory keeps them all)",
-                                    self.max_buffered_metrics)
-                    box.dropped_metrics += 1
-                box.metrics.append((box.next_number, key, float(value), now, int(step)))
-                box.next_number += 1
-            self._lock.notify_all()
+        self._outbox.add_metrics(metrics, step)
 
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         path = Path(path)
-        self._call(f"artifact {path.name}", lambda: self._upload(path, artifact_dir))
+        self._outbox.add_call(f"artifact {path.name}", lambda: self._upload(path, artifact_dir))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         tags = {key: str(mask_secret_value(value)) for key, value in tags.items()}
         if tags.get("git_commit"):
             tags["mlflow.source.git.commit"] = tags["git_commit"].removesuffix("-dirty")
-        self._call("tags", lambda: self._send_tags(tags))
+        self._outbox.add_call("tags", lambda: self._send_tags(tags))
 
     def log_checkpoint(self, checkpoint: Path | str) -> None:
         """Uploads the checkpoint directory as artifacts checkpoints/step-XXXXXXXX; a remote
@@ -220,7 +176,7 @@ class MlflowTracker:
         location = str(checkpoint)
         remote = isinstance(checkpoint, str) and "://" in location
         if remote or not self.log_checkpoints:
-            self._call("checkpoint location", lambda: self._send_tags({LATEST_CHECKPOINT_TAG: location}))
+            self._outbox.add_call("checkpoint location", lambda: self._send_tags({LATEST_CHECKPOINT_TAG: location}))
             return
         path = Path(checkpoint)
         # Uploads run later, in the background; pruning (train.keep_last_checkpoints) may delete
@@ -237,36 +193,28 @@ class MlflowTracker:
             if staged != path:
                 shutil.rmtree(staged, ignore_errors=True)
 
-        self._call(f"checkpoint {path.name}", upload)
+        self._outbox.add_call(f"checkpoint {path.name}", upload)
 
     def log_model(self, checkpoint: Path | str) -> None:
         """Logs the final checkpoint (directory or s3:// URL) as the run's pyfunc model and
         registers it."""
-        self._call("model", lambda: self._send_model(checkpoint))
+        self._outbox.add_call("model", lambda: self._send_model(checkpoint))
 
     def finish(self, status: str = "FINISHED") -> None:
-        with self._lock:
-            if self._finished:
-                return
-            self._finished = True
-            if not self._disabled:
-                self._outbox.calls.append(_Call(f"run status {status}", lambda: self._terminate(status),
-                                                after=self._outbox.next_number))
-            self._closing = True
-            self._close_deadline = time.monotonic() + self.finish_timeout_s
-            self._next_attempt = 0.0
-            self._lock.notify_all()
-        self._thread.join()
+        if self._finished:
+            return
+        self._finished = True
+        self._outbox.add_call(f"run status {status}", lambda: self._terminate(status), final=True)
+        self._outbox.close(self.finish_timeout_s)
         atexit.unregister(self._at_exit)
         shutil.rmtree(self.run_dir / UPLOAD_STAGING, ignore_errors=True)
         calls, metrics = self.pending()
         if calls or metrics:
-            box = self._outbox
             log.warning("MLflow at %s unreachable at the end of training: not delivered to run %s: %d metric "
                         "values and %s. The run directory keeps the full record; once MLflow is back, "
                         "running the same `gapm train` again (resume auto) logs and registers the model.",
                         self.tracking_uri, self.run_id or "(never created)", metrics,
-                        ", ".join(c.what for c in box.calls) or "no other calls")
+                        ", ".join(c.what for c in self._outbox.calls) or "no other calls")
 
     def _at_exit(self) -> None:
         if self._finished or (self.run_id is None and not any(self.pending())):
@@ -278,139 +226,40 @@ class MlflowTracker:
 
     def pending(self) -> tuple[int, int]:
         """(calls, metric values) not yet delivered."""
-        with self._lock:
-            return len(self._outbox.calls), len(self._outbox.metrics)
+        return self._outbox.pending()
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Waits until everything logged so far is delivered; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            self._next_attempt = 0.0
-            self._lock.notify_all()
-            while self._outbox.calls or self._outbox.metrics:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._disabled or not self._thread.is_alive():
-                    return False
-                self._lock.wait(min(remaining, 0.1))
-        return True
+        return self._outbox.flush(timeout_s)
 
-    # ---- the background thread ----
+    # ---- the Sink side of the outbox (background thread only) ----
 
-    def _call(self, what: str, run: Callable[[], None]) -> None:
-        with self._lock:
-            if self._closing or self._disabled:
-                return
-            self._outbox.calls.append(_Call(what, run, after=self._outbox.next_number))
-            self._lock.notify_all()
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                while True:
-                    has_work = bool(self._outbox.calls or self._outbox.metrics)
-                    if self._closing and (not has_work or self._disabled):
-                        return
-                    wait = self._next_attempt - time.monotonic()
-                    if has_work and wait <= 0:
-                        break
-                    self._lock.wait(wait if has_work else None)
-            if self._deliver():
-                continue
-            with self._lock:
-                if self._closing and time.monotonic() >= self._close_deadline:
-                    return
-                self._next_attempt = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, self.max_retry_interval_s)
-                if self._closing:
-                    self._next_attempt = min(self._next_attempt, self._close_deadline)
-
-    def _deliver(self) -> bool:
-        """Sends everything queued; False when MLflow is unreachable (retry later)."""
-        try:
-            if self.run_id is None:
-                started = time.monotonic()
-                self._start_run()
-                log.debug("MLflow: starting the run took %.2f s", time.monotonic() - started)
-            self._send_in_order()
-        except Exception as error:  # noqa: BLE001 - tracking must never stop training
-            if not is_transient(error):
-                self._disable(error)
-                return True
-            if not self._outage:
-                log.warning("MLflow at %s is unreachable (%s); training goes on, tracking calls are kept "
-                            "and retried (metrics: up to %d values)", self.tracking_uri,
-                            _short(error), self.max_buffered_metrics)
-            self._outage = True
-            return False
-        if self._outage:
-            log.warning("MLflow at %s is reachable again; delivered what was kept during the outage "
-                        "to run %s", self.tracking_uri, self.run_id)
-            self._outage = False
-            self._restart_system_metrics()
-        self._backoff = self.retry_interval_s
-        return True
-
-    def _send_in_order(self) -> None:
-        """Calls and metric values in the order the training loop logged them."""
-        while True:
-            with self._lock:
-                call = self._outbox.calls[0] if self._outbox.calls else None
-            self._send_metrics(before=call.after if call else None)
-            if call is None:
-                return
+    def connect(self) -> None:
+        if self.run_id is None:
             started = time.monotonic()
-            try:
-                call.run()
-                log.debug("MLflow: %s took %.2f s", call.what, time.monotonic() - started)
-            except Exception as error:  # noqa: BLE001
-                if is_transient(error):
-                    call.failures += 1
-                    if call.failures < FAILURES_BEFORE_DROPPING or not self._server_answers():
-                        raise
-                log.warning("MLflow: could not log %s to run %s: %s", call.what, self.run_id, _short(error))
-            with self._lock:
-                self._outbox.calls.popleft()
-                self._lock.notify_all()
+            self._start_run()
+            log.debug("MLflow: starting the run took %.2f s", time.monotonic() - started)
 
-    def _send_metrics(self, before: int | None) -> None:
-        """Sends the queued metric values numbered below `before` (None: all)."""
+    def send_metrics(self, values: list[MetricValue]) -> None:
         from mlflow.entities import Metric
 
-        while True:
-            with self._lock:
-                batch = [m for m in itertools.islice(self._outbox.metrics, MAX_METRICS_PER_BATCH)
-                         if before is None or m[0] < before]
-            if not batch:
-                return
-            try:
-                self._client.log_batch(self.run_id, metrics=[Metric(key, value, ms, step)
-                                                             for _, key, value, ms, step in batch])
-            except Exception as error:  # noqa: BLE001
-                if is_transient(error):
-                    raise
-                log.warning("MLflow: dropped %d metric values that run %s refused: %s", len(batch), self.run_id,
-                            _short(error))
-            last = batch[-1][0]
-            with self._lock:
-                while self._outbox.metrics and self._outbox.metrics[0][0] <= last:
-                    self._outbox.metrics.popleft()
-                self._lock.notify_all()
+        self._client.log_batch(self.run_id, metrics=[Metric(key, value, ms, step) for _, key, value, ms, step in values])
 
-    def _disable(self, error: BaseException) -> None:
-        log.warning("MLflow tracking is off for this run: %s (the run directory keeps the full record)",
-                    _short(error))
-        with self._lock:
-            self._disabled = True
-            self._outbox.calls.clear()
-            self._outbox.metrics.clear()
-            self._lock.notify_all()
-
-    def _server_answers(self) -> bool:
+    def answers(self) -> bool:
         try:
             self._client.get_run(self.run_id)
             return True
         except Exception:  # noqa: BLE001
             return False
+
+    def reconnected(self) -> None:
+        self._restart_system_metrics()
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def describe(self, error: BaseException) -> str:
+        return _short(error)
 
     # ---- MLflow calls (background thread only) ----
 

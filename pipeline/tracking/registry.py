@@ -34,7 +34,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from gapm import GAPM, ModelShape, build_model
+from gapm import Method, ModelShape, build_model
 from pipeline.data import sources
 from pipeline.errors import GapmError
 from pipeline.eval import quality
@@ -54,17 +54,17 @@ def default_model_name(experiment: str) -> str:
     return f"gapm-{experiment}"
 
 
-def sample(model: GAPM, count: int, seed: int) -> torch.Tensor:
+def sample(model: Method, count: int, seed: int) -> torch.Tensor:
     """`count` generated samples in data space ([0, 1] images or points), a pure function of
     the weights and `seed`: the same for a checkpoint and the model registered from it."""
     return quality.sample_in_batches(model, count, model.shape.data_shape, seed)
 
 
-def reconstruct(model: GAPM, data: torch.Tensor) -> torch.Tensor:
+def reconstruct(model: Method, data: torch.Tensor) -> torch.Tensor:
     return quality.reconstruct_in_batches(model, data, model.shape.data_shape)
 
 
-def model_from_files(weights: Path, meta: Path) -> GAPM:
+def model_from_files(weights: Path, meta: Path) -> Method:
     """Rebuilds the model (GAPM or a baseline, eval mode) from a safetensors file and a
     checkpoint meta.json."""
     try:
@@ -227,7 +227,7 @@ def is_local(model_uri: str) -> bool:
     return scheme in ("", "file") or len(scheme) == 1  # one letter: a Windows drive
 
 
-def load_generator(model_uri: str) -> GAPM:
+def load_generator(model_uri: str) -> Method:
     """The model behind models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID,
     runs:/RUN_ID/model, a downloaded MLflow model directory or a checkpoint (directory or
     s3:// URL) — rebuilt from safetensors + meta.json, in eval mode, on the CPU."""
@@ -249,7 +249,7 @@ def load_generator(model_uri: str) -> GAPM:
         return _from_model_directory(Path(local), model_uri)
 
 
-def _from_model_directory(directory: Path, model_uri: str) -> GAPM:
+def _from_model_directory(directory: Path, model_uri: str) -> Method:
     """Reads MLmodel as plain YAML to find the artifacts; python_model.pkl is never opened."""
     description = yaml.safe_load((directory / "MLmodel").read_text()) or {}
     artifacts = description.get("flavors", {}).get("python_function", {}).get("artifacts", {})
@@ -269,5 +269,5 @@ def _explain(error: BaseException, tracking_uri: str, thing: str) -> str:
             "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) and MLFLOW_TRACKING_URI")
 
 
-def is_image_model(model: GAPM) -> bool:
+def is_image_model(model: Method) -> bool:
     return sources.is_image_shape(model.shape.data_shape)

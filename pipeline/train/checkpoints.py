@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from gapm import GAPM, ModelShape, build_model
+from gapm import Method, ModelShape, build_model
 from pipeline.data import storage
 from pipeline.errors import GapmError
 
@@ -73,7 +73,7 @@ def checkpoint_basename(checkpoint: Checkpoint) -> str:
     return str(checkpoint).rstrip("/").rsplit("/", 1)[-1]
 
 
-def save_checkpoint(checkpoints_dir: Checkpoint, model: GAPM, optimizers: dict[str, Any],
+def save_checkpoint(checkpoints_dir: Checkpoint, model: Method, optimizers: dict[str, Any],
                     extra_state: dict[str, Any], meta: CheckpointMeta) -> Checkpoint:
     """Writes one checkpoint atomically and returns where it is."""
     if is_remote(checkpoints_dir):
@@ -172,7 +172,7 @@ def local_file(checkpoint: Checkpoint, name: str, scratch: str) -> str:
     return target
 
 
-def load_model_weights(model: GAPM, checkpoint: Checkpoint) -> None:
+def load_model_weights(model: Method, checkpoint: Checkpoint) -> None:
     try:
         with tempfile.TemporaryDirectory() as scratch:
             model.load_state_dict(load_file(local_file(checkpoint, MODEL_FILE, scratch)))
@@ -185,7 +185,7 @@ def load_training_state(checkpoint: Checkpoint) -> dict[str, Any]:
         return torch.load(local_file(checkpoint, STATE_FILE, scratch), map_location="cpu", weights_only=True)
 
 
-def load_model(checkpoint: Checkpoint) -> tuple[GAPM, CheckpointMeta]:
+def load_model(checkpoint: Checkpoint) -> tuple[Method, CheckpointMeta]:
     """Rebuilds the model from a checkpoint alone, in eval mode."""
     meta = read_meta(checkpoint)
     model = build_model(meta.model_kind, ModelShape.from_dict(meta.model_shape), **meta.hyperparameters)

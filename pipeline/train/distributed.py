@@ -28,20 +28,28 @@ class TrainingInterrupted(Exception):
 
 
 class StopRequest:
-    """SIGTERM (Kubernetes eviction, Slurm time limit) and SIGUSR1 (Slurm `--signal`) ask the
-    loop to checkpoint and exit at the next step boundary instead of dying mid-step."""
+    """A request to stop at the next safe point instead of dying mid-work. For training,
+    SIGTERM (Kubernetes eviction, Slurm time limit) and SIGUSR1 (Slurm `--signal`) make the
+    loop checkpoint and exit at the next step boundary; a long-running job (eval-watch) passes
+    its own signals and sleeps with `wait`."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] | None = None) -> None:
+        self.signals = self.SIGNALS if signals is None else signals
         self.received: int | None = None
         self.previous: dict[int, object] = {}
+        self._event = threading.Event()
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals only work there
-            for sig in self.SIGNALS:
+            for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleeps up to `timeout_s`, waking at once on a stop request; True if one came."""
+        return self._event.wait(timeout_s) or self.received is not None
 
     def __exit__(self, *exc_info) -> None:
         for sig, handler in self.previous.items():
@@ -52,6 +60,7 @@ class StopRequest:
             log.warning("received %s: will checkpoint and stop after the current step",
                         signal.Signals(signum).name)
         self.received = signum
+        self._event.set()
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank once any rank has been signalled (one tiny all-reduce)."""
