@@ -11,7 +11,6 @@ pytest_plugins = ["mlflow_fixtures"]  # the `mlflow server` fixtures (tests/mlfl
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from helpers import FASHION_MNIST_DIR, free_port
 
 MOTO_START_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _moto_server_command(port: int) -> list[str]:
@@ -68,7 +64,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Sets AWS_ENDPOINT_URL and dummy credentials for the whole session (restored afterwards) and
     hides any AWS config/credential files of the person running the tests.
     """
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = str(tmp_path_factory.mktemp("moto") / "moto_server.log")
     env = dict(os.environ)
@@ -128,7 +124,6 @@ def s3_bucket(_s3_admin_client) -> Iterator[str]:
 # Small datasets written in the exact on-disk formats of the real ones, so the converters are
 # tested on the real layouts without downloading anything.
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture()

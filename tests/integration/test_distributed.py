@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,20 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, free_port, tiny_overrides
 
 from pipeline.train import checkpoints
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["stage1.steps=20", "stage2.steps=10", "data.swissroll_samples=512", "data.swissroll_test_samples=256",
-        "model.width=32", "model.latent_generator_widths=[32]", "model.latent_discriminator_widths=[32]",
-        "train.checkpoint_every=10", "train.log_every=5", "train.progress_bar=false", "eval.samples=256",
-        "stage2.discriminator_steps=2", "tracking.enabled=false"]
+TINY = tiny_overrides(stage1_steps=20, stage2_steps=10, batch_size=None, log_every=5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment() -> dict:

@@ -5,15 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
-TINY = ["stage1.steps=30", "stage2.steps=20", "data.batch_size=64", "data.swissroll_samples=512",
-        "data.swissroll_test_samples=256", "model.width=32", "model.latent_generator_widths=[32]",
-        "model.latent_discriminator_widths=[32]", "train.checkpoint_every=10", "train.log_every=10",
-        "train.progress_bar=false", "eval.samples=256", "stage2.discriminator_steps=2", "tracking.enabled=false"]
+TINY = tiny_overrides()
 
 
 def tiny_config(tmp_path, *extra):

@@ -1,7 +1,6 @@
 """The swiss-roll data, its coverage metrics, the networks' authors' options, the learning-rate
-schedules, and the reproduction targets of the shipped swiss-roll recipe (slow)."""
+schedules and their config errors."""
 
-import json
 import math
 
 import pytest
@@ -10,13 +9,7 @@ import torch
 from gapm import ModelShape, networks
 from pipeline.config import ConfigError, OptimizerConfig, load_config
 from pipeline.data import swissroll
-from pipeline.train.loop import train
 from pipeline.train.settings import scheduled_lr
-
-TINY = ["stage1.steps=30", "stage2.steps=20", "data.batch_size=64", "data.swissroll_samples=512",
-        "data.swissroll_test_samples=256", "model.width=32", "model.latent_generator_widths=[32]",
-        "model.latent_discriminator_widths=[32]", "train.checkpoint_every=10", "train.log_every=10",
-        "train.progress_bar=false", "eval.samples=256", "stage2.discriminator_steps=2", "tracking.enabled=false"]
 
 
 @pytest.mark.parametrize("kind", ["swissroll", "swissroll3d"])
@@ -102,29 +95,3 @@ def test_learning_rate_schedules():
 def test_bad_optimizer_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/swissroll.yaml", [override])
-
-
-def test_training_on_the_3d_roll_reports_its_coverage(tmp_path):
-    config = load_config("configs/swissroll3d.yaml", [f"output_dir={tmp_path}", *TINY])
-    result = train(config, resume="never")
-    for key in ("eval/roll_parameter_tv", "eval/off_roll_fraction", "eval/relative_reconstruction_mse"):
-        assert 0.0 <= result.metrics[key] <= 1.0 or key.endswith("mse"), key
-    assert (result.run_dir / "figure4.png").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_shipped_recipe_covers_the_whole_roll(tmp_path, threads):
-    """README "Results": the shipped configs/swissroll.yaml, seed 0, with one and two threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        config = load_config("configs/swissroll.yaml", [f"output_dir={tmp_path}", "tracking.enabled=false",
-                                                        "train.progress_bar=false"])
-        metrics = train(config, resume="never").metrics
-    finally:
-        torch.set_num_threads(previous)
-    assert json.loads((config.run_dir / "metrics.json").read_text()) == metrics
-    assert metrics["eval/roll_parameter_tv"] < 0.15, metrics
-    assert metrics["eval/off_roll_fraction"] < 0.05, metrics
-    assert metrics["eval/relative_reconstruction_mse"] < 0.01, metrics

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FASHION_MNIST_DIR
 from torch import nn
 
 from pipeline import cli
@@ -32,8 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.
 @pytest.fixture(scope="module")
 def fashion_shards(tmp_path_factory) -> Path:
     """600 train / 300 test real Fashion-MNIST images as shards (several shards per split)."""
-    from conftest import FASHION_MNIST_DIR
-
     if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
     out = tmp_path_factory.mktemp("fid-data") / "fm"

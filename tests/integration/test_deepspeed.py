@@ -9,20 +9,21 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install '.[deepspeed]')")
 pytest.importorskip("transformers", reason="accelerate's DeepSpeed integration needs transformers")
 
+from helpers import (
+    ROOT,
+    tiny_overrides,  # noqa: E402
+)
+
 from pipeline.train import checkpoints  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["stage1.steps=10", "stage2.steps=6", "data.batch_size=32", "data.swissroll_samples=256",
-        "data.swissroll_test_samples=64", "model.width=16", "model.latent_generator_widths=[16]",
-        "model.latent_discriminator_widths=[16]", "train.checkpoint_every=5", "train.log_every=5",
-        "train.progress_bar=false", "eval.samples=64", "stage2.discriminator_steps=1", "tracking.enabled=false"]
+TINY = tiny_overrides(stage1_steps=10, stage2_steps=6, batch_size=32, samples=256, test_samples=64, width=16,
+                      checkpoint_every=5, log_every=5, eval_samples=64, discriminator_steps=1)
 
 
 def deepspeed_training(tmp_path, *extra, zero_stage="2"):

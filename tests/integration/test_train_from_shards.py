@@ -5,9 +5,9 @@ import json
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.data import storage
@@ -15,11 +15,8 @@ from pipeline.data.shards import convert_dataset
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["stage1.steps=12", "stage2.steps=6", "data.batch_size=32", "model.width=16",
-        "model.latent_generator_widths=[32]", "model.latent_discriminator_widths=[32]",
-        "train.checkpoint_every=6", "train.log_every=6", "train.progress_bar=false", "eval.samples=64",
-        "stage2.discriminator_steps=1", "tracking.enabled=false"]
+TINY = tiny_overrides(stage1_steps=12, stage2_steps=6, batch_size=32, samples=None, test_samples=None, width=16,
+                      latent_widths=32, checkpoint_every=6, log_every=6, eval_samples=64, discriminator_steps=1)
 
 
 def test_swissroll_from_s3_shards_with_s3_checkpoints_and_resume(s3_bucket, tmp_path):

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (  # 2 + 2 steps, checkpoints at steps 2 and 4
+    FASHION_MNIST_DIR,
+    ROOT,
+    TINY_IMAGES,
+    free_port,
+)
 from mlflow.tracking import MlflowClient
-from mlflow_fixtures import free_port
 
 from pipeline import cli
 from pipeline.config import load_config
@@ -39,13 +44,6 @@ from pipeline.tracking import registry
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-# 2 stage-1 + 2 stage-2 steps, a checkpoint every 2: step-00000002 and step-00000004.
-TINY_IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=8", "model.prior_dim=8", "model.width=8",
-               "model.latent_generator_widths=[16]", "model.latent_discriminator_widths=[16]",
-               "stage1.steps=2", "stage2.steps=2", "stage2.discriminator_steps=1", "data.batch_size=16",
-               "train.checkpoint_every=2", "train.log_every=2", "train.progress_bar=false", "eval.samples=32",
-               "tracking.system_metrics=false"]
 SAMPLES = "120"
 
 
@@ -56,8 +54,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.
 def trained(mlflow_server, tmp_path_factory):
     """One tiny Fashion-MNIST training tracked on the server, reference statistics and the
     feature extractor they were made with."""
-    from conftest import FASHION_MNIST_DIR
-
     if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
     work = tmp_path_factory.mktemp("eval-jobs")
@@ -247,8 +243,6 @@ def random_image_checkpoint(directory: Path, step: int = 7) -> Path:
 
 @pytest.mark.slow  # two processes over gloo: ~20 s on a small CPU
 def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp_path):
-    from conftest import FASHION_MNIST_DIR
-
     from pipeline.eval.scoring import (
         Ranks,
         image_generator,

@@ -1,16 +1,15 @@
 """Every method of gapm.baselines (and GAPM) trains through the same pipeline loop."""
 
 import pytest
+from helpers import tiny_overrides
 
 from gapm import GAPM, METHODS
 from pipeline.config import ConfigError, load_config
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
-TINY = ["stage1.steps=6", "stage2.steps=4", "data.batch_size=32", "data.swissroll_samples=256",
-        "data.swissroll_test_samples=64", "model.width=16", "model.latent_generator_widths=[16]",
-        "model.latent_discriminator_widths=[16]", "train.checkpoint_every=100", "train.log_every=3",
-        "train.progress_bar=false", "eval.samples=64", "stage2.discriminator_steps=1", "tracking.enabled=false"]
+TINY = tiny_overrides(stage1_steps=6, stage2_steps=4, batch_size=32, samples=256, test_samples=64, width=16,
+                      checkpoint_every=100, log_every=3, eval_samples=64, discriminator_steps=1)
 
 
 def config_for(tmp_path, kind, *extra):

@@ -3,20 +3,17 @@
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["stage1.steps=4", "stage2.steps=2", "data.batch_size=32", "data.swissroll_samples=256",
-        "data.swissroll_test_samples=64", "model.width=8", "model.latent_generator_widths=[8]",
-        "model.latent_discriminator_widths=[8]", "train.checkpoint_every=100", "train.log_every=2",
-        "train.progress_bar=false", "eval.samples=64", "stage2.discriminator_steps=1",
-        "tracking.experiment=comparison", "tracking.register_model=false", "tracking.system_metrics=false",
-        "tracking.log_checkpoints=false"]
+TINY = tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=8,
+                      checkpoint_every=100, log_every=2, eval_samples=64, discriminator_steps=1, tracking=True) + [
+    "tracking.experiment=comparison", "tracking.register_model=false", "tracking.system_metrics=false",
+    "tracking.log_checkpoints=false"]
 
 
 @pytest.mark.slow  # two tracked trainings and two CLI processes: about a minute

@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+from helpers import ROOT, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
@@ -32,13 +33,9 @@ from pipeline.tracking.tracker import (
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 # 20 stage-1 + 10 stage-2 steps, logged every 5, a checkpoint every 10 (steps 10, 20, 30).
-TINY = ["stage1.steps=20", "stage2.steps=10", "data.batch_size=64", "data.swissroll_samples=512",
-        "data.swissroll_test_samples=256", "model.width=32", "model.latent_generator_widths=[32]",
-        "model.latent_discriminator_widths=[32]", "train.checkpoint_every=10", "train.log_every=5",
-        "train.progress_bar=false", "eval.samples=256", "stage2.discriminator_steps=2",
-        "tracking.system_metrics=false"]
+TINY = tiny_overrides(stage1_steps=20, stage2_steps=10, log_every=5, tracking=True) + ["tracking.system_metrics=false"]
 
 
 def tiny_config(output_dir: Path, *extra: str):

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, tiny_overrides
 
 from pipeline.cli import build_parser
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.train import checkpoints
 
-ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 K8S = LAUNCH / "k8s"
 SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch")])
@@ -41,10 +41,8 @@ IMAGE_ROOT = "/opt/gapm"  # WORKDIR of the Dockerfile, where the manifests find 
 EXIT_RESUMABLE = 75
 
 # Smallest run that still checkpoints in both stages: saves at steps 2, 4 (end of stage 1), 6.
-TINY = ["stage1.steps=4", "stage2.steps=2", "data.batch_size=32", "data.swissroll_samples=256",
-        "data.swissroll_test_samples=64", "model.width=16", "model.latent_generator_widths=[16]",
-        "model.latent_discriminator_widths=[16]", "train.checkpoint_every=2", "train.log_every=2",
-        "train.progress_bar=false", "eval.samples=64", "stage2.discriminator_steps=1"]
+TINY = tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=16,
+                      checkpoint_every=2, log_every=2, eval_samples=64, discriminator_steps=1, tracking=True)
 
 
 def documents(path: Path) -> list[dict]:

@@ -1,12 +1,12 @@
 """Typed configs: every shipped YAML loads; bad keys and types are named in the error."""
 
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,55 @@
+"""What several test modules share (fixtures live in conftest.py): the tiny configs — one
+definition, tuned per test through keyword arguments — the repository root, and free ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+def tiny_overrides(*, stage1_steps: int = 30, stage2_steps: int = 20, batch_size: int | None = 64,
+                   samples: int | None = 512, test_samples: int | None = 256, width: int = 32,
+                   latent_widths: int | None = None, checkpoint_every: int = 10, log_every: int = 10,
+                   eval_samples: int = 256, discriminator_steps: int = 2, tracking: bool = False) -> list[str]:
+    """`--set` overrides that shrink configs/swissroll.yaml (or any point config) to seconds:
+    small networks, few steps, few samples, no progress bar; MLflow off unless `tracking`."""
+    latent_widths = latent_widths or width
+    overrides = [f"stage1.steps={stage1_steps}", f"stage2.steps={stage2_steps}", f"model.width={width}",
+                 f"model.latent_generator_widths=[{latent_widths}]",
+                 f"model.latent_discriminator_widths=[{latent_widths}]", f"train.checkpoint_every={checkpoint_every}",
+                 f"train.log_every={log_every}", "train.progress_bar=false", f"eval.samples={eval_samples}",
+                 f"stage2.discriminator_steps={discriminator_steps}"]
+    if batch_size is not None:
+        overrides.append(f"data.batch_size={batch_size}")
+    if samples is not None:
+        overrides.append(f"data.swissroll_samples={samples}")
+    if test_samples is not None:
+        overrides.append(f"data.swissroll_test_samples={test_samples}")
+    if not tracking:
+        overrides.append("tracking.enabled=false")
+    return overrides
+
+
+# Image models on 28x28 shards: 2 stage-1 + 2 stage-2 steps, a checkpoint every 2.
+TINY_IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=8", "model.prior_dim=8", "model.width=8",
+               "model.latent_generator_widths=[16]", "model.latent_discriminator_widths=[16]",
+               "stage1.steps=2", "stage2.steps=2", "stage2.discriminator_steps=1", "data.batch_size=16",
+               "train.checkpoint_every=2", "train.log_every=2", "train.progress_bar=false", "eval.samples=32",
+               "tracking.system_metrics=false"]
+
+
+def tiny_config(output_dir: Path | str, *extra: str, config: str = "configs/swissroll.yaml", **tiny: object):
+    """configs/swissroll.yaml (or `config`) shrunk by `tiny_overrides(**tiny)`, writing under
+    `output_dir`; `extra` overrides come last and win."""
+    from pipeline.config import load_config
+
+    return load_config(ROOT / config, [f"output_dir={output_dir}", *tiny_overrides(**tiny), *extra])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
