@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import load_config
 from pipeline.errors import GapmError
+from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +19,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config key, e.g. --set stage1.steps=100 (repeatable)")
 
 
-def command_train(args: argparse.Namespace) -> int:
+def command_train(args: argparse.Namespace, stop=None) -> int:
+    from pipeline.config import load_config
     from pipeline.train.loop import train
 
     config = load_config(args.config, args.overrides)
     try:
-        result = train(config, resume=args.resume)
+        result = train(config, resume=args.resume, stop=stop)
     finally:
         import torch.distributed
 
@@ -59,7 +60,7 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_show_config(args: argparse.Namespace) -> int:
-    from pipeline.config import dump_config
+    from pipeline.config import dump_config, load_config
 
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
@@ -174,6 +175,7 @@ def command_eval(args: argparse.Namespace) -> int:
 def command_eval_watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from pipeline.config import load_config
     from pipeline.eval.scoring import EvalError
     from pipeline.eval.settings import EvalConfig
     from pipeline.eval.watch import CLAIMS_ENV, WatchOptions, watch
@@ -388,19 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Training's stop signals are caught from here on, before the imports of torch & co. (seconds):
+    # a stop during start-up also ends with the resumable status.
+    stop = StopRequest().__enter__() if args.command == "train" else None
     logging.basicConfig(level=os.environ.get("GAPM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from pipeline.train.distributed import EXIT_RESUMABLE, TrainingInterrupted
-
     try:
-        return args.handler(args)
+        return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:
         print(f"gapm {args.command}: {stopped}", file=sys.stderr)
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
         print(f"gapm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if stop is not None:
+            stop.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -125,18 +125,43 @@ def convert_dataset(
         bucket, _ = storage.split_s3_url(out)
         storage.check_readable(f"s3://{bucket}")
 
+    created = [] if storage.is_s3_url(out) else _missing_directories(
+        [storage.local_path(storage.join_url(out, name)) for name in sources])
     manifests = {}
-    for name, source in sources.items():
-        manifests[name] = _write_split(
-            source,
-            dataset=dataset,
-            src=src,
-            out_split=storage.join_url(out, name),
-            image_format=image_format,
-            jpeg_quality=int(jpeg_quality),
-            samples_per_shard=samples_per_shard,
-        )
+    try:
+        for name, source in sources.items():
+            manifests[name] = _write_split(
+                source,
+                dataset=dataset,
+                src=src,
+                out_split=storage.join_url(out, name),
+                image_format=image_format,
+                jpeg_quality=int(jpeg_quality),
+                samples_per_shard=samples_per_shard,
+            )
+    except BaseException:
+        _remove_if_empty(created)  # a failed conversion leaves no empty output directories behind
+        raise
     return manifests
+
+
+def _missing_directories(paths: list[str]) -> list[str]:
+    """The directories (and their missing parents) that writing into `paths` will create."""
+    missing: list[str] = []
+    for path in paths:
+        path = os.path.abspath(path)
+        while path and not os.path.exists(path) and path not in missing:
+            missing.append(path)
+            path = os.path.dirname(path)
+    return missing
+
+
+def _remove_if_empty(directories: list[str]) -> None:
+    for directory in sorted(directories, key=len, reverse=True):  # deepest first
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass  # not empty (a split converted before the failure), or gone
 
 
 def read_manifest(directory_url: str) -> dict[str, Any]:

@@ -12,19 +12,27 @@ Local writes are atomic: readers see the old content or the whole new one, never
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TypeVar
 
 from pipeline.data.s3 import S3Storage, StorageError, is_s3_url, s3_client, split_s3_url
 
 __all__ = [
     "StorageError", "is_s3_url", "split_s3_url", "local_path", "join_url", "s3_client", "read_bytes",
     "write_bytes", "create_exclusive", "upload_file", "download_file", "list_urls", "exists", "delete",
-    "check_readable", "open_read_stream", "write_file_atomically",
+    "check_readable", "open_read_stream", "write_file_atomically", "with_retries", "retry_budget_s",
 ]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_BUDGET_ENV = "GAPM_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_BUDGET_S = 600.0  # an object store restarting or a network blip: minutes, not seconds
+MAX_RETRY_INTERVAL_S = 30.0
 
 
 def local_path(url: str) -> str:
@@ -52,7 +60,7 @@ def _local_error(url: str, exc: OSError) -> StorageError:
     return StorageError(f"{url}: {exc}")
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """The mode open() would give a new file; mkstemp's private 0600 would surprise readers."""
     umask = os.umask(0)
     os.umask(umask)
@@ -91,7 +99,7 @@ def write_file_atomically(path: str, fill: Callable[[str], None], url: str | Non
         fill(temporary)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(temporary, _new_file_mode())
+        os.chmod(temporary, new_file_mode())
         os.replace(temporary, path)
         fsync_directory(directory)
     except BaseException as exc:
@@ -272,3 +280,44 @@ def open_read_stream(url: str) -> IO[bytes]:
     The caller must close it (an unread S3 body holds an HTTP connection until closed).
     """
     return _backend(url).open_read_stream(url)
+
+
+# --------------------------------------------------------------------------- transient outages
+
+
+def retry_budget_s() -> float:
+    """How long transient storage errors are retried: $GAPM_STORAGE_RETRY_SECONDS (training
+    sets it from train.storage_retry_seconds), else 600 s."""
+    value = os.environ.get(RETRY_BUDGET_ENV, "")
+    try:
+        return max(0.0, float(value)) if value else DEFAULT_RETRY_BUDGET_S
+    except ValueError:
+        return DEFAULT_RETRY_BUDGET_S
+
+
+def with_retries(operation: Callable[[], T], what: str, budget_s: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Runs `operation`; a transient StorageError (unreachable endpoint, 5xx, throttling) is
+    retried with exponential backoff (1 s doubling to 30 s) for up to `budget_s` (default
+    `retry_budget_s()`), with one warning per outage. Any other error, or the budget spent,
+    raises the last error."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    interval, warned = 1.0, False
+    while True:
+        try:
+            result = operation()
+        except StorageError as error:
+            remaining = deadline - time.monotonic()
+            if not error.transient or remaining <= 0:
+                raise
+            if not warned:
+                log.warning("%s: storage unavailable (%s); retrying for up to %.0f s", what, error, remaining)
+                warned = True
+            sleep(min(interval, remaining))
+            interval = min(interval * 2, MAX_RETRY_INTERVAL_S)
+            continue
+        if warned:
+            log.warning("%s: storage available again", what)
+        return result
+

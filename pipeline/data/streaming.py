@@ -194,11 +194,17 @@ class BatchStream:
         return total
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        samples = self._samples
+        # The loader draws its workers' base seed from this generator, never from torch's global
+        # one: a stream created at a resume step must not shift that step's random draws.
+        loader_seed = torch.Generator().manual_seed(
+            hash((samples.seed, samples.epoch, samples.rank)) % 2**63)
         loader = wds.WebLoader(
-            self._samples,
+            samples,
             batch_size=None,  # batching happens in the pipeline, before crossing the worker boundary
             num_workers=self.num_workers,
             persistent_workers=False,
+            generator=loader_seed,
         )
         if self.batches_per_epoch is not None:
             loader = loader.with_epoch(self.batches_per_epoch)

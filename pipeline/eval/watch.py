@@ -45,7 +45,7 @@ from pipeline.eval.scoring import (
     point_reference,
     result_record,
 )
-from pipeline.train.distributed import StopRequest
+from pipeline.stopping import StopRequest
 
 CLAIMS_ENV = "GAPM_EVAL_CLAIMS"
 CHAMPION_WAIT_S = 120.0

@@ -1,78 +1,17 @@
-"""What multi-process training needs beyond Accelerate: agreeing to stop on a signal,
-averaging BatchNorm statistics across ranks, and checking that ranks hold the same model."""
+"""What multi-process training needs beyond Accelerate: averaging BatchNorm statistics across
+ranks, checking that ranks hold the same model, and refusing launches whose processes would
+each train alone. (Stopping on a signal: pipeline.stopping.)"""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
+import os
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-# Exit status of a run that checkpointed because it was asked to stop (preemption,
-# eviction): "temporary failure, relaunch me" — the next launch with --resume auto goes on.
-EXIT_RESUMABLE = 75
-
-
-class TrainingInterrupted(Exception):
-    """Raised after the checkpoint that follows a stop signal has been written."""
-
-    def __init__(self, signal_name: str, checkpoint):
-        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint} written, "
-                         "relaunch with --resume auto to continue")
-        self.checkpoint = checkpoint
-
-
-class StopRequest:
-    """A request to stop at the next safe point instead of dying mid-work. For training,
-    SIGTERM (Kubernetes eviction, Slurm time limit) and SIGUSR1 (Slurm `--signal`) make the
-    loop checkpoint and exit at the next step boundary; a long-running job (eval-watch) passes
-    its own signals and sleeps with `wait`."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, signals: tuple[int, ...] | None = None) -> None:
-        self.signals = self.SIGNALS if signals is None else signals
-        self.received: int | None = None
-        self.previous: dict[int, object] = {}
-        self._event = threading.Event()
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signals only work there
-            for sig in self.signals:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def wait(self, timeout_s: float) -> bool:
-        """Sleeps up to `timeout_s`, waking at once on a stop request; True if one came."""
-        return self._event.wait(timeout_s) or self.received is not None
-
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is None:
-            log.warning("received %s: will checkpoint and stop after the current step",
-                        signal.Signals(signum).name)
-        self.received = signum
-        self._event.set()
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank once any rank has been signalled (one tiny all-reduce)."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
-
 
 def average_batchnorm_statistics(model: nn.Module, accelerator: Accelerator) -> None:
     """Replaces every BatchNorm running mean/var by its average over ranks.
@@ -107,3 +46,46 @@ def max_parameter_divergence(model: nn.Module, accelerator: Accelerator) -> floa
         return 0.0
     fingerprints = accelerator.gather(parameter_fingerprint(model).unsqueeze(0))
     return (fingerprints - fingerprints[0]).abs().max().item()
+
+
+CPU_RECIPE = ("to train with several processes on CPUs, launch with ACCELERATE_USE_CPU=1, e.g. "
+              "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m pipeline.cli train --config ...` "
+              "(README: Multi-process training)")
+
+
+def launcher_process_count(parent_pid: int | None = None) -> int | None:
+    """How many processes `accelerate launch --num_processes N` was asked for, when it is this
+    process's parent and ran the training itself (its simple launcher does not export N)."""
+    try:
+        with open(f"/proc/{parent_pid or os.getppid()}/cmdline", "rb") as handle:
+            arguments = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return None
+    is_accelerate = any("accelerate" in os.path.basename(part) for part in arguments[:3])
+    if not is_accelerate or "launch" not in arguments:
+        return None
+    for index, part in enumerate(arguments):
+        value = None
+        if part in ("--num_processes", "--num-processes") and index + 1 < len(arguments):
+            value = arguments[index + 1]
+        elif part.startswith(("--num_processes=", "--num-processes=")):
+            value = part.split("=", 1)[1]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Refuses to train when the launcher started several processes but each would train on
+    its own (world size 1): they would write the same run directory and MLflow run twice."""
+    from pipeline.errors import ConfigError
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but each would "
+                          f"train alone: this machine has no GPU for them and ACCELERATE_USE_CPU is not set; "
+                          f"{CPU_RECIPE}")
+    asked = launcher_process_count()
+    if asked is not None and asked > accelerator.num_processes:
+        raise ConfigError(f"`accelerate launch --num_processes {asked}` started {accelerator.num_processes} "
+                          f"training process (its --cpu mode runs one process without mpirun); {CPU_RECIPE}")

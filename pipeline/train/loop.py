@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,13 +28,14 @@ from tqdm.auto import tqdm
 
 from gapm import Method, build_model
 from pipeline.config import ExperimentConfig, method_hyperparameters, to_dict
-from pipeline.data import sources
+from pipeline.data import sources, storage
+from pipeline.stopping import StopRequest, TrainingInterrupted
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
-from pipeline.train import checkpoints, outputs
+from pipeline.train import checkpoint_uploads, checkpoints, outputs
+from pipeline.train.checkpoint_uploads import RemoteCheckpointWriter
 from pipeline.train.distributed import (
-    StopRequest,
-    TrainingInterrupted,
     average_batchnorm_statistics,
+    check_world_size,
     max_parameter_divergence,
 )
 from pipeline.train.engines import (
@@ -64,6 +66,7 @@ class Run:
     model: Method
     checkpoints_dir: checkpoints.Checkpoint
     engines: Engines | None = None
+    uploads: RemoteCheckpointWriter | None = None  # rank 0, s3:// checkpoints only
     source: Any = None  # a sources.*Batches: this rank's batches, epoch by epoch
     batches: Any = None  # endless iterator over `source` from `position`
     position: sources.StreamPosition = field(default_factory=sources.StreamPosition)
@@ -76,10 +79,16 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | None = None) -> TrainResult:
-    run = prepare(config, tracker)
-    restore(run, resume)
-    with StopRequest() as stop:
+def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | None = None,
+          stop: StopRequest | None = None) -> TrainResult:
+    """Trains every stage of `config`'s method. `stop`: the stop request `gapm train` installed
+    before its imports (else one is installed here)."""
+    with (stop or StopRequest()) as stop:
+        run = prepare(config, tracker)
+        restore(run, resume)
+        if stop.agreed(run.accelerator):  # asked to stop during start-up: nothing new to save
+            run.tracker.finish("KILLED")
+            raise TrainingInterrupted(stop.signal_name, run.last_saved)
         for stage in range(1, len(run.model.stages) + 1):
             if run.resumed_from is None or stage >= run.resumed_from.stage:
                 run_stage(run, stage, stop)
@@ -96,7 +105,10 @@ def prepare(config: ExperimentConfig, tracker: Tracker | None) -> Run:
         # rank 0 before each of several forwards per step breaks autograd (in-place error).
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    check_world_size(accelerator)  # before anything is written
     sources.check_sources(config.data, config.model.data_shape)
+    # Every storage call of this process and its loader workers retries outages this long.
+    os.environ[storage.RETRY_BUDGET_ENV] = str(config.train.storage_retry_seconds)
     run_dir = config.run_dir
     checkpoints_dir = config.train.checkpoint_dir or run_dir / "checkpoints"
     if not checkpoints.is_remote(checkpoints_dir):
@@ -108,18 +120,51 @@ def prepare(config: ExperimentConfig, tracker: Tracker | None) -> Run:
     tracker = (tracker or default_tracker(config, run_dir)) if accelerator.is_main_process else NullTracker()
     set_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model.kind, config.model.shape(), **method_hyperparameters(config))
-    return Run(config, accelerator, tracker, model, checkpoints_dir)
+    run = Run(config, accelerator, tracker, model, checkpoints_dir)
+    if checkpoints.is_remote(checkpoints_dir) and run.is_main:
+        staging = run_dir / checkpoint_uploads.STAGING
+        checkpoint_uploads.upload_staged(staging, checkpoints_dir, config.train.keep_last_checkpoints)
+        run.uploads = RemoteCheckpointWriter(checkpoints_dir, staging, config.train.keep_last_checkpoints,
+                                             uploaded=tracker.log_checkpoint)
+    accelerator.wait_for_everyone()  # the other ranks resume from what rank 0 has uploaded
+    return run
 
 
-def resume_checkpoint(resume: str, checkpoints_dir: checkpoints.Checkpoint) -> checkpoints.Checkpoint | None:
-    """'auto': the latest complete checkpoint, if any; 'never': none; else a path."""
+def resume_candidates(resume: str, checkpoints_dir: checkpoints.Checkpoint) -> list[checkpoints.Checkpoint]:
+    """'auto': the complete checkpoints, newest first; 'never': none; else that one path."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        return checkpoints.latest_checkpoint(checkpoints_dir)
+        return list(reversed(checkpoints.list_checkpoints(checkpoints_dir)))
     path = resume if checkpoints.is_remote(resume) else Path(resume)
     checkpoints.read_meta(path)  # raises a clear error if it is not a complete checkpoint
-    return path
+    return [path]
+
+
+def load_resume_state(run: Run, resume: str) -> tuple[checkpoints.Checkpoint | None, dict[str, Any]]:
+    """Loads the weights of the checkpoint to resume from into the model and returns it with
+    its training state. With 'auto', a damaged newest checkpoint (truncated, corrupt, refused)
+    is skipped with a warning naming it, for the newest one that loads."""
+    model = run.model
+    candidates = resume_candidates(resume, run.checkpoints_dir)
+    for index, checkpoint in enumerate(candidates):
+        try:
+            meta = checkpoints.read_meta(checkpoint)
+            checkpoints.check_compatible(meta, model.shape, checkpoint, model.kind)
+            checkpoints.load_model_weights(model, checkpoint)
+            state = checkpoints.load_training_state(checkpoint)
+        except checkpoints.DamagedCheckpoint as error:
+            if resume != "auto" or index == len(candidates) - 1:
+                raise
+            if run.is_main:
+                log.warning("not resuming from %s: %s; trying the checkpoint before it", checkpoint, error)
+            continue
+        run.resumed_from, run.step, run.last_saved = meta, meta.step, checkpoint
+        run.position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
+        if run.is_main:
+            log.info("resuming from %s (stage %d, step %d)", checkpoint, meta.stage, meta.step)
+        return checkpoint, state
+    return None, {}
 
 
 # --------------------------------------------------------------------------- restore
@@ -130,23 +175,15 @@ def restore(run: Run, resume: str) -> None:
     from (if any); then the distributed wrappers and this rank's data stream."""
     config, model = run.config, run.model
     optimizers = build_optimizers(model, config)
-    checkpoint = resume_checkpoint(resume, run.checkpoints_dir)
-    state: dict[str, Any] = {}
-    if checkpoint is not None:
-        meta = checkpoints.read_meta(checkpoint)
-        checkpoints.check_compatible(meta, model.shape, checkpoint, model.kind)
-        checkpoints.load_model_weights(model, checkpoint)
-        state = checkpoints.load_training_state(checkpoint)
-        for name, optimizer in optimizers.items():
-            if name in state["optimizers"]:
-                optimizer.load_state_dict(state["optimizers"][name])
-            elif run.is_main:
-                log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
-                            "its Adam moments restart", checkpoint, name)
-        if run.is_main:
-            log.info("resuming from %s (stage %d, step %d)", checkpoint, meta.stage, meta.step)
-        run.resumed_from, run.step, run.last_saved = meta, meta.step, checkpoint
-        run.position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
+    checkpoint, state = load_resume_state(run, resume)
+    for name, optimizer in optimizers.items():
+        if checkpoint is None:
+            break
+        if name in state["optimizers"]:
+            optimizer.load_state_dict(state["optimizers"][name])
+        elif run.is_main:
+            log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
+                        "its Adam moments restart", checkpoint, name)
     run.engines = prepare_engines(run.accelerator, model, optimizers, config)
     scaler = run.accelerator.scaler
     if scaler is not None and "grad_scaler" in state and not run.engines.deepspeed:
@@ -210,6 +247,7 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
         if at_accumulation_boundary and done < total and stop.agreed(accelerator):
             saved = save(run, stage, done)
             progress.close()
+            wait_for_uploads(run, STOP_UPLOAD_WAIT_S)
             run.tracker.finish("KILLED")
             raise TrainingInterrupted(stop.signal_name, saved)
         if done % config.train.checkpoint_every == 0 and done < total:
@@ -267,12 +305,41 @@ def save(run: Run, stage: int, stage_step: int) -> checkpoints.Checkpoint | None
             stage=stage, step=run.step, stage_step=stage_step, data_epoch=run.position.epoch,
             data_batch_in_epoch=run.position.batch_in_epoch, model_shape=dataclasses.asdict(model.shape),
             experiment=config.name, model_kind=model.kind, hyperparameters=model.hyperparameters)
-        saved = checkpoints.save_checkpoint(run.checkpoints_dir, model, run.engines.checkpointed_optimizers(), extra, meta)
-        checkpoints.prune_checkpoints(run.checkpoints_dir, config.train.keep_last_checkpoints)
-        run.tracker.log_checkpoint(saved)
+        optimizers = run.engines.checkpointed_optimizers()
+        if run.uploads is not None:  # s3://: written locally now, uploaded in the background
+            staged = checkpoints.save_local(run.uploads.staging, model, optimizers, extra, meta)
+            saved = run.uploads.submit(staged)
+        else:
+            saved = checkpoints.save_checkpoint(run.checkpoints_dir, model, optimizers, extra, meta)
+            checkpoints.prune_checkpoints(run.checkpoints_dir, config.train.keep_last_checkpoints)
+            run.tracker.log_checkpoint(saved)
         run.last_saved = saved
-    accelerator.wait_for_everyone()
+    raise_if_an_upload_failed(run)
     return saved
+
+
+def raise_if_an_upload_failed(run: Run) -> None:
+    """Every rank stops, resumably, once rank 0 could not upload a checkpoint for good."""
+    failed = run.uploads is not None and run.uploads.failure is not None
+    flag = torch.tensor([1.0 if failed else 0.0], device=run.accelerator.device)
+    if run.accelerator.reduce(flag, reduction="sum").item() > 0:
+        run.tracker.finish("KILLED")
+        if run.uploads is not None:
+            run.uploads.raise_if_failed()
+        raise TrainingInterrupted("a checkpoint upload that failed on rank 0", run.last_saved)
+
+
+STOP_UPLOAD_WAIT_S = 60.0  # after a stop signal: the rest stays staged and goes up at the next launch
+
+
+def wait_for_uploads(run: Run, timeout_s: float | None = None) -> None:
+    """Blocks until rank 0's background uploads are done (or `timeout_s` passed); all ranks
+    learn if one failed for good."""
+    if run.uploads is not None and not run.uploads.drain(timeout_s):
+        log.warning("checkpoint uploads to %s still running after %.0f s; what is left stays in %s and is "
+                    "uploaded at the next launch", run.checkpoints_dir, timeout_s, run.uploads.staging)
+    run.accelerator.wait_for_everyone()
+    raise_if_an_upload_failed(run)
 
 
 # --------------------------------------------------------------------------- finish
@@ -291,6 +358,7 @@ def finish(run: Run) -> TrainResult:
         if total and run.is_main:
             log.warning("data: %d %s skipped during training (see warnings above for which)",
                         int(total), key.replace("_", " "))
+    wait_for_uploads(run)  # the logged model is read from the uploaded final checkpoint
     if run.is_main:
         metrics.update(outputs.write_outputs(model, config, accelerator.device))
         outputs.write_metrics(config.run_dir, metrics)
@@ -302,5 +370,7 @@ def finish(run: Run) -> TrainResult:
         if last_stage_trained and run.last_saved is not None:  # a usable generator
             run.tracker.log_model(run.last_saved)  # MLflow: logged as the run's model and registered
         run.tracker.finish("FINISHED")
+        if run.uploads is not None:
+            run.uploads.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=config.run_dir, final_checkpoint=run.last_saved, metrics=metrics)

@@ -63,10 +63,15 @@ class TrainConfig:
     keep_last_checkpoints: int = 3
     log_every: int = 50
     progress_bar: bool = True
+    # How long transient storage errors (an S3 endpoint restarting, a network blip) are retried
+    # before the run stops with the resumable status; checkpoint uploads wait in the background.
+    storage_retry_seconds: float = 600.0
 
     def validate(self) -> None:
         for key in ("gradient_accumulation_steps", "checkpoint_every", "keep_last_checkpoints", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'train.{key}' must be at least 1, got {getattr(self, key)}")
+        if self.storage_retry_seconds < 0:
+            raise ConfigError(f"config key 'train.storage_retry_seconds' must be >= 0, got {self.storage_retry_seconds}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ConfigError(f"config key 'train.grad_clip_norm' must be positive or null, got {self.grad_clip_norm}")

@@ -1,0 +1,104 @@
+"""Checkpoints in object storage without stalling training: rank 0 writes each checkpoint
+complete to a local staging directory (`<run dir>/.checkpoint-uploads/`) and one background
+thread uploads them in order, retrying transient storage errors (an endpoint restarting, a
+network blip) for `train.storage_retry_seconds`, pruning old ones once a new one is up. Training
+goes on meanwhile.
+
+If an upload still fails, training stops with the resumable status (exit 75) at the next
+checkpoint or at the end; the staged checkpoints stay on local disk, and the next launch uploads
+them before it resumes — nothing is lost and nothing is reported as an input error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.data import storage
+from pipeline.stopping import TrainingInterrupted
+from pipeline.train import checkpoints
+
+log = logging.getLogger(__name__)
+
+STAGING = ".checkpoint-uploads"
+
+
+class CheckpointUploadFailed(TrainingInterrupted):
+    """Storage stayed unavailable for longer than the retry budget: stop, resumable."""
+
+    def __init__(self, staged: Path, destination: str, error: BaseException):
+        Exception.__init__(self, f"checkpoint {staged.name} could not be uploaded to {destination} ({error}); it is "
+                                 f"kept at {staged} and uploaded when the run is launched again (--resume auto)")
+        self.checkpoint = staged
+
+
+def staged_checkpoints(staging: Path) -> list[Path]:
+    """Complete checkpoints waiting in `staging`, oldest first."""
+    return checkpoints.list_checkpoints(staging) if staging.is_dir() else []
+
+
+def upload_staged(staging: Path, destination: str, keep_last: int) -> None:
+    """At start-up: uploads what an earlier launch could not (oldest first), then prunes."""
+    for staged in staged_checkpoints(staging):
+        log.warning("uploading checkpoint %s left by an earlier launch to %s", staged.name, destination)
+        checkpoints.upload_checkpoint(staged, destination)
+        shutil.rmtree(staged, ignore_errors=True)
+        checkpoints.prune_checkpoints(destination, keep_last)
+
+
+class RemoteCheckpointWriter:
+    """Rank 0's checkpoint uploads, in order, on one background thread."""
+
+    def __init__(self, destination: str, staging: Path, keep_last: int,
+                 uploaded: Callable[[str], None] = lambda url: None):
+        self.destination, self.staging, self.keep_last, self.uploaded = destination, staging, keep_last, uploaded
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self.failure: CheckpointUploadFailed | None = None
+        self._thread = threading.Thread(target=self._work, name="checkpoint-uploads", daemon=True)
+        self._thread.start()
+
+    def submit(self, staged: Path) -> str:
+        """Queues a complete local checkpoint; returns the URL it will have."""
+        self._queue.put(staged)
+        return checkpoints.child(self.destination, staged.name)
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Waits until every queued checkpoint is up (or one failed for good); False if
+        `timeout_s` passed first (what is left stays staged for the next launch)."""
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        return done.wait(timeout_s)
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            staged = self._queue.get()
+            try:
+                if staged is None:
+                    return
+                if self.failure is None:  # after a failure the rest stays staged for the next launch
+                    self._upload(staged)
+            finally:
+                self._queue.task_done()
+
+    def _upload(self, staged: Path) -> None:
+        try:
+            url = checkpoints.upload_checkpoint(staged, self.destination)
+            checkpoints.prune_checkpoints(self.destination, self.keep_last)
+        except storage.StorageError as error:
+            log.error("checkpoint %s: upload to %s failed: %s", staged.name, self.destination, error)
+            self.failure = CheckpointUploadFailed(staged, self.destination, error)
+            return
+        shutil.rmtree(staged, ignore_errors=True)
+        self.uploaded(url)
