@@ -5,12 +5,16 @@ A checkpoint is a directory `step-XXXXXXXX/` holding
   training_state.pt    optimizer and grad-scaler states (tensors and numbers only, loaded
                        with weights_only=True)
   meta.json            stage, step, data position, model shape — written LAST.
-It is built in a hidden temporary directory and renamed into place, so a reader never sees
-a half-written one; a directory without meta.json is ignored (and cleaned up).
+It is built in a hidden temporary directory — every file flushed to disk, one file mode for
+all — and renamed into place, the directory synced, so a reader never sees a half-written one,
+even after a crash; a directory without meta.json is ignored (and cleaned up). A checkpoint of
+the same step is set aside, not deleted, until its replacement is in place.
 
 The checkpoint location may also be `s3://bucket/prefix`: the files are built locally, then
 uploaded with meta.json last (each S3 PUT is atomic), and pruning deletes meta.json first, so
-the same rule holds — a checkpoint exists exactly when its meta.json does.
+the same rule holds — a checkpoint exists exactly when its meta.json does. Transient storage
+errors are retried (`storage.with_retries`); training uploads in the background
+(`checkpoint_uploads`). Damaged files raise `DamagedCheckpoint`, with one line saying which.
 """
 
 from __future__ import annotations
