@@ -91,6 +91,9 @@ def command_register(args: argparse.Namespace) -> int:
     return 0
 
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def command_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -99,10 +102,13 @@ def command_sample(args: argparse.Namespace) -> int:
     from pipeline.eval import figures
     from pipeline.tracking import registry
 
+    out = Path(args.out)
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise GapmError(f"--out {args.out}: expected a picture file name ending in {', '.join(PICTURE_SUFFIXES)}, "
+                        "e.g. samples.png (the samples also go to the same name with .npy)")
     mlflow_environment(args.model_uri)
     model = registry.load_generator(args.model_uri)
     samples = registry.sample(model, args.n, args.seed)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     array_path = out.with_suffix(".npy")
     np.save(array_path, samples.numpy())
@@ -421,8 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
                                           "or a checkpoint (directory or s3:// URL)")
     sample.add_argument("-n", type=positive_int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--out", required=True, help="PNG to write (image grid or scatter); the samples "
-                                                     "also go to the same name with .npy")
+    sample.add_argument("--out", required=True, metavar="X.png",
+                        help="picture to write (.png or .jpg): an 8-column image grid, or a scatter plot of "
+                             "points; the samples also go to X.npy (the same name with .npy)")
     sample.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
     sample.set_defaults(handler=command_sample)
 
