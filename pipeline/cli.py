@@ -141,11 +141,11 @@ def command_fid_stats(args: argparse.Namespace) -> int:
     stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
                                         batch_size=args.batch_size or EvalSettings.batch_size, kid_features=args.kid_features)
     location = reference_stats.save_reference_stats(stats, directory, out=args.out)
-    use = args.name if location == reference_stats.stats_location(args.name, directory) else location
+    use = (f"--stats {args.name} in this experiment (statistics directory {directory}), --stats {location} "
+           "anywhere") if location == reference_stats.stats_location(args.name, directory) else f"--stats {location}"
     console.report(f"wrote {location}",
                    f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features "
-                   f"{stats.feature_extractor_id} (dim {len(stats.mu)}), clean-fid mode {stats.mode}; "
-                   f"use with --stats {use}")
+                   f"{stats.feature_extractor_id} (dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with {use}")
     return 0
 
 
