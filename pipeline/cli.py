@@ -79,7 +79,6 @@ def mlflow_environment(model_uri: str | None = None) -> None:
                             "(sqlite:///runs/NAME/mlflow.db)")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def command_register(args: argparse.Namespace) -> int:
@@ -230,7 +229,6 @@ def command_eval_watch(args: argparse.Namespace) -> int:
                         "to use the run's embedded store")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     claims = args.claims or os.environ.get(CLAIMS_ENV) or str(
         Path(config.output_dir if config is not None else "runs") / ".eval-claims")
     options = WatchOptions(

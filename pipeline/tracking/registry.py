@@ -53,7 +53,8 @@ REGISTERED_MODEL_DESCRIPTION = (
     "{\"inputs\": {\"data\": BATCH}} the reconstructions of BATCH.")
 
 # Models logged before models-from-code pickled this class by reference; it stays importable
-# so that they still load where gapm is installed.
+# so that they still load where gapm is installed (MLflow now also asks for
+# MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true for them; gapm's own load_generator needs neither).
 GapmPyfunc = served_model.GapmModel
 
 
