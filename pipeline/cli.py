@@ -4,17 +4,18 @@ naming the problem and the fix, and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
+from pipeline import console
 from pipeline.errors import GapmError
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML (see configs/); omitted: built-in defaults")
+def add_config_arguments(parser: argparse.ArgumentParser,
+                         what: str = "experiment YAML (see configs/); omitted: built-in defaults") -> None:
+    parser.add_argument("--config", help=what)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set stage1.steps=100 (repeatable)")
 
@@ -31,9 +32,9 @@ def command_train(args: argparse.Namespace, stop=None) -> int:
 
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if result.metrics:
-        print("metrics: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result.metrics.items())))
-        print(f"run directory: {result.run_dir}")
+    if result.metrics:  # every rank returns; rank 0 has the whole result and says it
+        console.report("metrics: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result.metrics.items())),
+                       f"run directory: {result.run_dir}")
     return 0
 
 
@@ -79,7 +80,6 @@ def mlflow_environment(model_uri: str | None = None) -> None:
                             "(sqlite:///runs/NAME/mlflow.db)")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def command_register(args: argparse.Namespace) -> int:
@@ -91,6 +91,9 @@ def command_register(args: argparse.Namespace) -> int:
     return 0
 
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def command_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -99,10 +102,13 @@ def command_sample(args: argparse.Namespace) -> int:
     from pipeline.eval import figures
     from pipeline.tracking import registry
 
+    out = Path(args.out)
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise GapmError(f"--out {args.out}: expected a picture file name ending in {', '.join(PICTURE_SUFFIXES)}, "
+                        "e.g. samples.png (the samples also go to the same name with .npy)")
     mlflow_environment(args.model_uri)
     model = registry.load_generator(args.model_uri)
     samples = registry.sample(model, args.n, args.seed)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     array_path = out.with_suffix(".npy")
     np.save(array_path, samples.numpy())
@@ -126,17 +132,32 @@ def command_fid_stats(args: argparse.Namespace) -> int:
     from pipeline.eval import fid, reference_stats
     from pipeline.eval.settings import EvalSettings
 
-    if not args.name or any(c in args.name for c in "/\\:") or args.name.endswith(".npz"):
+    from pipeline.config import load_config
+
+    if not reference_stats.is_plain_name(args.name):
         raise GapmError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
+    config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+    directory = stats_directory(config)
     device = torch_device(args.device)
     extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
     stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
                                         batch_size=args.batch_size or EvalSettings.batch_size, kid_features=args.kid_features)
-    for location in reference_stats.save_reference_stats(stats, args.out):
-        print(f"wrote {location}")
-    print(f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features {stats.feature_extractor_id} "
-          f"(dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with --stats {args.name}")
+    location = reference_stats.save_reference_stats(stats, directory, out=args.out)
+    use = (f"--stats {args.name} in this experiment (statistics directory {directory}), --stats {location} "
+           "anywhere") if location == reference_stats.stats_location(args.name, directory) else f"--stats {location}"
+    console.report(f"wrote {location}",
+                   f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features "
+                   f"{stats.feature_extractor_id} (dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with {use}")
     return 0
+
+
+def stats_directory(config) -> str:
+    """The experiment's statistics directory: eval.fid_stats_dir, $GAPM_FID_STATS_DIR, OUTPUT_DIR/fid-stats."""
+    from pipeline.eval import reference_stats
+
+    if config is None:
+        return reference_stats.stats_directory()
+    return reference_stats.stats_directory(config.eval.fid_stats_dir, config.output_dir)
 
 
 def eval_settings(args: argparse.Namespace, config=None):
@@ -147,22 +168,39 @@ def eval_settings(args: argparse.Namespace, config=None):
         config.eval if config is not None else None, stats=args.stats, samples=args.n,
         kid=True if args.kid else None, feature_extractor=args.feature_extractor,
         inception_weights=args.inception_weights, test_data=args.test_data, seed=args.seed,
-        batch_size=args.batch_size, device=args.device)
+        batch_size=args.batch_size, device=args.device,
+        # None: `gapm eval` looks where the checkpoint's run keeps them, eval-watch in the default place
+        stats_dir=stats_directory(config) if config is not None else None)
+
+
+# Printed in the scale papers report them in; MLflow keeps the raw values under the plain key.
+PRINT_SCALES = {"eval/kid": 1000.0}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """`key=value, ...`; KID as `eval/kid x1000=...`, as papers print it."""
+    shown = []
+    for key, value in sorted(metrics.items()):
+        scale = PRINT_SCALES.get(key)
+        shown.append(f"{key} x{scale:g}={value * scale:.6g}" if scale else f"{key}={value:.6g}")
+    return ", ".join(shown)
 
 
 def print_metrics(record: dict) -> None:
-    metrics = ", ".join(f"{key}={value:.6g}" for key, value in sorted(record["metrics"].items()))
     where = f"run {record['run_id']}" if record.get("run_id") else "not logged"
-    print(f"step {record['step']}: {metrics} [{record['reference_description']}; {where}]")
+    console.report(f"step {record['step']}: {format_metrics(record['metrics'])} "
+                   f"[{record['reference_description']}; {where}]")
 
 
 def command_eval(args: argparse.Namespace) -> int:
     import json
 
+    from pipeline.config import load_config
     from pipeline.eval.jobs import run_eval
 
     mlflow_environment(args.target)
-    record = run_eval(args.target, eval_settings(args), run_id=args.run_id, log_to_mlflow=not args.no_log)
+    config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+    record = run_eval(args.target, eval_settings(args, config), run_id=args.run_id, log_to_mlflow=not args.no_log)
     if record is not None:  # rank 0
         print_metrics(record)
         if args.json:
@@ -196,7 +234,6 @@ def command_eval_watch(args: argparse.Namespace) -> int:
                         "to use the run's embedded store")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     claims = args.claims or os.environ.get(CLAIMS_ENV) or str(
         Path(config.output_dir if config is not None else "runs") / ".eval-claims")
     options = WatchOptions(
@@ -265,8 +302,9 @@ def add_evaluation_commands(commands) -> None:
 
     def scoring_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--stats", metavar="NAME_OR_URL",
-                            help="reference statistics: a name from `gapm fid-stats`, an .npz path or s3:// URL, "
-                                 "or cleanfid:DATASET/SPLIT/RES (clean-fid's published ones; needs network once)")
+                            help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
+                                 "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
+                                 "(clean-fid's published ones; needs network once)")
         parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
                                                           f"{EvalConfig.fid_samples})")
         parser.add_argument("--test-data", metavar="URL",
@@ -277,9 +315,12 @@ def add_evaluation_commands(commands) -> None:
 
     stats = commands.add_parser("fid-stats", help="FID reference statistics (clean-fid, mode clean) of a shard set")
     stats.add_argument("data", metavar="DATA_URL", help="shard set: directory or s3:// prefix with manifest.json")
-    stats.add_argument("--name", required=True, help="name to use with --stats (stored as NAME.npz in "
-                                                     "$GAPM_FID_STATS_DIR, default ~/.cache/gapm/fid-stats)")
-    stats.add_argument("--out", metavar="URL", help="also write there: an .npz path/URL, or a directory / s3:// "
+    stats.add_argument("--name", required=True,
+                       help="name to use with --stats; written as NAME.npz into the experiment's statistics "
+                            "directory: eval.fid_stats_dir of --config, else $GAPM_FID_STATS_DIR, else "
+                            "OUTPUT_DIR/fid-stats (output_dir of --config, default runs)")
+    add_config_arguments(stats)
+    stats.add_argument("--out", metavar="URL", help="write there instead: an .npz path/URL, or a directory / s3:// "
                                                     "prefix that gets NAME.npz")
     stats.add_argument("--limit", type=positive_int, help="use only the first N images")
     stats.add_argument("--kid-features", type=int, default=5000,
@@ -293,6 +334,8 @@ def add_evaluation_commands(commands) -> None:
                           help="checkpoint directory or s3:// URL, runs:/RUN_ID/checkpoints/step-XXXXXXXX, "
                                "runs:/RUN_ID/model, models:/NAME@ALIAS, models:/NAME/VERSION")
     scoring_arguments(evaluate)
+    add_config_arguments(evaluate, "experiment YAML whose eval section gives the defaults and whose "
+                                   "statistics directory --stats NAME is read from (default: the checkpoint's run)")
     evaluate.add_argument("--run-id", help="MLflow run to log to (default: found from the checkpoint)")
     evaluate.add_argument("--no-log", action="store_true", help="print only, log nothing to MLflow")
     evaluate.add_argument("--json", metavar="PATH", help="also write the result as JSON (path or s3:// URL)")
@@ -344,19 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
                             "or a checkpoint directory")
     train.set_defaults(handler=command_train)
 
-    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards (local dir or s3://)")
+    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards (local dir or s3://)",
+                                 description="Convert a dataset into WebDataset shards, one shard set per split "
+                                             "(OUT/train, OUT/test, ...), each with a manifest.json.")
     shards.add_argument("dataset", choices=["cifar10", "celeba", "mnist", "fashion-mnist", "swissroll", "swissroll3d"])
     shards.add_argument("src", help="source directory in the dataset's original layout ('-' for the swiss rolls)")
     shards.add_argument("out", help="output directory or s3://bucket/prefix; splits go to OUT/train, OUT/test")
-    shards.add_argument("--split", help="convert only this split")
-    shards.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding (png: lossless)")
-    shards.add_argument("--jpeg-quality", type=int, default=95)
-    shards.add_argument("--samples-per-shard", type=int, default=10000)
-    shards.add_argument("--limit", type=int, help="keep only the first N samples of each split")
+    shards.add_argument("--split", help="convert only this split (default: all splits)")
+    shards.add_argument("--format", default="png", choices=["png", "jpg"],
+                        help="image encoding, png lossless (default: %(default)s)")
+    shards.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s)")
+    shards.add_argument("--samples-per-shard", type=positive_int, default=10000,
+                        help="samples per tar file (default: %(default)s)")
+    shards.add_argument("--limit", type=positive_int,
+                        help="keep only the first N samples of each split (default: every sample)")
     shards.add_argument("--celeba-crop", default="center178", choices=["center178", "authors"],
-                        help="center178: CenterCrop(178)+Resize(64) (Mimicry); authors: resize 64x78, rows 7-71")
-    shards.add_argument("--seed", type=int, default=0, help="swiss-roll sampler seed")
-    shards.add_argument("--swissroll-samples", type=int, default=5000)
+                        help="center178: CenterCrop(178)+Resize(64) (Mimicry); authors: resize 64x78, rows 7-71 "
+                             "(default: %(default)s)")
+    shards.add_argument("--seed", type=int, default=0, help="swiss-roll sampler seed (default: %(default)s)")
+    shards.add_argument("--swissroll-samples", type=positive_int, default=5000,
+                        help="training points of the swiss rolls; their test split has 1000 (default: %(default)s)")
     shards.set_defaults(handler=command_shards)
 
     report = commands.add_parser("report", help="table + figure grid of every run of an MLflow experiment")
@@ -380,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
                                           "or a checkpoint (directory or s3:// URL)")
     sample.add_argument("-n", type=positive_int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--out", required=True, help="PNG to write (image grid or scatter); the samples "
-                                                     "also go to the same name with .npy")
+    sample.add_argument("--out", required=True, metavar="X.png",
+                        help="picture to write (.png or .jpg): an 8-column image grid, or a scatter plot of "
+                             "points; the samples also go to X.npy (the same name with .npy)")
     sample.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
     sample.set_defaults(handler=command_sample)
 
@@ -394,8 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     # Training's stop signals are caught from here on, before the imports of torch & co. (seconds):
     # a stop during start-up also ends with the resumable status.
     stop = StopRequest().__enter__() if args.command == "train" else None
-    logging.basicConfig(level=os.environ.get("GAPM_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        console.configure_logging()  # GAPM_LOG_LEVEL; libraries quiet; see pipeline.console
+    except GapmError as error:
+        print(f"gapm: error: {error}", file=sys.stderr)
+        return 2
     try:
         return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:

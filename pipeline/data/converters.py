@@ -46,6 +46,11 @@ class SplitSource:
     image: dict[str, int] | None  # height, width, channels; None for point data
     preprocessing: dict[str, Any]
     point_dim: int | None = None  # coordinates per point, for point data
+    count: int | None = None  # samples in the split (after `limit`) when known up front: progress
+
+
+def _capped(count: int, limit: int | None) -> int:
+    return count if limit is None else min(count, limit)
 
 
 def read_source(dataset: str, src: str, *, limit: int | None, celeba_crop: str, seed: int,
@@ -217,7 +222,8 @@ def _idx_sources(src: str, limit: int | None) -> dict[str, SplitSource]:
                 f"{labels_path}: expected {len(images)} labels to match {images_path}, got shape {labels.shape}"
             )
         geometry = {"height": int(images.shape[1]), "width": int(images.shape[2]), "channels": 1}
-        sources[split] = SplitSource(split, _limited(_idx_samples(images, labels), limit), geometry, {"resize": None})
+        sources[split] = SplitSource(split, _limited(_idx_samples(images, labels), limit), geometry, {"resize": None},
+                                     count=_capped(len(images), limit))
     return sources
 
 
@@ -307,7 +313,8 @@ def _celeba_sources(src: str, limit: int | None, crop: str) -> dict[str, SplitSo
             yield Sample(index=number, label=None, image=np.asarray(cropped), extra={"file": name})
 
     return {
-        name: SplitSource(name, _limited(samples(names), limit), geometry, preprocessing)
+        name: SplitSource(name, _limited(samples(names), limit), geometry, preprocessing,
+                          count=_capped(len(names), limit))
         for name, names in by_split.items()
         if names
     }
@@ -334,7 +341,7 @@ def _swissroll_sources(kind: str, train_samples: int, seed: int, limit: int | No
 
     return {
         "train": SplitSource("train", _limited(samples(train_samples, seed), limit), None, preprocessing,
-                              geometry.dimension),
+                              geometry.dimension, count=_capped(train_samples, limit)),
         "test": SplitSource("test", _limited(samples(SWISSROLL_TEST_SAMPLES, seed + 1), limit), None,
-                             preprocessing, geometry.dimension),
+                             preprocessing, geometry.dimension, count=_capped(SWISSROLL_TEST_SAMPLES, limit)),
     }

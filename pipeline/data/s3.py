@@ -228,6 +228,18 @@ class S3Storage:
 
         return _calling(url, head)
 
+    def version(self, url: str) -> str | None:
+        """The object's ETag (changes whenever the object is written), or None if it is missing."""
+        def head(client: Any, bucket: str, key: str) -> str | None:
+            try:
+                return str(client.head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND_CODES:
+                    return None
+                raise
+
+        return _calling(url, head)
+
     def delete(self, url: str) -> None:
         _calling(url, lambda client, bucket, key: client.delete_object(Bucket=bucket, Key=key))
 

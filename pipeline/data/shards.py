@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline import console
 from pipeline.data import converters, storage
 from pipeline.data.converters import (
     CELEBA_CROPS,
@@ -202,6 +203,8 @@ def _write_split(
     os.makedirs(staging, exist_ok=True)
     shards: list[dict[str, Any]] = []
     total = 0
+    unit = "img" if source.image is not None else "point"
+    progress = console.progress_bar(source.count, f"{dataset} {source.split}", unit=unit)
     try:
         tar: tarfile.TarFile | None = None
         tmp_path = ""
@@ -231,11 +234,15 @@ def _write_split(
                 _add_member(tar, f"{key}.{suffix}", payload)
             in_shard += 1
             total += 1
+            progress.update(1)
             if in_shard == samples_per_shard:
                 finish_shard()
+                progress.set_postfix(shards=len(shards), refresh=False)
         if tar is not None:
             finish_shard()
+            progress.set_postfix(shards=len(shards), refresh=False)
     finally:
+        progress.close()
         if to_s3:
             shutil.rmtree(staging, ignore_errors=True)
         else:

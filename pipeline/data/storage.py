@@ -183,6 +183,15 @@ class LocalStorage:
     def exists(self, url: str) -> bool:
         return os.path.exists(local_path(url))
 
+    def version(self, url: str) -> str | None:
+        try:
+            status = os.stat(local_path(url))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _local_error(url, exc) from exc
+        return f"{status.st_size}-{status.st_mtime_ns}"
+
     def delete(self, url: str) -> None:
         try:
             os.remove(local_path(url))
@@ -256,6 +265,12 @@ def list_urls(prefix_url: str, suffix: str = "") -> list[str]:
 def exists(url: str) -> bool:
     """True when the object/file exists. Access problems (credentials, endpoint) still raise."""
     return _backend(url).exists(url)
+
+
+def version(url: str) -> str | None:
+    """A tag that changes whenever the object/file is rewritten (S3: its ETag), None if it is
+    missing: what a local cache of a remote object is keyed on."""
+    return _backend(url).version(url)
 
 
 def delete(url: str) -> None:

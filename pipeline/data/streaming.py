@@ -193,6 +193,15 @@ class BatchStream:
             total += math.ceil(samples / self._samples.batch_size)
         return total
 
+    def samples_per_pass(self) -> int | None:
+        """Samples in one pass over this rank's shards (what a ``drop_last=False`` pass yields when
+        nothing is corrupt), from the manifest; None when the counts are unknown. For progress."""
+        counts = self._samples.shard_counts
+        if counts is None or self._samples.resampled:
+            return None
+        readers = max(1, self.num_workers)
+        return sum(counts[url] for worker in range(readers) for url in self._samples.reader_urls(worker, readers))
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         samples = self._samples
         # The loader draws its workers' base seed from this generator, never from torch's global

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pipeline import console
 from pipeline.data import shard_reader, storage
 from pipeline.errors import GapmError
 
@@ -127,9 +128,13 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
         pass
     images, labels, skipped = [], [], 0
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    known = _manifest_count(spec)
+    total = limit if known is None else (known if limit is None else min(known, limit))
+    progress = console.progress_bar(total, f"reading {spec}", unit="img")
     for sample in dataset:
         if limit is not None and len(images) >= limit:
             break
+        progress.update(1)
         extension = next((ext for ext in shard_reader.IMAGE_EXTENSIONS if ext in sample), None)
         try:
             label = int(sample["cls"].decode())
@@ -146,6 +151,7 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
             continue
         images.append(array[:, :, None] if array.ndim == 2 else array)
         labels.append(label)
+    progress.close()
     if skipped:
         log.warning("%s: skipped %d samples without a label or with an unreadable image", spec, skipped)
     if not images:
@@ -153,6 +159,15 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
                                     "that `gapm shards` writes for mnist, fashion-mnist and cifar10)")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return stacked, torch.tensor(labels, dtype=torch.int64)
+
+
+def _manifest_count(spec: str) -> int | None:
+    from pipeline.data.shards import read_manifest
+
+    try:
+        return int(read_manifest(spec)["num_samples"])
+    except (storage.StorageError, ValueError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- training
@@ -196,15 +211,18 @@ def train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int = 5, 
         network.train()
         order = torch.randperm(len(images), generator=generator)
         total_loss = 0.0
-        for index in range(0, len(order), batch_size):
-            batch = images[order[index:index + batch_size]].float() / 255.0
-            shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
-            batch = torch.roll(batch, shifts=shift, dims=(2, 3))
-            loss = nn.functional.cross_entropy(network(batch), labels[order[index:index + batch_size]])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
+        with console.progress_bar(len(images), f"epoch {epoch + 1}/{epochs}", unit="img") as progress:
+            for index in range(0, len(order), batch_size):
+                batch = images[order[index:index + batch_size]].float() / 255.0
+                shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+                batch = torch.roll(batch, shifts=shift, dims=(2, 3))
+                loss = nn.functional.cross_entropy(network(batch), labels[order[index:index + batch_size]])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(batch)
+                progress.update(len(batch))
+                progress.set_postfix(loss=f"{total_loss / progress.n:.4f}", refresh=False)
         log.info("feature extractor epoch %d/%d: loss %.4f", epoch + 1, epochs, total_loss / len(images))
     report = TrainingReport(train_samples=len(images), test_samples=len(test[1]) if test else 0,
                             train_accuracy=accuracy(network, images, labels),

@@ -58,7 +58,6 @@ INCEPTION_DOWNLOAD_ENV = "GAPM_INCEPTION_DOWNLOAD"
 # Where clean-fid itself looks for (and downloads) the file: cleanfid.features.feature_extractor.
 CLEANFID_INCEPTION_PATH = Path("/tmp") / INCEPTION_FILE
 DOWNLOAD_TIMEOUT_S = 15.0
-STATS_DIR_ENV = "GAPM_FID_STATS_DIR"
 CLEANFID_PREFIX = "cleanfid:"
 DEFAULT_KID_FEATURES = 5000
 
@@ -70,11 +69,6 @@ class FidError(GapmError):
 def cache_dir() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "gapm"
-
-
-def stats_dir() -> Path:
-    """Where `gapm fid-stats --name NAME` keeps NAME.npz (GAPM_FID_STATS_DIR overrides)."""
-    return Path(os.environ.get(STATS_DIR_ENV) or cache_dir() / "fid-stats")
 
 
 # --------------------------------------------------------------------------- feature extractors

@@ -15,14 +15,14 @@ spread work — claims (pipeline.eval.claims) keep them from doing the same chec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from pipeline.eval.settings import EvalSettings
-
-log = logging.getLogger(__name__)
+from pipeline.eval import reference_stats
 from pipeline.eval.mlflow_runs import (
     load_target,
     mlflow_client,
@@ -31,6 +31,19 @@ from pipeline.eval.mlflow_runs import (
     run_data_config,
 )
 from pipeline.eval.scoring import distributed_ranks, evaluate_model, result_record
+from pipeline.eval.settings import EvalSettings
+
+log = logging.getLogger(__name__)
+
+
+def run_stats_directory(config: Any, run_dir: Path | None, params: dict[str, str]) -> str:
+    """Where the run keeps named statistics: its config's eval.fid_stats_dir (from config.yaml in
+    the run directory, else its MLflow params), else $GAPM_FID_STATS_DIR, else the fid-stats
+    directory next to the run directory (or runs/fid-stats when the run directory is unknown)."""
+    configured = config.eval.fid_stats_dir if config is not None else None
+    if configured is None and params.get("eval.fid_stats_dir", "null") != "null":
+        configured = params["eval.fid_stats_dir"]
+    return reference_stats.stats_directory(configured, run_dir.parent if run_dir is not None else None)
 
 
 def run_eval(uri: str, settings: EvalSettings, *, run_id: str | None = None, log_to_mlflow: bool = True
@@ -48,16 +61,20 @@ def run_eval(uri: str, settings: EvalSettings, *, run_id: str | None = None, log
             params = mlflow_client(target.tracking_uri).get_run(target.run_id).data.params
         except Exception as error:  # noqa: BLE001 - data settings are optional here
             log.warning("could not read run %s from MLflow (%s); pass --test-data", target.run_id, error)
-    if params:
-        data, data_seed = run_data_config(params)
-    elif target.run_dir is not None and (target.run_dir / "config.yaml").is_file():
+    config = None
+    if target.run_dir is not None and (target.run_dir / "config.yaml").is_file():
         from pipeline.config import ConfigError, load_config
 
         try:
             config = load_config(target.run_dir / "config.yaml")
-            data, data_seed = config.data, config.seed
         except ConfigError as error:
             log.warning("cannot read %s (%s); pass --test-data", target.run_dir / "config.yaml", error)
+    if params:
+        data, data_seed = run_data_config(params)
+    elif config is not None:
+        data, data_seed = config.data, config.seed
+    if settings.stats_dir is None:  # no --config: the statistics directory of the checkpoint's experiment
+        settings = dataclasses.replace(settings, stats_dir=run_stats_directory(config, target.run_dir, params))
     metrics, reference = evaluate_model(model, settings, data=data, data_seed=data_seed, ranks=ranks)
     if not ranks.is_main:
         return None

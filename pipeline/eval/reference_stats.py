@@ -1,7 +1,17 @@
 """FID reference statistics: the mean and covariance of the features of a set of real images
 (plus a sample of the features, for KID), computed from a shard set with `gapm fid-stats`, saved
 as an `.npz` (clean-fid's `mu` / `sigma` plus the feature extractor's identity, the image shape,
-the count and the source data) by name or at any path / s3:// URL, and compared against.
+the count and the source data), and compared against.
+
+Where they live. Statistics belong to the experiment, like its runs and checkpoints: a name
+(`--stats NAME`) means NAME.npz in the experiment's statistics directory, which is
+  `eval.fid_stats_dir` of the experiment config (a directory or an s3:// prefix), else
+  $GAPM_FID_STATS_DIR, else `<output_dir>/fid-stats` next to the run directories (output_dir of
+  the config; of a checkpoint's run: the run directory's parent; with neither: `runs`).
+An explicit path or s3:// URL works anywhere a name does. Every score records the location and
+the identity of the statistics it was computed against (the result tag on the MLflow run).
+Statistics in S3 are cached locally (~/.cache/gapm/fid-stats/, keyed on the URL and the
+object's ETag): deleting the cache loses nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from pipeline import console
 from pipeline.data import storage
 from pipeline.eval.fid import (
     CLEANFID_PREFIX,
@@ -33,7 +44,6 @@ from pipeline.eval.fid import (
     cache_dir,
     frechet_distance,
     real_image_features,
-    stats_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,7 @@ class ReferenceStats:
     mode: str = MODE
     kid_features: np.ndarray | None = None  # a sample of the features, for KID
     created: float = 0.0
+    location: str = ""  # where they were read from (not stored in the file)
 
     @property
     def id(self) -> str:
@@ -102,27 +113,33 @@ def compute_reference_stats(data: str, extractor: FeatureExtractor, name: str, *
                             images: Iterable[Tensor] | None = None) -> ReferenceStats:
     """Statistics of every image of a shard set (or the first `limit`), in shard order."""
     stream = images
+    total = limit
     if stream is None:
         from pipeline.data import streaming
 
         stream = streaming.make_batch_stream(data, batch_size, drop_last=False, shuffle_buffer=0)
+        known = stream.samples_per_pass()
+        total = known if limit is None else (min(limit, known) if known is not None else limit)
     moments, kept, shape = FeatureMoments(), [], None
     started = time.perf_counter()
-    for batch in stream:
-        if batch.dim() != 4:
-            raise FidError(f"{data} holds points of shape {tuple(batch.shape[1:])}, not images: FID is for image data")
-        if limit is not None:
-            batch = batch[: max(limit - moments.count, 0)]
-        if len(batch) == 0:
-            break
-        shape = list(batch.shape[1:])
-        features = real_image_features(batch, extractor)
-        moments.add(features)
-        room = kid_features - sum(len(k) for k in kept)
-        if room > 0:
-            kept.append(features[:room].astype(np.float32))
-        if limit is not None and moments.count >= limit:
-            break
+    with console.progress_bar(total, f"reference statistics of {data}", unit="img") as progress:
+        for batch in stream:
+            if batch.dim() != 4:
+                raise FidError(f"{data} holds points of shape {tuple(batch.shape[1:])}, not images: "
+                               "FID is for image data")
+            if limit is not None:
+                batch = batch[: max(limit - moments.count, 0)]
+            if len(batch) == 0:
+                break
+            shape = list(batch.shape[1:])
+            features = real_image_features(batch, extractor)
+            moments.add(features)
+            room = kid_features - sum(len(k) for k in kept)
+            if room > 0:
+                kept.append(features[:room].astype(np.float32))
+            progress.update(len(batch))
+            if limit is not None and moments.count >= limit:
+                break
     corrupt = getattr(getattr(stream, "stats", None), "corrupt_samples", 0)
     if corrupt:
         log.warning("%s: %d corrupt samples skipped", data, corrupt)
@@ -133,35 +150,83 @@ def compute_reference_stats(data: str, extractor: FeatureExtractor, name: str, *
                           kid_features=np.concatenate(kept) if kept else None, created=time.time())
 
 
-def stats_location(name_or_url: str) -> str:
-    """A name (no '/', no '.npz') -> <stats dir>/NAME.npz; anything else is a path or URL."""
-    if "/" in name_or_url or name_or_url.endswith(".npz") or "://" in name_or_url:
+STATS_DIR_ENV = "GAPM_FID_STATS_DIR"
+STATS_SUBDIR = "fid-stats"  # under output_dir, next to the run directories
+DEFAULT_OUTPUT_DIR = "runs"  # ExperimentConfig.output_dir's default
+
+
+def stats_directory(fid_stats_dir: str | None = None, output_dir: str | Path | None = None) -> str:
+    """The experiment's statistics directory (see the module doc): `fid_stats_dir` (the config's
+    eval.fid_stats_dir), else $GAPM_FID_STATS_DIR, else <output_dir>/fid-stats."""
+    chosen = fid_stats_dir or os.environ.get(STATS_DIR_ENV)
+    if chosen:
+        return chosen.rstrip("/") if storage.is_s3_url(chosen) else chosen
+    return str(Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR) / STATS_SUBDIR)
+
+
+def is_plain_name(name_or_url: str) -> bool:
+    return not ("/" in name_or_url or "\\" in name_or_url or ":" in name_or_url or name_or_url.endswith(".npz"))
+
+
+def stats_location(name_or_url: str, directory: str | None = None) -> str:
+    """A plain name -> <directory>/NAME.npz (directory: `stats_directory()`); a path or URL as it is."""
+    if not is_plain_name(name_or_url):
         return name_or_url
-    return str(stats_dir() / f"{name_or_url}.npz")
+    return storage.join_url(directory or stats_directory(), f"{name_or_url}.npz")
 
 
-def save_reference_stats(stats: ReferenceStats, out: str | None = None) -> list[str]:
-    """Writes NAME.npz into the local stats directory and, with `out`, also there (a .npz
-    URL, or a directory / s3:// prefix that gets NAME.npz). Returns the locations."""
-    data = stats.to_npz_bytes()
-    written = [str(stats_dir() / f"{stats.name}.npz")]
-    storage.write_bytes(written[0], data)
+def save_reference_stats(stats: ReferenceStats, directory: str | None = None, out: str | None = None) -> str:
+    """Writes NAME.npz into the statistics `directory` (default: `stats_directory()`), or to
+    `out` instead (an .npz path/URL, or a directory / s3:// prefix that gets NAME.npz).
+    Returns the location."""
     if out:
         target = out if out.endswith(".npz") else storage.join_url(out, f"{stats.name}.npz")
-        storage.write_bytes(target, data)
-        written.append(target)
-    return written
+    else:
+        target = stats_location(stats.name, directory)
+    storage.write_bytes(target, stats.to_npz_bytes())
+    return target
 
 
-def load_reference_stats(name_or_url: str, *, with_kid: bool = False) -> ReferenceStats:
+def _read_through_cache(location: str) -> bytes:
+    """Local files are read; S3 objects come from the local cache when their ETag is unchanged."""
+    if not storage.is_s3_url(location):
+        return storage.read_bytes(location)
+    version = storage.version(location)
+    if version is None:
+        raise FidError(f"no reference statistics at {location}; check the URL, or compute them with "
+                       "`gapm fid-stats SHARDS --name NAME` (eval.fid_stats_dir / --out)")
+    digest = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:24]
+    cached = cache_dir() / STATS_SUBDIR / f"{Path(location).stem}-{digest}.npz"
+    if cached.is_file():
+        return cached.read_bytes()
+    data = storage.read_bytes(location)
+    try:
+        storage.write_bytes(str(cached), data)
+    except storage.StorageError as error:  # a read-only home directory: no cache, no harm
+        log.debug("not caching %s at %s: %s", location, cached, error)
+    return data
+
+
+def load_reference_stats(name_or_url: str, *, directory: str | None = None, with_kid: bool = False
+                         ) -> ReferenceStats:
+    """The statistics named `name_or_url` (a name in `directory`, default `stats_directory()`;
+    a path; an s3:// URL; or cleanfid:DATASET/SPLIT/RES)."""
     if name_or_url.startswith(CLEANFID_PREFIX):
         return cleanfid_published_stats(name_or_url, with_kid=with_kid)
-    location = stats_location(name_or_url)
+    location = stats_location(name_or_url, directory)
     if not storage.is_s3_url(location) and not os.path.isfile(storage.local_path(location)):
-        hint = (f"compute them with `gapm fid-stats SHARDS --name {name_or_url}`" if location != name_or_url
-                else "check the path, or compute them with `gapm fid-stats SHARDS --name NAME --out URL`")
+        if is_plain_name(name_or_url):
+            hint = (f"compute them with `gapm fid-stats SHARDS --name {name_or_url}` (with the experiment's "
+                    f"--config), or set eval.fid_stats_dir / {STATS_DIR_ENV} to where they are")
+            legacy = cache_dir() / STATS_SUBDIR / f"{name_or_url}.npz"
+            if legacy.is_file():
+                hint = (f"an older gapm kept them in its cache, {legacy}: move that file to {location} (statistics "
+                        "now live with the experiment)")
+        else:
+            hint = "check the path, or compute them with `gapm fid-stats SHARDS --name NAME --out URL`"
         raise FidError(f"no reference statistics at {location}; {hint}")
-    stats = ReferenceStats.from_npz_bytes(storage.read_bytes(location), location)
+    stats = ReferenceStats.from_npz_bytes(_read_through_cache(location), location)
+    stats.location = location
     if with_kid and stats.kid_features is None:
         raise FidError(f"{location} holds no features for KID; recompute it with `gapm fid-stats` (--kid-features)")
     return stats
@@ -208,7 +273,7 @@ def cleanfid_published_stats(spec: str, *, with_kid: bool = False) -> ReferenceS
     size = int(resolution)
     return ReferenceStats(mu=mu, sigma=sigma, count=0, name=spec, feature_extractor_id=INCEPTION_ID,
                           feature_extractor=INCEPTION, image_shape=[channels, size, size], data=spec,
-                          kid_features=kid)
+                          kid_features=kid, location=spec)
 
 
 def check_comparable(stats: ReferenceStats, extractor: FeatureExtractor, where: str) -> None:

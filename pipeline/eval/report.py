@@ -7,6 +7,7 @@ import csv
 import io
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -17,14 +18,44 @@ from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
 
-# Columns of the table: (metric key, header, format). FID columns appear once an evaluation
-# job has logged them on the runs.
+# The metric columns: metric key, header, format, scale (the value shown is value x scale) and
+# what the number is. A column appears when some run has the metric (FID and KID once an
+# evaluation job has logged them on the runs).
+@dataclass(frozen=True)
+class MetricColumn:
+    key: str
+    header: str
+    fmt: str
+    meaning: str
+    scale: float = 1.0
+
+
 METRIC_COLUMNS = [
-    ("eval/reconstruction_mse", "reconstruction MSE", "{:.4f}"),
-    ("eval/sample_nearest_distance", "sample→data distance", "{:.4f}"),
-    ("eval/sample_mmd", "sample MMD", "{:.4f}"),
-    ("eval/fid", "FID", "{:.1f}"),
-    ("eval/test_reconstruction_mse", "test reconstruction MSE", "{:.4f}"),
+    MetricColumn("eval/reconstruction_mse", "reconstruction MSE", "{:.4f}",
+                 "mean squared error of the reconstructions of the held-out data at the end of training "
+                 "(images: pixels in [0, 1])"),
+    MetricColumn("eval/sample_nearest_distance", "sample→data distance", "{:.4f}",
+                 "mean Euclidean distance from each generated point to its nearest held-out point: are the "
+                 "samples on the data?"),
+    MetricColumn("eval/sample_mmd", "sample MMD", "{:.4f}",
+                 "squared MMD between generated and held-out points (sum of Gaussian kernels, bandwidths "
+                 "0.02-0.5): coverage and proportions"),
+    MetricColumn("eval/fid", "FID", "{:.1f}",
+                 "FID of the generated images (clean-fid) at the newest evaluated checkpoint, against the "
+                 "reference statistics the evaluation job names"),
+    MetricColumn("eval/kid", "KID ×1000", "{:.2f}", "KID of the same samples, multiplied by 1000 as usually "
+                 "reported (MLflow holds the raw value)", scale=1000.0),
+    MetricColumn("eval/test_reconstruction_mse", "test reconstruction MSE", "{:.4f}",
+                 "mean squared error of the reconstructions of the whole test split, pixels in [0, 1] "
+                 "(evaluation job)"),
+]
+RUN_COLUMNS = [
+    ("run", "the MLflow run name (the config's `name`); the newest finished run of each name"),
+    ("method", "`model.kind`: gapm or a baseline"),
+    ("world size", "processes that trained the run (its `world_size` tag); each step saw world size × batch "
+                   "samples"),
+    ("batch", "`data.batch_size`, per process"),
+    ("steps", "training iterations: stage 1 + stage 2 (the baselines train one stage)"),
 ]
 FIGURE_NAMES = ("figure4.png", "samples.png")
 
@@ -49,20 +80,33 @@ def experiment_runs(client: MlflowClient, experiment: str) -> list:
     return sorted(newest.values(), key=lambda r: (r.data.params.get("model.kind") != "gapm", r.info.run_name))
 
 
+def present_columns(runs: list) -> list[MetricColumn]:
+    return [c for c in METRIC_COLUMNS if any(c.key in r.data.metrics for r in runs)]
+
+
 def table_rows(runs: list) -> tuple[list[str], list[list[str]]]:
-    present = [c for c in METRIC_COLUMNS if any(c[0] in r.data.metrics for r in runs)]
-    header = ["run", "method", "steps"] + [c[1] for c in present]
+    present = present_columns(runs)
+    header = [name for name, _ in RUN_COLUMNS] + [c.header for c in present]
     rows = []
     for run in runs:
         params = run.data.params
         steps = int(params.get("stage1.steps", 0)) + (int(params.get("stage2.steps", 0))
                                                        if params.get("model.kind", "gapm") == "gapm" else 0)
-        row = [run.info.run_name, params.get("model.kind", "gapm"), str(steps)]
-        for key, _, fmt in present:
-            value = run.data.metrics.get(key)
-            row.append(fmt.format(value) if value is not None else "")
+        row = [run.info.run_name, params.get("model.kind", "gapm"), run.data.tags.get("world_size", "?"),
+               params.get("data.batch_size", "?"), str(steps)]
+        for column in present:
+            value = run.data.metrics.get(column.key)
+            row.append(column.fmt.format(value * column.scale) if value is not None else "")
         rows.append(row)
     return header, rows
+
+
+def column_legend(runs: list) -> str:
+    """What each column of the table is (Markdown list)."""
+    lines = [f"- **{name}**: {meaning}" for name, meaning in RUN_COLUMNS]
+    lines += [f"- **{c.header}** (`{c.key}`{f' × {c.scale:g}' if c.scale != 1 else ''}): {c.meaning}; lower is better"
+              for c in present_columns(runs)]
+    return "Columns:\n\n" + "\n".join(lines) + "\n"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -103,7 +147,7 @@ def write_report(experiment: str, out_dir: Path) -> dict[str, Path]:
     header, rows = table_rows(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"markdown": out_dir / f"{experiment}.md", "csv": out_dir / f"{experiment}.csv"}
-    written["markdown"].write_text(f"# {experiment}\n\n" + markdown_table(header, rows))
+    written["markdown"].write_text(f"# {experiment}\n\n" + markdown_table(header, rows) + "\n" + column_legend(runs))
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     written["csv"].write_text(buffer.getvalue())

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from gapm import Method
+from pipeline import console
 from pipeline.data import sources
 from pipeline.data.sources import DataConfig
 from pipeline.errors import GapmError
@@ -138,7 +139,7 @@ def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
     if not settings.stats:
         raise fid.FidError("no reference statistics for FID: pass --stats NAME_OR_URL (or set eval.fid_stats); "
                         "compute them from the training shards with `gapm fid-stats SHARDS --name NAME`")
-    stats = reference_stats.load_reference_stats(settings.stats, with_kid=settings.kid)
+    stats = reference_stats.load_reference_stats(settings.stats, directory=settings.stats_dir, with_kid=settings.kid)
     extractor = fid.load_extractor(settings.feature_extractor or stats.feature_extractor,
                                    inception_weights=settings.inception_weights, device=device)
     reference_stats.check_comparable(stats, extractor, settings.stats)
@@ -183,11 +184,14 @@ def split_reconstruction_mse(model: Method, spec: str, ranks: Ranks, batch_size:
         stream = streaming.make_batch_stream(spec, batch_size, rank=ranks.rank if split else 0,
                                              world_size=ranks.world if split else 1, drop_last=False,
                                              shuffle_buffer=0)
-        for batch in stream:
-            recon = quality.reconstruct_in_batches(model, batch, model.shape.data_shape, batch_size)
-            squared += torch.sum((recon.double() - batch.double()) ** 2).item()
-            values += batch.numel()
-            images += len(batch)
+        what = f"reconstructions of {spec}" + (" (rank 0's shards)" if split and ranks.world > 1 else "")
+        with console.progress_bar(stream.samples_per_pass(), what, unit="img") as progress:
+            for batch in stream:
+                recon = quality.reconstruct_in_batches(model, batch, model.shape.data_shape, batch_size)
+                squared += torch.sum((recon.double() - batch.double()) ** 2).item()
+                values += batch.numel()
+                images += len(batch)
+                progress.update(len(batch))
     squared, values, images = _all_reduce_sum(np.array([squared, values, images], dtype=np.float64), ranks)
     if values == 0:
         raise EvalError(f"test data {spec} holds no readable images")
@@ -204,8 +208,17 @@ def score_image_model(model: Method, reference: Reference, settings: EvalSetting
     model.to(ranks.device)
     started = time.perf_counter()
     seed = rank_seed(settings.seed, ranks.rank)
-    features = fid.generated_features(image_generator(model, ranks.device, seed), 1, rank_share(reference.samples, ranks),
-                                      extractor, batch_size=settings.batch_size, seed=seed)
+    share = rank_share(reference.samples, ranks)
+    what = "FID samples" + (f" (rank 0's {share} of {reference.samples})" if ranks.world > 1 else "")
+    with console.progress_bar(share, what, unit="img") as progress:
+        generate = image_generator(model, ranks.device, seed)
+
+        def counted(z: torch.Tensor) -> torch.Tensor:
+            images = generate(z)
+            progress.update(len(images))
+            return images
+
+        features = fid.generated_features(counted, 1, share, extractor, batch_size=settings.batch_size, seed=seed)
     moments = fid.FeatureMoments()
     moments.add(features)
     moments = reduce_moments(moments, len(stats.mu), ranks)
@@ -262,7 +275,9 @@ def result_record(model: Method, metrics: dict[str, float], reference: Reference
     metric = score_metric(model)
     return {"step": step, "checkpoint": checkpoint, "score_metric": metric, "score": metrics[metric],
             "metrics": metrics, "reference": reference.key, "reference_description": reference.description,
-            "stats": settings.stats if reference.stats is not None else None, "samples": reference.samples,
+            "stats": reference.stats.location if reference.stats is not None else None,
+            "stats_name": reference.stats.name if reference.stats is not None else None,
+            "stats_id": reference.stats.id if reference.stats is not None else None, "samples": reference.samples,
             "seed": settings.seed, "seconds": round(seconds, 3), "evaluator": socket.gethostname(),
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

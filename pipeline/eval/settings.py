@@ -15,6 +15,9 @@ class EvalConfig:
     samples: int = 5000  # generated samples for the end-of-training metrics
     # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval/):
     fid_stats: str | None = None  # reference statistics: a name, path or s3:// URL (gapm fid-stats)
+    # where named statistics live: a directory or s3:// prefix; null: $GAPM_FID_STATS_DIR, else
+    # <output_dir>/fid-stats (pipeline.eval.reference_stats)
+    fid_stats_dir: str | None = None
     fid_samples: int = 50000  # generated samples per FID (the paper: 50,000)
     feature_extractor: str | None = None  # null: the one the statistics were computed with
     inception_weights: str | None = None  # path or s3:// URL of inception-2015-12-05.pt
@@ -26,6 +29,8 @@ class EvalConfig:
             raise ConfigError(f"config key 'eval.samples' must be at least 2, got {self.samples}")
         if self.fid_samples < 2:
             raise ConfigError(f"config key 'eval.fid_samples' must be at least 2, got {self.fid_samples}")
+        if self.fid_stats_dir is not None and not self.fid_stats_dir.strip():
+            raise ConfigError("config key 'eval.fid_stats_dir' is empty; name a directory or s3:// prefix, or null")
         if not self.champion_alias or any(c in self.champion_alias for c in "/@:"):
             raise ConfigError(f"config key 'eval.champion_alias' must be a plain name, got {self.champion_alias!r}")
 
@@ -43,6 +48,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 250
     device: str | None = None
+    stats_dir: str | None = None  # where a plain `stats` name is looked up; None: reference_stats' default
 
     @classmethod
     def from_config(cls, config: EvalConfig | None = None, **overrides: Any) -> "EvalSettings":

@@ -1,11 +1,16 @@
 """The trained model in MLflow: logged as a pyfunc model, registered, and loaded back.
 
-A logged gapm model is an MLflow pyfunc model whose artifacts are the final checkpoint's
-`model.safetensors` and `meta.json`; its python_model is `GapmPyfunc`, a class of this package
-(pickled by reference, so `mlflow.pyfunc.load_model` works wherever gapm is installed).
-`load_generator` never unpickles anything from a model: it downloads the artifacts and
-rebuilds the networks from the safetensors weights and the JSON shape alone, like
-`checkpoints.load_model` does for a checkpoint directory.
+A logged gapm model is an MLflow pyfunc model that serves anywhere: its code is
+`pipeline/tracking/served_model.py` (MLflow's "models from code"; nothing is pickled) plus a copy
+of the `gapm` package (`code_paths`), its artifacts the final checkpoint's `model.safetensors`
+and `meta.json`, its requirements the few packages that code imports (mlflow, torch,
+safetensors, numpy, pandas), and a signature (input columns n, seed, data; output the samples)
+with an input example. So `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and `mlflow models
+serve -m models:/NAME@ALIAS` work without gapm installed or the repository at hand.
+
+`load_generator` never runs code from a model: it downloads the artifacts and rebuilds the
+networks from the safetensors weights and the JSON shape alone, like `checkpoints.load_model`
+does for a checkpoint directory.
 
 Registry: MLflow 3 aliases (`models:/NAME@ALIAS`), no stages.
 """
@@ -14,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
+import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -32,18 +35,27 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
-from gapm import Method, ModelShape, build_model
+import gapm
+from gapm import Method
 from pipeline.data import sources
 from pipeline.errors import GapmError
-from pipeline.eval import quality
+from pipeline.tracking import served_model
+from pipeline.tracking.served_model import META, WEIGHTS
 from pipeline.train import checkpoints
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
-WEIGHTS, META = "weights", "meta"  # pyfunc artifact keys
 CHECKPOINT_STEP_TAG = "gapm.checkpoint_step"
 REGISTERED_NAME_TAG = "gapm.registered_model_name"
+REGISTERED_MODEL_DESCRIPTION = (
+    "GAPM generator (pipeline.tracking.registry). Serve with `mlflow models serve -m models:/NAME@ALIAS "
+    "--env-manager local`; POST /invocations {\"inputs\": {\"n\": 16, \"seed\": 0}} returns 16 samples, "
+    "{\"inputs\": {\"data\": BATCH}} the reconstructions of BATCH.")
+
+# Models logged before models-from-code pickled this class by reference; it stays importable
+# so that they still load where gapm is installed (MLflow now also asks for
+# MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true for them; gapm's own load_generator needs neither).
+GapmPyfunc = served_model.GapmModel
 
 
 class RegistryError(GapmError):
@@ -56,63 +68,55 @@ def default_model_name(experiment: str) -> str:
 
 def sample(model: Method, count: int, seed: int) -> torch.Tensor:
     """`count` generated samples in data space ([0, 1] images or points), a pure function of
-    the weights and `seed`: the same for a checkpoint and the model registered from it."""
-    return quality.sample_in_batches(model, count, model.shape.data_shape, seed)
+    the weights and `seed`: the same for a checkpoint, the model registered from it and that
+    model served by MLflow."""
+    return served_model.sample(model, count, seed)
 
 
 def reconstruct(model: Method, data: torch.Tensor) -> torch.Tensor:
-    return quality.reconstruct_in_batches(model, data, model.shape.data_shape)
+    return served_model.reconstruct(model, data)
 
 
 def model_from_files(weights: Path, meta: Path) -> Method:
     """Rebuilds the model (GAPM or a baseline, eval mode) from a safetensors file and a
     checkpoint meta.json."""
     try:
-        meta_values = checkpoints.CheckpointMeta(**json.loads(Path(meta).read_text()))
-        model = build_model(meta_values.model_kind, ModelShape.from_dict(meta_values.model_shape),
-                            **meta_values.hyperparameters)
-        model.load_state_dict(load_file(str(weights)))
+        return served_model.model_from_files(weights, meta)
     except (OSError, ValueError, TypeError, RuntimeError) as error:
         raise RegistryError(f"cannot rebuild the model from {weights} and {meta}: {error}") from None
-    return model.eval()
 
 
-class GapmPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc flavour of a trained model.
-
-    predict input: {"n": N, "seed": S} (dict or one-row DataFrame) -> N samples; anything else
-    (DataFrame, array, {"data": array}) is data to reconstruct, one sample per row. Output: a
-    numpy array in data space, shape (N, *data_shape).
-    """
-
-    def load_context(self, context: Any) -> None:
-        self.model = model_from_files(Path(context.artifacts[WEIGHTS]), Path(context.artifacts[META]))
-
-    # Annotated DataFrame, MLflow's "no schema" hint: it then passes dicts and arrays through
-    # unchanged, which a schema inferred from a narrower hint would reject.
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        request = model_input
-        if isinstance(request, pd.DataFrame) and "n" in request.columns:
-            request = request.iloc[0].to_dict()
-        if isinstance(request, dict) and "n" in request:
-            return sample(self.model, int(request["n"]), int(request.get("seed", 0))).numpy()
-        if isinstance(request, dict):
-            request = request["data"]
-        array = np.asarray(request.to_numpy() if isinstance(request, pd.DataFrame) else request,
-                           dtype=np.float32)
-        data = torch.from_numpy(array.reshape(-1, *self.model.shape.data_shape))
-        return reconstruct(self.model, data).numpy()
-
-
-def _pip_requirements() -> list[str]:
-    # Listed, not inferred: inference loads the model in a subprocess (slow, and it would
-    # need the training environment anyway). The gapm package itself must be installed
-    # where the pyfunc flavour is loaded.
+def pip_requirements() -> list[str]:
+    """What the model's code imports (served_model.py and gapm), at the versions it was logged
+    with. Listed, not inferred: inference loads the model in a subprocess (slow). gapm itself
+    travels with the model as code."""
     import safetensors
 
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}",
-            f"pandas=={pd.__version__}", "pyyaml"]
+            f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+
+
+def _copy_package(package_dir: Path, into: Path) -> Path:
+    """The package's Python files (no caches), as MLflow will copy them into the model."""
+    target = into / package_dir.name
+    shutil.copytree(package_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+def save_pyfunc_model(path: Path, weights: str, meta: str, model_meta: checkpoints.CheckpointMeta,
+                      mlflow_model: Model | None = None) -> None:
+    """Writes the MLflow model directory of a checkpoint's two files (see the module doc)."""
+    data_shape = list(model_meta.model_shape["data_shape"])
+    example = pd.DataFrame([{"n": 2, "seed": 0}])
+    with tempfile.TemporaryDirectory() as scratch:
+        mlflow.pyfunc.save_model(
+            path=str(path), python_model=served_model.__file__,
+            code_paths=[str(_copy_package(Path(gapm.__file__).parent, Path(scratch)))],
+            artifacts={WEIGHTS: weights, META: meta}, pip_requirements=pip_requirements(),
+            signature=served_model.signature(data_shape), input_example=example,
+            metadata={"gapm_model_kind": model_meta.model_kind, "gapm_data_shape": data_shape,
+                      "gapm_checkpoint_step": model_meta.step, "gapm_experiment": model_meta.experiment},
+            mlflow_model=mlflow_model)
 
 
 def find_logged_model(client: MlflowClient, run_id: str, checkpoint_step: int | None = None):
@@ -143,12 +147,11 @@ def log_model(client: MlflowClient, run_id: str, checkpoint: checkpoints.Checkpo
     # The steps of mlflow.pyfunc.log_model, each with this client: log_model itself resolves
     # part of its work through the process-wide tracking URI.
     try:
-        with tempfile.TemporaryDirectory() as scratch, quiet_model_logging():
+        with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "model"
-            mlflow.pyfunc.save_model(
-                path=str(local), python_model=GapmPyfunc(), pip_requirements=_pip_requirements(),
-                artifacts={WEIGHTS: checkpoints.local_file(checkpoint, checkpoints.MODEL_FILE, scratch),
-                           META: checkpoints.local_file(checkpoint, checkpoints.META_FILE, scratch)},
+            save_pyfunc_model(
+                local, checkpoints.local_file(checkpoint, checkpoints.MODEL_FILE, scratch),
+                checkpoints.local_file(checkpoint, checkpoints.META_FILE, scratch), meta,
                 mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
                                    run_id=run_id, model_id=logged.model_id))
             client.log_model_artifacts(logged.model_id, str(local))
@@ -163,7 +166,7 @@ def log_model(client: MlflowClient, run_id: str, checkpoint: checkpoints.Checkpo
 def register_logged_model(client: MlflowClient, name: str, logged_model) -> ModelVersion:
     """The registry version of `logged_model` under `name`, created if it does not exist."""
     try:
-        client.create_registered_model(name, description="GAPM generator (pipeline.tracking.registry)")
+        client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -178,29 +181,6 @@ def register_logged_model(client: MlflowClient, name: str, logged_model) -> Mode
     return client.create_model_version(
         name=name, source=logged_model.artifact_location, run_id=run_id, model_id=logged_model.model_id,
         tags={CHECKPOINT_STEP_TAG: logged_model.tags.get(CHECKPOINT_STEP_TAG, "")})
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
-@contextlib.contextmanager
-def quiet_model_logging() -> Iterator[None]:
-    """MLflow warns that a python_model object is cloudpickled (GapmPyfunc is pickled by
-    reference to this package and gapm's own loader never unpickles it) and that it has no
-    signature (on purpose: predict takes two kinds of input)."""
-    drop = _DropMessages("serialized using CloudPickle", "Failed to infer model signature")
-    logger = logging.getLogger("mlflow.pyfunc")
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 def register_run_model(run_id: str, alias: str, name: str | None = None,

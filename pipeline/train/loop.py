@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from gapm import Method, build_model
+from pipeline import console
 from pipeline.config import ExperimentConfig, method_hyperparameters, to_dict
 from pipeline.data import sources, storage
 from pipeline.stopping import StopRequest, TrainingInterrupted
@@ -257,10 +257,9 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
 
 
 def progress_bar(run: Run, stage: int, first: int, total: int) -> tqdm:
-    return tqdm(total=total, initial=first, desc=f"stage {stage}",
-                disable=not (run.is_main and run.config.train.progress_bar), dynamic_ncols=True,
-                # In batch logs (Slurm, Kubernetes) a redraw is a new line: redraw rarely.
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    # rank 0 only; in batch logs (Slurm, Kubernetes) it redraws rarely: pipeline.console
+    return console.progress_bar(total, f"stage {stage}", unit="step", initial=first,
+                                enabled=run.is_main and run.config.train.progress_bar)
 
 
 class MetricWindow:

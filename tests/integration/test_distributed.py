@@ -32,9 +32,10 @@ def gapm_command(processes: int, overrides: list[str], *extra: str) -> list[str]
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cli]
 
 
-def run_training(processes: int, overrides: list[str], *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(gapm_command(processes, overrides, *extra), env=environment(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+def run_training(processes: int, overrides: list[str], *extra: str, timeout: int = 240,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(gapm_command(processes, overrides, *extra), env={**environment(), **(env or {})},
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -45,8 +46,13 @@ def final_model(run_dir: Path):
 
 
 def test_two_processes_train_both_stages_with_identical_parameters(tmp_path):
-    run_training(2, [f"output_dir={tmp_path}", "data.batch_size=32", *TINY])
+    result = run_training(2, [f"output_dir={tmp_path}", "data.batch_size=32", *TINY, "train.progress_bar=true"],
+                          env={"GAPM_LOG_LEVEL": "INFO", "TQDM_DISABLE": ""})
     run_dir = tmp_path / "swissroll"
+    # one voice: rank 0 prints the result and draws the progress; rank 1 adds nothing at INFO
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["metrics", "run directory"], result.stdout
+    assert result.stderr.count("stage 1:   0%") == 1 and result.stderr.count("stage 2:   0%") == 1, result.stderr
+    assert "[rank 1]" not in result.stderr, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # rank fingerprints (parameters and BN statistics) gathered at the end of training
     assert metrics["distributed/max_parameter_divergence"] == 0.0

@@ -105,6 +105,7 @@ def test_two_eval_watch_jobs_at_once_score_each_checkpoint_once_and_crown_the_be
         assert job.returncode == 0, out + err
     scored_lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("step ")]
     assert sorted(line.split(":")[0] for line in scored_lines) == ["step 2", "step 4"], outputs  # no double work
+    assert any("FID samples: 100%" in err and f"{SAMPLES}/{SAMPLES}" in err for _, err in outputs)  # progress
     assert eval_history(client, run_id) == [2, 4]  # one FID per checkpoint, at its training step
     assert eval_history(client, run_id, "eval/test_reconstruction_mse") == [2, 4]
     results = scores(client, run_id)
@@ -152,6 +153,36 @@ def test_eval_scores_one_checkpoint_from_run_artifacts_and_logs_it_at_its_step(t
     assert cli.main(["eval", str(local), "--stats", str(tmp_path / "wrong.npz"), "-n", "8", "--no-log",
                      "--device", "cpu"]) == 2
     assert "[3, 32, 32] images" in capsys.readouterr().err
+
+
+def test_eval_reads_named_statistics_next_to_the_run_and_records_where_they_were(trained, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`--stats NAME` of a run's checkpoint means OUTPUT_DIR/fid-stats/NAME.npz of that run's
+    experiment (no user-global cache); the score on the MLflow run names the file and its
+    identity. The command shows its progress and prints KID x1000."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["server"].url)
+    monkeypatch.delenv("GAPM_FID_STATS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stats_dir = trained["run_dir"].parent / "fid-stats"
+    stats_dir.mkdir(exist_ok=True)
+    (stats_dir / "fm-named.npz").write_bytes(Path(trained["stats"]).read_bytes())
+    local = trained["run_dir"] / "checkpoints" / "step-00000004"
+    out = tmp_path / "result.json"
+    assert cli.main(["eval", str(local), "--stats", "fm-named", "-n", "30", "--kid", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(out.read_text())
+    expected = reference_stats.load_reference_stats(str(stats_dir / "fm-named.npz"))
+    assert (record["stats"], record["stats_name"], record["stats_id"]) == (str(stats_dir / "fm-named.npz"),
+                                                                         "fm-train", expected.id)
+    tag = MlflowClient(trained["server"].url).get_run(trained["run_id"]).data.tags[
+        f"gapm.eval.{record['reference']}.step-00000004"]
+    assert json.loads(tag)["stats"] == str(stats_dir / "fm-named.npz")  # recorded in MLflow
+    assert not (tmp_path / "cache").exists()
+    assert "FID samples" in captured.err and "30/30" in captured.err  # progress, with counts
+    assert "reconstructions of" in captured.err and "200/200" in captured.err
+    kid = record["metrics"]["eval/kid"]
+    assert f"eval/kid x1000={kid * 1000:.6g}" in captured.out and "eval/kid=" not in captured.out
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

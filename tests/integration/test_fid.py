@@ -42,9 +42,11 @@ def fashion_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def isolated_stats_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(fid.STATS_DIR_ENV, str(tmp_path / "stats"))
-    return tmp_path / "stats"
+def isolated_cache(tmp_path, monkeypatch):
+    """gapm's cache in a fresh place, no statistics directory from the environment."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(reference_stats.STATS_DIR_ENV, raising=False)
+    return tmp_path / "cache" / "gapm"
 
 
 def small_extractor(feature_dim: int = 12, seed: int = 0) -> fid.FeatureExtractor:
@@ -166,19 +168,35 @@ def test_generated_features_have_compute_fid_gen_semantics(fashion_shards, tmp_p
     np.testing.assert_array_equal(first, fid.generated_features(noise, 4, 50, extractor, batch_size=20, seed=3))
 
 
-def test_fid_stats_command_writes_local_and_s3_copies_that_load_by_name_or_url(
-        fashion_shards, tmp_path, isolated_stats_dir, s3_bucket, capsys):
+def test_fid_stats_command_writes_into_the_experiments_directory_and_loads_by_name_or_url(
+        fashion_shards, tmp_path, isolated_cache, s3_bucket, capsys):
+    """Named statistics live with the experiment (OUTPUT_DIR/fid-stats, eval.fid_stats_dir, or
+    --out), never in the user's cache; the command shows its progress."""
     extractor_file = tmp_path / "extractor.safetensors"
     torch.manual_seed(0)
     save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=16)), str(extractor_file))
-    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "fm-train", "--limit", "250",
-                     "--feature-extractor", str(extractor_file), "--out", f"s3://{s3_bucket}/fid", "--device", "cpu",
-                     "--kid-features", "100"]) == 0
-    assert "use with --stats fm-train" in capsys.readouterr().out
-    by_name = reference_stats.load_reference_stats("fm-train", with_kid=True)
+    common = ["--feature-extractor", str(extractor_file), "--device", "cpu", "--kid-features", "100", "--limit", "250"]
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "fm-train", "--config",
+                     "configs/swissroll.yaml", "--set", f"output_dir={tmp_path / 'runs'}", *common]) == 0
+    captured = capsys.readouterr()
+    written = tmp_path / "runs" / "fid-stats" / "fm-train.npz"
+    assert captured.out.splitlines()[0] == f"wrote {written}" and "use with --stats fm-train" in captured.out
+    assert "250/250" in captured.err and "img/s" in captured.err  # the progress bar
+    assert not isolated_cache.exists()  # nothing in the user-global cache
+    by_name = reference_stats.load_reference_stats("fm-train", directory=str(tmp_path / "runs" / "fid-stats"),
+                                                   with_kid=True)
+    assert by_name.location == str(written)
+
+    # an S3 prefix as the experiment's directory (eval.fid_stats_dir), and --out
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "fm-train", "--set",
+                     f"eval.fid_stats_dir=s3://{s3_bucket}/fid", *common]) == 0
+    assert f"wrote s3://{s3_bucket}/fid/fm-train.npz" in capsys.readouterr().out
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "fm-train", "--out",
+                     str(tmp_path / "elsewhere.npz"), *common]) == 0
+    assert f"use with --stats {tmp_path / 'elsewhere.npz'}" in capsys.readouterr().out
     from_s3 = reference_stats.load_reference_stats(f"s3://{s3_bucket}/fid/fm-train.npz")
-    assert (isolated_stats_dir / "fm-train.npz").is_file()
-    assert by_name.id == from_s3.id and by_name.count == 250 and by_name.image_shape == [1, 28, 28]
+    assert by_name.id == from_s3.id == reference_stats.load_reference_stats(str(tmp_path / "elsewhere.npz")).id
+    assert by_name.count == 250 and by_name.image_shape == [1, 28, 28]
     assert by_name.feature_extractor == str(extractor_file) and by_name.kid_features.shape == (100, 16)
     assert by_name.feature_extractor_id == load_domain_extractor(str(extractor_file)).id
     # computed with clean-fid's own moments: np.mean / np.cov over the features
@@ -191,7 +209,49 @@ def test_fid_stats_command_writes_local_and_s3_copies_that_load_by_name_or_url(
     with pytest.raises(fid.FidError, match="computed with feature extractor"):
         reference_stats.check_comparable(by_name, small_extractor(), "fm-train")
     with pytest.raises(fid.FidError, match="gapm fid-stats SHARDS --name nope"):
-        reference_stats.load_reference_stats("nope")
+        reference_stats.load_reference_stats("nope", directory=str(tmp_path / "runs" / "fid-stats"))
+
+
+def test_named_statistics_resolve_in_the_experiments_directory(tmp_path, monkeypatch, isolated_cache):
+    assert reference_stats.stats_directory() == "runs/fid-stats"
+    assert reference_stats.stats_directory(None, tmp_path) == str(tmp_path / "fid-stats")
+    monkeypatch.setenv(reference_stats.STATS_DIR_ENV, "s3://team/fid-stats/")
+    assert reference_stats.stats_directory(None, tmp_path) == "s3://team/fid-stats"
+    assert reference_stats.stats_directory("/data/stats", tmp_path) == "/data/stats"  # the config's key wins
+    assert reference_stats.stats_location("celeba64-train") == "s3://team/fid-stats/celeba64-train.npz"
+    for explicit in ("s3://b/x.npz", "stats/x.npz", "x.npz", "cleanfid:cifar10/train/32"):
+        assert reference_stats.stats_location(explicit) == explicit
+    # statistics an older gapm kept in the cache are not used, but the error says where they are
+    legacy = isolated_cache / "fid-stats" / "old.npz"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"")
+    with pytest.raises(fid.FidError, match=f"older gapm kept them in its cache, {legacy}: move that file to "
+                                           f"{tmp_path / 'fid-stats' / 'old.npz'}"):
+        reference_stats.load_reference_stats("old", directory=str(tmp_path / "fid-stats"))
+
+
+def test_statistics_in_s3_are_cached_by_etag_and_the_cache_is_only_a_cache(tmp_path, isolated_cache, s3_bucket):
+    def stats(shift: float) -> reference_stats.ReferenceStats:
+        return reference_stats.ReferenceStats(mu=np.full(4, shift), sigma=np.eye(4), count=10, name="s",
+                                              feature_extractor_id="test", feature_extractor="test",
+                                              image_shape=[1, 28, 28], data="test")
+
+    url = f"s3://{s3_bucket}/fid-stats/s.npz"
+    reference_stats.save_reference_stats(stats(0.0), out=url)
+    first = reference_stats.load_reference_stats("s", directory=f"s3://{s3_bucket}/fid-stats")
+    assert first.location == url and first.mu[0] == 0.0
+    cached = list((isolated_cache / "fid-stats").glob("s-*.npz"))
+    assert len(cached) == 1
+    cached[0].write_bytes(stats(5.0).to_npz_bytes())  # mark the cached copy
+    assert reference_stats.load_reference_stats(url).mu[0] == 5.0  # read from the cache: no download
+    reference_stats.save_reference_stats(stats(1.0), out=url)  # recomputed in place: a new ETag
+    assert reference_stats.load_reference_stats(url).mu[0] == 1.0  # never a stale copy
+    for file in (isolated_cache / "fid-stats").glob("*.npz"):
+        file.unlink()
+    assert reference_stats.load_reference_stats(url).mu[0] == 1.0  # a lost cache loses nothing
+    storage.delete(url)
+    with pytest.raises(fid.FidError, match=f"no reference statistics at {url}"):
+        reference_stats.load_reference_stats(url)
 
 
 def test_missing_inception_weights_fail_fast_and_say_how_to_stage_them(tmp_path, monkeypatch, capsys):
@@ -265,7 +325,10 @@ def test_domain_feature_extractor_tells_real_from_blurred_and_noise(fashion_shar
     assert cli.main(["train-feature-extractor", str(fashion_shards / "train"), "--out", str(out),
                      "--test-data", str(fashion_shards / "test"), "--test-limit", "300", "--epochs", "2",
                      "--feature-dim", "32", "--batch-size", "32", "--lr", "2e-3"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # progress: reading the shards (600 images), then each epoch with its running loss
+    assert "600/600" in captured.err and "epoch 2/2" in captured.err and "loss=" in captured.err
     accuracy = float(printed.split("test accuracy ")[1].split(",")[0])
     assert accuracy > 0.3  # 10 classes: chance is 0.1; ~0.45 after 2 epochs on 600 images
     extractor = fid.load_extractor(str(out), device=torch.device("cpu"))

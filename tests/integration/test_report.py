@@ -3,11 +3,13 @@
 import csv
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from helpers import ROOT, tiny_overrides
 
 from pipeline.config import load_config
+from pipeline.eval.report import column_legend, table_rows
 from pipeline.train.loop import train
 
 TINY = tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=8,
@@ -28,13 +30,35 @@ def test_report_tables_every_method_of_an_experiment(tmp_path, monkeypatch):
                             env={**__import__("os").environ, "MLFLOW_TRACKING_URI": store}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.reader((tmp_path / "reports/comparison.csv").read_text().splitlines()))
-    assert rows[0][:4] == ["run", "method", "steps", "reconstruction MSE"]
-    assert [(r[0], r[1], r[2]) for r in rows[1:]] == [("roll-gapm", "gapm", "6"), ("roll-vae", "vae", "4")]
-    assert all(float(r[3]) >= 0 for r in rows[1:])
+    assert rows[0][:6] == ["run", "method", "world size", "batch", "steps", "reconstruction MSE"]
+    assert [r[:5] for r in rows[1:]] == [["roll-gapm", "gapm", "1", "32", "6"], ["roll-vae", "vae", "1", "32", "4"]]
+    assert all(float(r[5]) >= 0 for r in rows[1:])
     assert (tmp_path / "reports/comparison-figures.png").stat().st_size > 0
-    assert "| roll-gapm | gapm |" in result.stdout
+    assert "| roll-gapm | gapm | 1 | 32 | 6 |" in result.stdout
+    assert "- **world size**: processes that trained the run" in result.stdout  # the columns explained
 
     missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--experiment", "nope"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120,
                              env={**__import__("os").environ, "MLFLOW_TRACKING_URI": store})
     assert missing.returncode == 2 and "no experiment 'nope'" in missing.stderr.strip().splitlines()[-1]
+
+
+def run_record(name: str, kind: str, world: str, metrics: dict) -> SimpleNamespace:
+    return SimpleNamespace(info=SimpleNamespace(run_name=name),
+                           data=SimpleNamespace(params={"model.kind": kind, "stage1.steps": "100", "stage2.steps": "50",
+                                                        "data.batch_size": "64"},
+                                                tags={"world_size": world}, metrics=metrics))
+
+
+def test_report_table_shows_world_size_kid_x1000_and_explains_every_column():
+    runs = [run_record("celeba-gapm", "gapm", "8", {"eval/fid": 61.94, "eval/kid": 0.04567,
+                                                    "eval/test_reconstruction_mse": 0.0165}),
+            run_record("celeba-vae", "vae", "4", {"eval/fid": 80.0})]
+    header, rows = table_rows(runs)
+    assert header == ["run", "method", "world size", "batch", "steps", "FID", "KID ×1000", "test reconstruction MSE"]
+    assert rows == [["celeba-gapm", "gapm", "8", "64", "150", "61.9", "45.67", "0.0165"],
+                    ["celeba-vae", "vae", "4", "64", "100", "80.0", "", ""]]
+    legend = column_legend(runs)
+    for name in header:
+        assert f"- **{name}**" in legend, name
+    assert "(`eval/kid` × 1000)" in legend and "sample MMD" not in legend  # only the columns shown

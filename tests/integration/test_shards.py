@@ -8,10 +8,13 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers import ROOT
 from PIL import Image
 
 from pipeline.data import storage
@@ -283,3 +286,33 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(DataError, match="refusing to load"):
         shards.convert_dataset("cifar10", str(tmp_path / "cifar"), str(tmp_path / "out"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_shards_command_to_s3_shows_progress_and_no_library_chatter(s3_bucket, tmp_path):
+    """`gapm shards` as a user runs it: a progress bar per split with counts, the summary on
+    stdout, and none of botocore's INFO lines ("Found credentials ...") unless asked for."""
+    command = [sys.executable, "-m", "pipeline.cli", "shards", "swissroll", "-", f"s3://{s3_bucket}/roll",
+               "--swissroll-samples", "300", "--samples-per-shard", "100"]
+    environment = {**os.environ, "TQDM_DISABLE": ""}
+    environment.pop("GAPM_LOG_LEVEL", None)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"train: 300 samples in 3 shards -> s3://{s3_bucket}/roll/train/ (manifest.json)",
+                                        f"test: 1000 samples in 10 shards -> s3://{s3_bucket}/roll/test/ (manifest.json)"]
+    assert "swissroll train" in done.stderr and "300/300" in done.stderr and "1000/1000" in done.stderr
+    assert "point/s" in done.stderr  # a rate
+    assert "botocore" not in done.stderr and "Found credentials" not in done.stderr, done.stderr
+
+    debug = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env={**environment, "GAPM_LOG_LEVEL": "DEBUG"})
+    assert debug.returncode == 0 and "Found credentials in environment variables" in debug.stderr
+
+
+def test_shards_help_shows_the_defaults():
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "shards", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    for default in ("(default: png)", "(default: 95)", "(default: 10000)", "(default: center178)",
+                    "(default: 0)", "(default: 5000)", "(default: all splits)", "(default: every sample)"):
+        assert default in text, default

@@ -7,15 +7,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-from helpers import ROOT, tiny_overrides
+import torch
+from helpers import ROOT, free_port, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
@@ -175,6 +180,119 @@ def test_registered_model_samples_like_the_checkpoint_in_a_fresh_process(tracked
     assert np.array_equal(from_registry, registry.sample(model, 64, 7).numpy())
 
 
+def clean_environment(**extra: str) -> dict[str, str]:
+    """A process environment without this checkout on the path and without S3 settings:
+    artifacts come through the tracking server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_")) and k != "PYTHONPATH"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # uvicorn of this env
+    return {**env, **extra}
+
+
+def post_json(url: str, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_registered_model_is_served_by_mlflow_models_serve(tracked_run, mlflow_server, tmp_path):
+    """`mlflow models serve -m models:/NAME@ALIAS --env-manager local` on loopback, started
+    outside the repository: POST /invocations answers samples, reconstructions, and a clear
+    400 for a bad request."""
+    config, result, run_id, client = tracked_run
+    name = f"gapm-{config.name}"
+    client.set_registered_model_alias(name, "serving", "1")
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@serving",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path, env=clean_environment(MLFLOW_TRACKING_URI=mlflow_server.url), start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/invocations"
+        model, _ = checkpoints.load_model(result.final_checkpoint)
+
+        status, answer = post_json(url, {"inputs": {"n": 16, "seed": 5}})
+        assert status == 200, answer
+        expected = registry.sample(model, 16, 5).numpy()
+        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
+        status, answer = post_json(url, {"dataframe_records": [{"n": 4, "seed": 6}, {"n": 3, "seed": 6}]})
+        assert status == 200, answer
+        expected = np.concatenate([registry.sample(model, 4, 6).numpy(), registry.sample(model, 3, 6).numpy()])
+        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
+
+        points = np.load(result.run_dir / "recon.npy")[:5].astype(np.float32)
+        status, answer = post_json(url, {"inputs": {"data": points.tolist()}})
+        assert status == 200, answer
+        assert np.allclose(answer["predictions"], registry.reconstruct(model, torch.from_numpy(points)).numpy(),
+                           atol=1e-6)
+
+        status, answer = post_json(url, {"inputs": {"n": 0}})
+        assert status == 400 and "n must be an integer from 1" in answer["message"], answer
+        status, answer = post_json(url, {"inputs": {"data": [[0.1, 0.2, 0.3]]}})
+        assert status == 400 and "data must be a batch of shape (N, 2)" in answer["message"], answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+def test_registered_model_loads_where_gapm_is_not_installed(tracked_run, mlflow_server, tmp_path, monkeypatch):
+    """The logged model carries its code: in an interpreter that cannot import gapm or
+    pipeline (no site hooks: the editable install is invisible), `mlflow.pyfunc.load_model`
+    runs it, from the model's own copy of gapm, and it has a signature and requirements."""
+    import sysconfig
+
+    import mlflow.artifacts
+
+    config, result, run_id, client = tracked_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/gapm-{config.name}/1",
+                                                     dst_path=str(tmp_path / "model")))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} == {"mlflow", "torch", "safetensors", "numpy", "pandas"}
+    script = """
+import json, sys
+try:
+    import gapm
+    raise SystemExit("gapm is importable without the model")
+except ImportError:
+    pass
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import gapm
+inputs = [spec.name for spec in model.metadata.get_input_schema().inputs]
+print(json.dumps({"gapm": gapm.__file__, "pipeline_loaded": "pipeline" in sys.modules, "inputs": inputs,
+                  "samples": model.predict({"n": 8, "seed": 2}).tolist()}))
+"""
+    paths = os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
+    done = subprocess.run([sys.executable, "-S", "-c", script, str(local)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180, env=clean_environment(PYTHONPATH=paths))
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["gapm"].startswith(str(local)) and not answer["pipeline_loaded"]
+    assert answer["inputs"] == ["n", "seed", "data"]
+    expected = registry.sample(checkpoints.load_model(result.final_checkpoint)[0], 8, 2).numpy()
+    assert np.array_equal(np.asarray(answer["samples"], dtype=np.float32), expected)
+
+
 def test_params_logged_through_the_tracker_are_masked(mlflow_server, tmp_path):
     tracker = MlflowTracker(tmp_path, f"m{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_server.url,
                             system_metrics=False)
@@ -224,13 +342,13 @@ def test_embedded_store_resume_registry_and_sample(tmp_path, monkeypatch, caplog
     expected = registry.sample(model, 32, 3).numpy()
     assert np.array_equal(np.load(tmp_path / "samples.npy"), expected)
 
-    # The pyfunc flavour (this one does unpickle GapmPyfunc, by reference to this package).
+    # The pyfunc flavour: the model's own code (served_model.py and its copy of gapm).
     import mlflow.pyfunc
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@best")
     assert np.array_equal(pyfunc.predict({"n": 32, "seed": 3}), expected)
     points = np.load(run_dir / "recon.npy")[:8]
-    assert pyfunc.predict(points).shape == (8, 2)
+    assert pyfunc.predict({"data": points}).shape == (8, 2)
 
 
 def test_sample_and_register_fail_clearly(mlflow_server, tmp_path, monkeypatch, capsys):

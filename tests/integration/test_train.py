@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_overrides
+from PIL import Image
 
+from pipeline import cli
 from pipeline.config import load_config
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
@@ -35,6 +37,21 @@ def test_training_writes_every_output(tmp_path):
     kept = [p.name for p in checkpoints.list_checkpoints(run / "checkpoints")]
     assert kept == ["step-00000030", "step-00000040", "step-00000050"]
     assert result.final_checkpoint.name == "step-00000050"
+
+
+def test_sample_writes_the_picture_and_the_array_the_readme_names(tmp_path, capsys):
+    """`gapm sample CHECKPOINT -n N --out X.png` writes X.png (a scatter plot for points) and
+    X.npy (N samples); any other picture name is refused in one line."""
+    result = train(tiny_config(tmp_path, "stage1.steps=10", "stage2.steps=10"), resume="never")
+    out = tmp_path / "pictures" / "roll.png"
+    assert cli.main(["sample", str(result.final_checkpoint), "-n", "16", "--out", str(out), "--seed", "1"]) == 0
+    with Image.open(out) as picture:
+        assert picture.format == "PNG"
+    samples = np.load(tmp_path / "pictures" / "roll.npy")
+    assert samples.shape == (16, 2)
+    assert f"wrote {out} and {out.with_suffix('.npy')}: 16 samples" in capsys.readouterr().out
+    assert cli.main(["sample", str(result.final_checkpoint), "--out", str(tmp_path / "roll")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "roll.npy").exists()
 
 
 def test_resume_continues_to_identical_parameters(tmp_path):

@@ -1,0 +1,87 @@
+"""What the commands show: progress bars on rank 0 only, gapm's messages at GAPM_LOG_LEVEL,
+library chatter (botocore's credential lines, MLflow's notices) only at DEBUG, one line for a
+bad level."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipeline import cli, console
+
+
+@pytest.fixture()
+def restore_logging():
+    """configure_logging changes process-wide state; put it back for the other tests."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level
+                                                for name in (*console.OWN_LOGGERS, "mlflow")})
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(False)
+
+
+def test_progress_bar_counts_with_a_rate_on_rank_0(monkeypatch, capsys):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with console.progress_bar(120, "reading", unit="img") as bar:
+        bar.update(100)
+        bar.update(20)
+    err = capsys.readouterr().err
+    assert "reading" in err and "120/120" in err and "img/s" in err
+
+
+@pytest.mark.parametrize("variables", [{"RANK": "1"}, {"TQDM_DISABLE": "1"}])
+def test_progress_bar_is_silent_off_rank_0_or_when_disabled(monkeypatch, capsys, variables):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    with console.progress_bar(10, "reading", unit="img") as bar:
+        bar.update(10)
+    assert capsys.readouterr().err == ""
+
+
+def test_report_prints_on_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    console.report("result")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    console.report("result")
+    assert capsys.readouterr().out == "result\n"
+
+
+def test_library_info_is_debug_only_and_gapm_info_shows(monkeypatch, capsys, restore_logging):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    console.configure_logging("INFO")
+    logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
+    logging.getLogger("mlflow.tracking").info("Created version 1")
+    logging.getLogger("pipeline.eval.jobs").info("logged to MLflow run abc")
+    err = capsys.readouterr().err
+    assert "Found credentials" not in err and "Created version" not in err
+    assert "INFO pipeline.eval.jobs: logged to MLflow run abc" in err
+
+    console.configure_logging("DEBUG")
+    logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
+    assert "Found credentials" in capsys.readouterr().err
+
+
+def test_other_ranks_log_warnings_only_and_say_their_rank(monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    console.configure_logging("INFO")
+    logging.getLogger("pipeline.train.loop").info("resuming from step 10")
+    logging.getLogger("pipeline.train.loop").warning("data: 3 corrupt samples skipped")
+    err = capsys.readouterr().err
+    assert "resuming" not in err
+    assert "WARNING [rank 1] pipeline.train.loop: data: 3 corrupt samples skipped" in err
+
+
+def test_a_bad_log_level_is_one_line(monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("GAPM_LOG_LEVEL", "LOUD")
+    assert cli.main(["config"]) == 2
+    assert capsys.readouterr().err.strip() == "gapm: error: GAPM_LOG_LEVEL=LOUD: expected one of DEBUG, INFO, WARNING, ERROR"
