@@ -67,5 +67,5 @@ def clean_environment(**extra: str) -> dict[str, str]:
     """This process's environment without any scheduler's variables, plus `extra`; launchers
     run gapm with this interpreter (GAPM_PYTHON), one torch thread per process."""
     env = {key: value for key, value in os.environ.items() if not SCHEDULER_VARIABLES.search(key)}
-    env.update(GAPM_PYTHON=sys.executable, OMP_NUM_THREADS="1", GAPM_LOG_LEVEL="WARNING", **extra)
+    env.update({"GAPM_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING", **extra})
     return env
