@@ -75,6 +75,16 @@ def set_arguments(output_dir: Path, *overrides: str) -> list[str]:
 
 # --------------------------------------------------------------------------- fast
 
+def test_readme_documents_the_local_recipe_these_tests_submit():
+    readme = (ROOT / "README.md").read_text()
+    options = " ".join(LOCAL_SBATCH_OPTIONS)
+    for line in ("python3 tests/slurm_cluster.py",
+                 f"sbatch --parsable {options} launch/slurm/train.sbatch configs/swissroll.yaml",
+                 f"sbatch {options} --dependency=afterok:$jobid launch/slurm/eval.sbatch configs/swissroll.yaml",
+                 "scancel --signal=USR1 --batch $jobid"):
+        assert line in readme, f"README.md no longer shows: {line}"
+
+
 def test_the_cluster_runs_one_task_on_each_emulated_node(slurm_cluster, tmp_path):
     log = tmp_path / "job.out"
     out = slurm_cluster.client("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
@@ -169,6 +179,10 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_same_job_finishes
         assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), job_log(log)[-4000:]
         assert time.monotonic() < deadline, f"training did not start:\n{job_log(log)[-4000:]}"
         time.sleep(0.2)
+    # What eval.sbatch's `--dependency=afterok` relies on: the requeue is not the job's end.
+    after_log = tmp_path / "after.out"
+    after_id = slurm_cluster.client("sbatch", "--parsable", f"--dependency=afterok:{job_id}", f"--output={after_log}",
+                                    "--wrap", "true").strip()
     slurm_cluster.client("scancel", "--signal=USR1", "--batch", job_id)
 
     job = wait_for_job(slurm_cluster, job_id, log)
@@ -186,3 +200,5 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_same_job_finishes
     assert f"(stage 1, step {stopped[0].step})" in second_start and "resuming from" in second_start
     assert max(meta.step for meta in saved) == total_stage1 + 100
     assert json.loads((run_dir / "metrics.json").read_text())["distributed/max_parameter_divergence"] == 0
+    after = wait_for_job(slurm_cluster, after_id, after_log)
+    assert after["JobState"] == "COMPLETED" and after["StartTime"] >= job["EndTime"]
