@@ -88,10 +88,11 @@ def ensure_installed() -> None:
 
 
 def check_can_run() -> None:
-    """Slurm daemons need root here (SlurmUser=root, jobs run as the submitter) and munged
-    needs its own user."""
+    """The daemons run as root here (SlurmUser=root, jobs run as the submitter), munged as the
+    munge user the package creates."""
     if os.geteuid() != 0:
         raise SlurmUnavailable("the emulated Slurm cluster runs its daemons as root; run the tests as root")
+    ensure_installed()
     try:
         pwd.getpwnam("munge")
     except KeyError:
@@ -132,7 +133,6 @@ class SlurmCluster:
 
     def start(self) -> "SlurmCluster":
         check_can_run()
-        ensure_installed()
         for sub in ("state", "spool", "log"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
         try:
