@@ -85,6 +85,19 @@ def test_readme_documents_the_local_recipe_these_tests_submit():
         assert line in readme, f"README.md no longer shows: {line}"
 
 
+def test_where_slurm_cannot_run_the_reason_says_what_to_do(monkeypatch, tmp_path):
+    """What the fixture skips with: not root, or not installed and not installable."""
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(slurm_cluster.SlurmUnavailable, match="runs its daemons as root"):
+        slurm_cluster.SlurmCluster(tmp_path).start()
+    monkeypatch.setattr(slurm_cluster, "find_program", lambda name: None)
+    with pytest.raises(slurm_cluster.SlurmUnavailable, match="not installed and not root: apt-get install slurm-wlm munge"):
+        slurm_cluster.ensure_installed()
+    assert not (tmp_path / "slurm.conf").exists()
+
+
 def test_the_cluster_runs_one_task_on_each_emulated_node(slurm_cluster, tmp_path):
     log = tmp_path / "job.out"
     out = slurm_cluster.client("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
