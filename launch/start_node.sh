@@ -11,6 +11,15 @@
 #   GAPM_PROCS_PER_NODE   training processes on this node (default: the visible GPUs; 1 with GAPM_CPU=1)
 #   GAPM_CPU=1            train on CPU over gloo (ACCELERATE_USE_CPU=1): tests, machines without GPUs
 #   GAPM_RDZV_BACKEND     static (default: node rank = GAPM_NODE_RANK) or c10d (ranks on arrival)
+#   GAPM_RDZV_TIMEOUT     seconds a node waits for the others to arrive (default 900)
+#
+# Only node 0 ever listens on GAPM_MASTER_PORT; every other node connects to it as a client
+# and keeps retrying until node 0 is up. So the nodes may start in any order, and several
+# "nodes" may share one host (the same address and port for all; see README, local
+# multi-node runs). With static that is torchrun's own rule (rank 0 hosts the store); with
+# c10d, torchrun would let whichever node starts first on node 0's host take the port (every
+# node on a shared host "matches" 127.0.0.1), after which node 0's accelerate refuses to start
+# (port in use), so is_host is passed explicitly.
 #   GAPM_ACCELERATE_CONFIG  accelerate config file (default: launch/accelerate/multi_node.yaml)
 #   GAPM_PYTHON           interpreter with gapm installed (default: python3)
 #   GAPM_DRY_RUN=1        print the launch command (shell-quoted, one line) instead of running it
@@ -44,6 +53,7 @@ master_port=${GAPM_MASTER_PORT:-29500}
 python=${GAPM_PYTHON:-python3}
 config=${GAPM_ACCELERATE_CONFIG:-$here/accelerate/multi_node.yaml}
 rdzv_backend=${GAPM_RDZV_BACKEND:-static}
+rdzv_timeout=${GAPM_RDZV_TIMEOUT:-900}
 
 require_int GAPM_NNODES "$nnodes" 1
 require_int GAPM_NODE_RANK "$node_rank" 0
@@ -51,6 +61,7 @@ require_int GAPM_NODE_RANK "$node_rank" 0
 require_int GAPM_MASTER_PORT "$master_port" 1
 [[ $rdzv_backend == static || $rdzv_backend == c10d ]] ||
     fail "GAPM_RDZV_BACKEND must be 'static' or 'c10d', got '$rdzv_backend'"
+require_int GAPM_RDZV_TIMEOUT "$rdzv_timeout" 1
 [[ -f $config ]] || fail "accelerate config '$config' not found (GAPM_ACCELERATE_CONFIG)"
 
 if [[ ${GAPM_CPU:-0} == 1 ]]; then
@@ -72,13 +83,19 @@ for name in "${!PET_@}"; do
     unset "$name"
 done
 
+if [[ $rdzv_backend == static ]]; then
+    rdzv_conf="timeout=$rdzv_timeout"
+else  # read_timeout also bounds how long a client retries connecting to node 0's store
+    rdzv_conf="is_host=$((node_rank == 0 ? 1 : 0)),join_timeout=$rdzv_timeout,read_timeout=$rdzv_timeout"
+fi
+
 command=(
     "$python" -m accelerate.commands.launch
     --config_file "$config"
     --num_machines "$nnodes" --machine_rank "$node_rank"
     --num_processes "$((nnodes * procs))"
     --main_process_ip "$master_addr" --main_process_port "$master_port"
-    --rdzv_backend "$rdzv_backend"
+    --rdzv_backend "$rdzv_backend" --rdzv_conf "$rdzv_conf"
     --max_restarts 0
     -m pipeline.cli train "$@" --resume auto
 )

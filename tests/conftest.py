@@ -7,7 +7,7 @@ against AWS or MinIO.
 
 from __future__ import annotations
 
-pytest_plugins = ["mlflow_fixtures"]  # the `mlflow server` fixtures (tests/mlflow_fixtures.py)
+pytest_plugins = ["mlflow_fixtures", "slurm_fixtures"]  # `mlflow server`, a real Slurm cluster
 
 import os
 import shutil

@@ -3,7 +3,10 @@ definition, tuned per test through keyword arguments — the repository root, an
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +131,16 @@ class PausableProxy:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+# The variables through which a scheduler or launcher tells a process its place in a job.
+SCHEDULER_VARIABLES = re.compile(r"^(SLURM_|PET_|GAPM_|ACCELERATE_)|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|"
+                                 r"MASTER_ADDR|MASTER_PORT|JOB_COMPLETION_INDEX|NODE_RANK|GROUP_RANK)$")
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without any scheduler's variables, plus `extra`; launchers
+    run gapm with this interpreter (GAPM_PYTHON), one torch thread per process."""
+    env = {key: value for key, value in os.environ.items() if not SCHEDULER_VARIABLES.search(key)}
+    env.update({"GAPM_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING", **extra})
+    return env
