@@ -184,7 +184,7 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "# Written by tests/slurm_cluster.py: two slurmd on 127.0.0.1 emulate two nodes.",
             "ClusterName=gapm-test",
-            f"SlurmctldHost=localhost(127.0.0.1)",
+            "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
