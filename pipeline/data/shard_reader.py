@@ -1,7 +1,8 @@
 """What one reader of a shard stream does — one per (rank, DataLoader worker): read its
-shards, group tar members into samples, shuffle them through a buffer, decode them, and batch
-them. Unreadable shards and corrupt samples are skipped, counted and logged; the counts travel
-with the batches so that they reach the training process from worker processes too.
+shards, group tar members into samples (pipeline/data/tar_stream.py), shuffle them through a
+buffer, decode them, and batch them. Unreadable shards and corrupt samples are skipped, counted
+and logged; the counts travel with the batches so that they reach the training process from
+worker processes too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.data import storage
+from pipeline.data.tar_stream import tar_samples
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class ShardSamples(IterableDataset):
     """Per-reader pipeline: shards -> raw samples -> shuffle buffer -> decode -> batches.
 
     Yields ``(batch_or_None, corrupt_count, failed_count)`` so that counts from DataLoader worker
-    processes reach the parent with the batches. Holds only plain configuration, so it pickles
-    into workers under any start method.
+    processes reach the parent with the batches; image batches are uint8 (B, C, H, W), points
+    float32 (B, D). Holds only plain configuration, so it pickles into workers under any start
+    method.
     """
 
     def __init__(
@@ -170,9 +172,9 @@ def _shard_samples(
     """Raw samples (dicts of member bytes) from each shard in turn; unreadable shards are skipped.
 
     A shard that cannot be opened, or that breaks off mid-way (truncated upload, dropped
-    connection), is counted once as failed; the samples read before the break are kept. Python's
-    tarfile takes a tar cut at a header boundary for a normal end, so the sample count is also
-    checked against the manifest (``expected``) when there is one.
+    connection, damaged header), is counted once as failed; the samples read before the break are
+    kept. The sample count is also checked against the manifest (``expected``) when there is one:
+    a shard can be a well-formed tar and still hold fewer samples than were written.
     """
     barren_in_a_row = 0  # shards that gave nothing; only unbounded for resampled readers
     for url in urls:
@@ -184,8 +186,8 @@ def _shard_samples(
             log.warning("skipping unreadable shard %s: %s", url, exc)
         else:
             try:
-                members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-                for sample in group_by_keys(members):
+                # tar_samples reads the stream to its end: a wrapper around `stream` sees every byte.
+                for sample in tar_samples(stream, url):
                     produced += 1
                     yield sample
                 if expected and produced < expected.get(url, 0):
@@ -217,7 +219,9 @@ def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, 
         with Image.open(io.BytesIO(sample[extension])) as picture:
             picture.load()  # decode now so truncated data fails here, not later
             want_gray = image_shape[2] == 1 if image_shape else picture.mode in ("L", "1", "I;16", "I", "F")
-            picture = picture.convert("L") if want_gray else picture.convert("RGB")
+            mode = "L" if want_gray else "RGB"
+            if picture.mode != mode:  # convert() to the same mode would only copy the pixels
+                picture = picture.convert(mode)
             array = np.asarray(picture)
         if array.ndim == 2:
             array = array[:, :, None]
@@ -231,11 +235,14 @@ def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, 
 
 
 def _collate(arrays: list[np.ndarray]) -> torch.Tensor:
-    """Stack images into float32 (B, C, H, W) in [0, 1], or points into float32 (B, D)."""
+    """Stack images into uint8 (B, C, H, W), or points into float32 (B, D).
+
+    Images leave the reader as uint8 and are scaled to [0, 1] by the consumer (BatchStream): from
+    a DataLoader worker a batch crosses to the training process through shared memory, and
+    float32 is four times the bytes and page faults. Measured with one worker (issue 16): the
+    worker's CPU time per sample fell from 87 to 74 us at 32x32 and from 152 to 128 us at 64x64.
+    """
     stacked = np.stack(arrays)
     if stacked.dtype == np.uint8:
-        # In numpy: an order of magnitude faster than torch's permute/float/div on small batches.
-        scaled = stacked.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-        scaled /= np.float32(255.0)
-        return torch.from_numpy(scaled)
+        return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
     return torch.from_numpy(stacked)

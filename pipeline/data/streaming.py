@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import braceexpand
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -207,9 +208,19 @@ class BatchStream:
             self.stats.failed_shards += int(failed)
             if batch is None:
                 continue
+            if batch.dtype == torch.uint8:
+                batch = _unit_range(batch)
             self.stats.batches += 1
             self.stats.samples += int(batch.shape[0])
             yield batch
+
+
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (x / 255). In numpy, single-threaded: torch's parallel
+    kernels leave OpenMP threads spinning, which on a busy machine steal the core that decodes."""
+    scaled = images.numpy().astype(np.float32)
+    scaled /= np.float32(255.0)
+    return torch.from_numpy(scaled)
 
 
 def make_batch_stream(
