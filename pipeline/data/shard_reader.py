@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
@@ -97,7 +96,7 @@ class ShardSamples(IterableDataset):
         rank_urls = epoch_shard_order(self.urls, self.seed, self.epoch)[self.rank :: self.world_size]
         return rank_urls[worker::num_workers]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counters = Counters()
@@ -234,15 +233,17 @@ def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, 
         return None
 
 
-def _collate(arrays: list[np.ndarray]) -> torch.Tensor:
+def _collate(arrays: list[np.ndarray]) -> np.ndarray:
     """Stack images into uint8 (B, C, H, W), or points into float32 (B, D).
 
-    Images leave the reader as uint8 and are scaled to [0, 1] by the consumer (BatchStream): from
-    a DataLoader worker a batch crosses to the training process through shared memory, and
-    float32 is four times the bytes and page faults. Measured with one worker (issue 16): the
-    worker's CPU time per sample fell from 87 to 74 us at 32x32 and from 152 to 128 us at 64x64.
+    A batch leaves a DataLoader worker as a plain uint8 array: pickled through the worker's pipe,
+    a quarter of the bytes of float32, and no shared-memory file handed over per batch (a torch
+    tensor crosses as a shared-memory file descriptor, fetched by the consumer over a socket from
+    the worker). Measured with one worker on 32x32 images (issue 16): CPU per sample 87 us in
+    the worker and 12 in the consumer for float32 tensors, 69 and 10 for uint8 arrays; equal
+    totals at 64x64. BatchStream scales the images to [0, 1] after the crossing.
     """
     stacked = np.stack(arrays)
     if stacked.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
-    return torch.from_numpy(stacked)
+        return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
+    return stacked
