@@ -114,20 +114,21 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
                 torch.cuda.synchronize()
             bare[stage] = (time.perf_counter() - started) / args.steps
 
-        # --- pipeline: its own throughput metric; the window after the warm-up one
+        # --- pipeline: its own throughput metric, over the logging windows after the warm-up one
         train(config, resume="never")
         rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
         pipeline = {}
         for stage in (1, 2):
-            rate = [r[f"stage{stage}/samples_per_second"] for r in rows if f"stage{stage}/samples_per_second" in r]
-            pipeline[stage] = config.data.batch_size / rate[-1]
+            rates = [r[f"stage{stage}/samples_per_second"] for r in rows if f"stage{stage}/samples_per_second" in r]
+            pipeline[stage] = statistics.mean(config.data.batch_size / rate for rate in rates[1:])
     return {"bare": bare, "pipeline": pipeline}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="timed steps per stage")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps before them")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="untimed steps before them; also the pipeline's logging window (--steps: a multiple)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="fresh-process repetitions (per checkout)")
     parser.add_argument("--data-shape", default="2", help="2 (swiss-roll points) or C,S,S e.g. 3,32,32")
