@@ -1,14 +1,22 @@
-"""Loader overhead benchmark: pipeline.data.streaming vs a bare tarfile + PIL decode loop.
+"""Loader benchmark: pipeline.data.streaming against a bare tarfile + PIL decode loop.
 
-Why: the streaming pipeline adds shard splitting, a shuffle buffer, corruption checks and
-batching on top of "read tar, decode PNG". This measures what that costs on the same shards, in
-one run, and shows that memory stays flat as the dataset grows (everything is streamed; only the
-shuffle buffer of encoded samples is held).
+Why: the streaming pipeline adds shard splitting, a shuffle buffer, corruption checks, batching
+and DataLoader workers on top of "read tar, decode PNG". This measures what that costs on the
+same shards, at several dataset sizes and worker counts, shows that memory stays flat as the
+dataset grows (everything is streamed; only the shuffle buffer of encoded samples is held), and
+gives the decode rate of one loader worker (what the throughput benchmark divides by to say how
+many workers keep one device busy).
 
-    python benchmarks/loader.py --samples 5000            # 5000 and 4 x 5000 samples
-    python benchmarks/loader.py --samples 20000 --workers 2 --out s3://bucket/bench
+    python benchmarks/loader.py                                   # 5,000 / 20,000 / 50,000 samples; 0, 1, 2 workers
+    python benchmarks/loader.py --sizes 5000 --workers 1 --repeats 5
+    python benchmarks/loader.py --out s3://bucket/bench           # shards in S3 (kept, reused next time)
 
-Not a test: numbers depend on the machine. Local output by default (a temporary directory).
+How it measures, on a shared and noisy machine: every dataset is written (and synced) before
+anything is timed; then for each size and repetition each streaming pass runs right after a
+bare pass over the same shards, and the ratio is taken within that pair (interleaved, so slow
+periods of the machine hit both sides). Reported: the median ratio and its spread over the
+repetitions. With 0 workers the CPU-time ratio is printed too: it is what the code costs,
+independent of what else runs on the machine. Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -62,6 +71,16 @@ def write_synthetic_shards(out: str, samples: int, image_size: int, samples_per_
     storage.write_bytes(storage.join_url(out, "manifest.json"), json.dumps(manifest).encode())
 
 
+def shard_set(out: str, size: int, image_size: int, samples_per_shard: int) -> tuple[str, list[str]]:
+    """(spec, shard URLs) of a synthetic set of `size` images, written unless `out` already holds it."""
+    spec = storage.join_url(out, f"n{size}-s{image_size}-p{samples_per_shard}")
+    manifest_url = storage.join_url(spec, "manifest.json")
+    if not storage.exists(manifest_url):
+        write_synthetic_shards(spec, size, image_size, samples_per_shard, seed=size)
+    shards = json.loads(storage.read_bytes(manifest_url))["shards"]
+    return spec, [storage.join_url(spec, shard["name"]) for shard in shards]
+
+
 def bare_loop(shard_urls: list[str]) -> int:
     """The floor: read each tar sequentially and decode every PNG, nothing else."""
     decoded = 0
@@ -75,54 +94,171 @@ def bare_loop(shard_urls: list[str]) -> int:
     return decoded
 
 
-def peak_rss_mib() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+# --------------------------------------------------------------------------- memory (Linux /proc)
+
+
+def _rss_mib(pid: int | str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _child_pids() -> list[int]:
+    pids = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as children:
+                pids.extend(int(pid) for pid in children.read().split())
+    except OSError:
+        pass
+    return pids
+
+
+class MemoryWatch:
+    """Peak resident memory of this process and of its loader workers, sampled every 0.2 s.
+
+    A worker's RSS includes the pages it shares with its parent since the fork (the torch
+    libraries); what matters here is whether it grows with the dataset.
+    """
+
+    def __init__(self) -> None:
+        self.main_start = _rss_mib("self")
+        self.main_peak = self.main_start
+        self.workers_peak = 0.0
+        self._next = 0.0
+
+    def sample(self) -> None:
+        now = time.perf_counter()
+        if now < self._next:
+            return
+        self._next = now + 0.2
+        self.main_peak = max(self.main_peak, _rss_mib("self"))
+        self.workers_peak = max(self.workers_peak, sum(_rss_mib(pid) for pid in _child_pids()))
+
+
+# --------------------------------------------------------------------------- one pass of each side
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_bare(urls: list[str]) -> dict[str, float]:
+    cpu, started = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
+    count = bare_loop(urls)
+    return {"samples": count, "wall": time.perf_counter() - started, "cpu": _cpu_seconds(resource.RUSAGE_SELF) - cpu}
+
+
+def time_stream(spec: str, *, batch_size: int, workers: int, shuffle_buffer: int) -> dict[str, float]:
+    stream = make_batch_stream(spec, batch_size, num_workers=workers, drop_last=False, shuffle_buffer=shuffle_buffer)
+    memory = MemoryWatch()
+    cpu, workers_cpu = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    count = 0
+    for batch in stream:
+        count += batch.shape[0]
+        memory.sample()
+    wall = time.perf_counter() - started
+    # Workers are joined when the pass ends, so their CPU time is in RUSAGE_CHILDREN by now.
+    return {"samples": count, "wall": wall, "cpu": _cpu_seconds(resource.RUSAGE_SELF) - cpu,
+            "workers_cpu": _cpu_seconds(resource.RUSAGE_CHILDREN) - workers_cpu,
+            "main_rss": memory.main_peak, "main_growth": memory.main_peak - memory.main_start,
+            "workers_rss": memory.workers_peak}
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def run(sizes: list[int], worker_counts: list[int], *, repeats: int, image_size: int, samples_per_shard: int,
+        batch_size: int, shuffle_buffer: int, out: str) -> list[dict]:
+    sets = {size: shard_set(out, size, image_size, samples_per_shard) for size in sizes}
+    if not storage.is_s3_url(out):
+        os.sync()  # no writeback of freshly written shards during the timed passes
+    rows = []
+    for size in sizes:
+        spec, urls = sets[size]
+        pairs: dict[int, list[tuple[dict, dict]]] = {workers: [] for workers in worker_counts}
+        for _ in range(repeats):
+            for workers in worker_counts:
+                bare = time_bare(urls)
+                streamed = time_stream(spec, batch_size=batch_size, workers=workers, shuffle_buffer=shuffle_buffer)
+                assert streamed["samples"] == bare["samples"] == size, (streamed["samples"], bare["samples"], size)
+                pairs[workers].append((bare, streamed))
+        for workers, measured in pairs.items():
+            bare_rates = [size / bare["wall"] for bare, _ in measured]
+            stream_rates = [size / streamed["wall"] for _, streamed in measured]
+            ratios = [bare["wall"] / streamed["wall"] for bare, streamed in measured]
+            # CPU seconds of whoever decodes: this process with 0 workers, else the workers.
+            decode_cpu = [streamed["cpu"] if workers == 0 else streamed["workers_cpu"] for _, streamed in measured]
+            rows.append({
+                "samples": size, "workers": workers,
+                "bare_per_s": statistics.median(bare_rates), "stream_per_s": statistics.median(stream_rates),
+                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "ratio_text": _spread(ratios),
+                "cpu_ratio_text": _spread([bare["cpu"] / streamed["cpu"] for bare, streamed in measured])
+                if workers == 0 else "",
+                "decode_per_worker_cpu_s": size / statistics.median(decode_cpu),
+                "consumer_cpu_us": statistics.median(streamed["cpu"] for _, streamed in measured) / size * 1e6,
+                "main_rss_mib": max(streamed["main_rss"] for _, streamed in measured),
+                "main_growth_mib": max(streamed["main_growth"] for _, streamed in measured),
+                "workers_rss_mib": max(streamed["workers_rss"] for _, streamed in measured),
+            })
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"loader benchmark: {args.image_size}x{args.image_size} RGB PNG, {args.samples_per_shard} samples/shard, "
+          f"batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}, {args.repeats} interleaved repetitions, "
+          f"{os.cpu_count()} CPUs")
+    header = (f"{'samples':>8} {'workers':>7} {'bare/s':>8} {'stream/s':>9} {'ratio median [min-max]':>23} "
+              f"{'cpu ratio':>18} {'decode/s/worker':>15} {'main RSS':>9} {'+growth':>8} {'workers RSS':>11}")
+    print(header)
+    for row in rows:
+        print(f"{row['samples']:>8} {row['workers']:>7} {row['bare_per_s']:>8.0f} {row['stream_per_s']:>9.0f} "
+              f"{row['ratio_text']:>23} {row['cpu_ratio_text']:>18} {row['decode_per_worker_cpu_s']:>15.0f} "
+              f"{row['main_rss_mib']:>9.0f} {row['main_growth_mib']:>8.1f} {row['workers_rss_mib']:>11.0f}")
+    print("ratio = streaming / bare samples per second (wall clock, each stream pass paired with the bare pass "
+          "just before it); target >= 0.9")
+    print("cpu ratio (0 workers) = bare / streaming CPU seconds of this process: the code's cost, whatever else runs")
+    print("decode/s/worker = samples per CPU-second of the process that decodes (this one with 0 workers, else the "
+          "workers, including handing batches over): the rate one worker gives with a core to itself")
+    print("RSS in MiB: peak of this process during a pass (+growth within the pass) and peak sum over the workers")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=5000, help="smaller dataset size; the larger is 4x")
+    parser.add_argument("--sizes", default="5000,20000,50000", help="dataset sizes (samples), comma-separated")
+    parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts of the streaming side")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for the streaming side")
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
-    parser.add_argument("--out", default=None, help="where to write shards (dir or s3://); default a temp dir")
+    parser.add_argument("--out", default=None,
+                        help="where shards go (dir or s3://; kept and reused); default a temporary directory")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
 
-    temporary = None
-    out = args.out
-    if out is None:
-        temporary = tempfile.TemporaryDirectory(prefix="gapm-loader-bench-")
-        out = temporary.name
-
-    sizes = [args.samples, 4 * args.samples]
-    print(f"{'samples':>8} {'bare/s':>10} {'stream/s':>10} {'ratio':>6} {'peak RSS MiB':>13}")
-    for size in sizes:
-        spec = storage.join_url(out, f"n{size}")
-        write_synthetic_shards(spec, size, args.image_size, args.samples_per_shard, seed=size)
-        urls = [storage.join_url(spec, shard["name"]) for shard in json.loads(
-            storage.read_bytes(storage.join_url(spec, "manifest.json")))["shards"]]
-
-        started = time.perf_counter()
-        bare = bare_loop(urls)
-        bare_rate = bare / (time.perf_counter() - started)
-
-        stream = make_batch_stream(spec, args.batch_size, num_workers=args.workers, drop_last=False,
-                                   shuffle_buffer=args.shuffle_buffer)
-        started = time.perf_counter()
-        streamed = sum(batch.shape[0] for batch in stream)
-        stream_rate = streamed / (time.perf_counter() - started)
-        assert streamed == bare == size, (streamed, bare, size)
-        print(f"{size:>8} {bare_rate:>10.0f} {stream_rate:>10.0f} {stream_rate / bare_rate:>6.2f} {peak_rss_mib():>13.1f}")
-
-    print("ratio = streaming / bare samples per second; peak RSS is the process high-water mark after each size")
-    if args.workers:
-        print("(with workers the streaming side decodes in parallel; RSS of worker processes is not included)")
-    if temporary is not None:
-        temporary.cleanup()
+    temporary = tempfile.TemporaryDirectory(prefix="gapm-loader-bench-") if args.out is None else None
+    try:
+        rows = run([int(v) for v in args.sizes.split(",")], [int(v) for v in args.workers.split(",")],
+                   repeats=args.repeats, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                   batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                   out=args.out if temporary is None else temporary.name)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    print_table(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """Per-step time of the pipeline's training loop against a bare PyTorch loop.
 
 Both run the same networks on the same batches with the same step functions; the bare loop
-is the minimum anyone would write (backward, step, zero_grad). The pipeline adds Accelerate
-(device placement, autocast wrapper, backward hook), per-iteration seeding, the stop-signal
-check, loss windows with a cross-rank reduce, and the progress bar (disabled). Checkpoint
-writes are excluded from both (checkpoint_every > steps, end-of-stage save not timed).
+is the minimum anyone would write (backward, step, zero_grad; autocast and a GradScaler for
+mixed precision). The pipeline adds Accelerate (device placement, autocast wrapper, loss
+scaling), per-iteration seeding, the stop-signal check, loss windows with a cross-rank reduce,
+and the progress bar (disabled). Checkpoint writes are outside both timings.
 
-    python benchmarks/train_step.py [--steps 300] [--batch-size 128] [--data-shape 3,32,32]
-                                    [--mixed-precision bf16]
-Points ([2], the default) use the swiss-roll MLPs; image shapes use the convolutional
-networks on in-memory synthetic images, so neither side waits on I/O.
-Prints seconds per step for each stage and the pipeline/bare ratio (target: < 1.05).
+    python benchmarks/train_step.py [--steps 200] [--batch-size 128] [--data-shape 3,32,32]
+                                    [--mixed-precision bf16] [--repeats 5]
+    python benchmarks/train_step.py --checkout /tmp/gapm-main      # that checkout vs this one, side by side
+
+Points ([2], the default) use the swiss-roll MLPs; image shapes use the convolutional networks
+on in-memory synthetic images, so neither side waits on I/O. Each repetition runs in a fresh
+process (bare loop, then pipeline) and, with --checkout, the checkouts take turns, so a slow
+period of a shared machine hits all of them. Prints the median ratio pipeline/bare per stage
+and its spread (target: <= 1.05). On CPU, torch runs one thread unless --threads says otherwise:
+with more threads than free cores the timings measure the machine's load, not the loop.
 """
 
 from __future__ import annotations
@@ -18,119 +23,173 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gapm import (  # noqa: E402
-    GAPM,
-    Stage1Hyperparameters,
-    Stage2Hyperparameters,
-    stage1_step,
-    stage2_step,
-)
-from gapm.method import plain_update  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import sources  # noqa: E402
-from pipeline.train.engines import adam  # noqa: E402
-from pipeline.train.loop import train  # noqa: E402
+HERE = Path(__file__).resolve()
+CHECKOUT = HERE.parent.parent
 
 
-def bare_loop(config, steps: int) -> dict[int, float]:
-    """Seconds per step of stage 1 and stage 2 in plain PyTorch."""
-    torch.manual_seed(config.seed)
-    shape = config.model.shape()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision or "no")
-    model = GAPM(shape).to(device)
-    optimizers = {"autoencoder": adam(model.autoencoder.parameters(), config.stage1.autoencoder),
-                  "critic": adam(model.critic.parameters(), config.stage1.critic),
-                  "latent_generator": adam(model.latent_generator.parameters(), config.stage2.latent_generator),
-                  "latent_discriminator": adam(model.latent_discriminator.parameters(),
-                                               config.stage2.latent_discriminator)}
-    update = plain_update(optimizers)
-    if precision is not None:  # what Accelerate does: autocast the forwards, scale fp16 losses
-        scaler = torch.amp.GradScaler(enabled=precision == torch.float16)
+def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """Seconds per step of stage 1 and 2, bare and pipeline, in this process (imports from the
+    checkout on sys.path[0])."""
+    import torch
 
-        def update(name, loss):  # noqa: F811
-            scaler.scale(loss).backward()
-            scaler.step(optimizers[name])
-            scaler.update()
-            optimizers[name].zero_grad(set_to_none=True)
+    from gapm import GAPM, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+    from gapm.method import plain_update
+    from pipeline.config import load_config
+    from pipeline.data import sources
+    from pipeline.train.engines import adam
+    from pipeline.train.loop import train
 
-        for network in (model.autoencoder, model.critic, model.latent_generator, model.latent_discriminator):
-            network.forward = torch.autocast(device.type, dtype=precision)(network.forward)
-    source = sources.training_source(config.data, rank=0, world_size=1, seed=config.seed,
-                                      data_shape=shape.data_shape)
-    batches = sources.endless_batches(source, sources.StreamPosition())
-    timings = {}
-    model.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        data = sources.to_model_space(next(batches).to(device), shape.data_shape)
-        stage1_step(model.autoencoder, model.critic, model.critic, data, Stage1Hyperparameters(), update)
-    timings[1] = (time.perf_counter() - start) / steps
-    model.autoencoder.eval()
-    start = time.perf_counter()
-    for _ in range(steps):
-        data = sources.to_model_space(next(batches).to(device), shape.data_shape)
-        stage2_step(model.autoencoder, model.latent_generator, model.latent_discriminator,
-                    model.latent_discriminator, data, shape.prior_dim, Stage2Hyperparameters(), update)
-    timings[2] = (time.perf_counter() - start) / steps
-    return timings
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_shape = [int(v) for v in args.data_shape.split(",")]
+    image_settings = [] if data_shape == [2] else [
+        f"model.data_shape={data_shape}", "model.latent_dim=128", "model.prior_dim=128", f"model.width={args.width}",
+        "model.latent_generator_widths=[400, 800, 400, 400]", "model.latent_discriminator_widths=[400, 400, 400, 64]",
+        "data.train=synthetic", "data.test=synthetic", "data.swissroll_samples=4096"]
+    steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(CHECKOUT / "configs/swissroll.yaml", [
+            *image_settings, f"train.mixed_precision={args.mixed_precision}", "tracking.enabled=false",
+            f"output_dir={tmp}", f"stage1.steps={steps}", f"stage2.steps={steps}",
+            f"data.batch_size={args.batch_size}", f"train.log_every={args.warmup}",
+            f"train.checkpoint_every={steps}", "train.progress_bar=false", "eval.samples=100",
+            "data.swissroll_test_samples=100"])
 
+        # --- bare
+        torch.manual_seed(config.seed)
+        shape = config.model.shape()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision or "no")
+        model = GAPM(shape).to(device)
+        optimizers = {"autoencoder": adam(model.autoencoder.parameters(), config.stage1.autoencoder),
+                      "critic": adam(model.critic.parameters(), config.stage1.critic),
+                      "latent_generator": adam(model.latent_generator.parameters(), config.stage2.latent_generator),
+                      "latent_discriminator": adam(model.latent_discriminator.parameters(),
+                                                   config.stage2.latent_discriminator)}
+        update = plain_update(optimizers)
+        if precision is not None:  # what Accelerate does: autocast the forwards, scale fp16 losses
+            scaler = torch.amp.GradScaler(enabled=precision == torch.float16 and device.type == "cuda")
 
-def pipeline_loop(config) -> dict[int, float]:
-    """Seconds per step as measured by the pipeline's own throughput metric (one window per stage)."""
-    train(config, resume="never")
-    rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-    timings = {}
-    for stage in (1, 2):
-        rate = [r[f"stage{stage}/samples_per_second"] for r in rows if f"stage{stage}/samples_per_second" in r]
-        timings[stage] = config.data.batch_size / rate[-1]
-    return timings
+            def update(name, loss):  # noqa: F811
+                scaler.scale(loss).backward()
+                scaler.step(optimizers[name])
+                scaler.update()
+                optimizers[name].zero_grad(set_to_none=True)
+
+            for network in (model.autoencoder, model.critic, model.latent_generator, model.latent_discriminator):
+                network.forward = torch.autocast(device.type, dtype=precision)(network.forward)
+        source = sources.training_source(config.data, rank=0, world_size=1, seed=config.seed,
+                                          data_shape=shape.data_shape)
+        batches = sources.endless_batches(source, sources.StreamPosition())
+
+        def stage1() -> None:
+            data = sources.to_model_space(next(batches).to(device), shape.data_shape)
+            stage1_step(model.autoencoder, model.critic, model.critic, data, Stage1Hyperparameters(), update)
+
+        def stage2() -> None:
+            data = sources.to_model_space(next(batches).to(device), shape.data_shape)
+            stage2_step(model.autoencoder, model.latent_generator, model.latent_discriminator,
+                        model.latent_discriminator, data, shape.prior_dim, Stage2Hyperparameters(), update)
+
+        bare = {}
+        model.train()
+        for stage, step in ((1, stage1), (2, stage2)):
+            if stage == 2:
+                model.autoencoder.eval()
+            for _ in range(args.warmup):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            bare[stage] = (time.perf_counter() - started) / args.steps
+
+        # --- pipeline: its own throughput metric, over the logging windows after the warm-up one
+        train(config, resume="never")
+        rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        pipeline = {}
+        for stage in (1, 2):
+            rates = [r[f"stage{stage}/samples_per_second"] for r in rows if f"stage{stage}/samples_per_second" in r]
+            pipeline[stage] = statistics.mean(config.data.batch_size / rate for rate in rates[1:])
+    return {"bare": bare, "pipeline": pipeline}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="untimed steps before them; also the pipeline's logging window (--steps: a multiple)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="alternate bare/pipeline runs; report the best")
+    parser.add_argument("--repeats", type=int, default=5, help="fresh-process repetitions (per checkout)")
     parser.add_argument("--data-shape", default="2", help="2 (swiss-roll points) or C,S,S e.g. 3,32,32")
+    parser.add_argument("--width", type=int, default=64, help="base channels of the image networks")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
+    parser.add_argument("--checkout", action="append", default=[],
+                        help="another checkout of this repository to measure side by side (repeatable)")
+    parser.add_argument("--one-repetition", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("ACCELERATE_USE_CPU", "1" if not torch.cuda.is_available() else "0")
-    with tempfile.TemporaryDirectory() as tmp:
-        data_shape = [int(v) for v in args.data_shape.split(",")]
-        image_settings = [] if data_shape == [2] else [
-            f"model.data_shape={data_shape}", "model.latent_dim=128", "model.prior_dim=128", "model.width=64",
-            "model.latent_generator_widths=[400, 800, 400, 400]",
-            "model.latent_discriminator_widths=[400, 400, 400, 64]",
-            "data.train=synthetic", "data.test=synthetic", "data.swissroll_samples=4096"]
-        config = load_config(Path(__file__).resolve().parent.parent / "configs/swissroll.yaml", [
-            *image_settings, f"train.mixed_precision={args.mixed_precision}", "tracking.enabled=false",
-            f"output_dir={tmp}", f"stage1.steps={args.steps}", f"stage2.steps={args.steps}",
-            f"data.batch_size={args.batch_size}", f"train.log_every={args.steps}",
-            f"train.checkpoint_every={args.steps}", "train.progress_bar=false", "eval.samples=100",
-            "data.swissroll_test_samples=100"])
-        best_bare, best_pipeline = {1: float("inf"), 2: float("inf")}, {1: float("inf"), 2: float("inf")}
-        for _ in range(args.repeats):
-            for stage, seconds in bare_loop(config, args.steps).items():
-                best_bare[stage] = min(best_bare[stage], seconds)
-            for stage, seconds in pipeline_loop(config).items():
-                best_pipeline[stage] = min(best_pipeline[stage], seconds)
+
+    if args.one_repetition:
+        print(json.dumps(one_repetition(args)))
+        return
+
+    import torch  # only to name the device; every measurement runs in a child process
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"train_step benchmark: data shape {args.data_shape}, batch {args.batch_size}, {args.steps} steps/stage, "
-          f"{args.mixed_precision} precision, best of {args.repeats}, device {device}")
-    for stage in (1, 2):
-        ratio = best_pipeline[stage] / best_bare[stage]
-        print(f"stage {stage}: bare {best_bare[stage] * 1e3:.2f} ms/step, pipeline "
-              f"{best_pipeline[stage] * 1e3:.2f} ms/step, ratio {ratio:.3f} (target < 1.05)")
+    if args.threads is None and device == "cpu":
+        args.threads = 1
+    checkouts = [CHECKOUT, *(Path(c).resolve() for c in args.checkout)]
+    child_args = [*_without_checkout_flags(sys.argv[1:]), "--one-repetition"]
+    if args.threads:
+        child_args += ["--threads", str(args.threads)]
+    results: dict[Path, list[dict]] = {checkout: [] for checkout in checkouts}
+    for _ in range(args.repeats):
+        for checkout in checkouts:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]),
+                   "ACCELERATE_USE_CPU": "1" if device == "cpu" else "0", "GAPM_LOG_LEVEL": "WARNING"}
+            done = subprocess.run([sys.executable, str(HERE), *child_args], env=env, cwd=checkout,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{checkout}: the measurement failed:\n{done.stderr[-3000:]}")
+            results[checkout].append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    print(f"train_step benchmark: data shape {args.data_shape}, batch {args.batch_size}, {args.steps} timed steps "
+          f"per stage after {args.warmup}, {args.mixed_precision} precision, device {device}"
+          f"{f', {args.threads} torch thread(s)' if args.threads else ''}, {args.repeats} repetitions"
+          f"{' interleaved over checkouts' if len(checkouts) > 1 else ''}")
+    for checkout, runs in results.items():
+        if len(checkouts) > 1:
+            print(f"{checkout}:")
+        for stage in ("1", "2"):
+            bare = [run["bare"][stage] * 1e3 for run in runs]
+            pipeline = [run["pipeline"][stage] * 1e3 for run in runs]
+            ratios = [p / b for p, b in zip(pipeline, bare)]
+            print(f"stage {stage}: bare {statistics.median(bare):.2f} ms/step, pipeline {statistics.median(pipeline):.2f} "
+                  f"ms/step, ratio {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] "
+                  "(target <= 1.05)")
+
+
+def _without_checkout_flags(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--checkout":
+            skip = True
+        elif not arg.startswith("--checkout="):
+            kept.append(arg)
+    return kept
 
 
 if __name__ == "__main__":

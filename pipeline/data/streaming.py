@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import braceexpand
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -214,6 +215,7 @@ class BatchStream:
             num_workers=self.num_workers,
             persistent_workers=False,
             generator=loader_seed,
+            collate_fn=_as_is,  # numpy batches cross from the workers as they are (see shard_reader._collate)
         )
         if self.batches_per_epoch is not None:
             loader = loader.with_epoch(self.batches_per_epoch)
@@ -222,9 +224,22 @@ class BatchStream:
             self.stats.failed_shards += int(failed)
             if batch is None:
                 continue
+            batch = _unit_range(batch) if batch.dtype == np.uint8 else torch.from_numpy(batch)
             self.stats.batches += 1
             self.stats.samples += int(batch.shape[0])
             yield batch
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+def _unit_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (x / 255). In numpy, single-threaded: torch's parallel
+    kernels leave OpenMP threads spinning, which on a busy machine steal the core that decodes."""
+    scaled = images.astype(np.float32)
+    scaled /= np.float32(255.0)
+    return torch.from_numpy(scaled)
 
 
 def make_batch_stream(

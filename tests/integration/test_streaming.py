@@ -157,6 +157,31 @@ def test_workers_and_epochs(cifar_shards):
     assert stream.stats.batches == 20 and stream.stats.samples == 400
 
 
+# Digests of the batches the reader gave before issue 16 replaced tarfile with its own tar
+# reader and moved the float conversion after the worker boundary (recorded with that code):
+# the same (seed, epoch, rank, worker) must keep giving the same batches, bit for bit.
+BATCHES_BEFORE_ISSUE_16 = [
+    (dict(seed=3), "3ad8f3b9ac0bbb2f"),
+    (dict(seed=3, epoch=1, rank=1, world_size=2, num_workers=2), "5255da8fb9852e96"),
+    (dict(num_workers=1, shuffle_buffer=0, drop_last=False), "f393d75a25917a90"),
+    (dict(seed=5, rank=0, world_size=2, num_workers=2, resampled=True, batches_per_epoch=7), "f71f7342414dd95e"),
+    (dict(seed=2, num_workers=2, batches_per_epoch=15, shuffle_buffer=30), "45f09773c0d9dc4c"),  # cycles
+]
+
+
+@pytest.mark.parametrize(("settings", "digest"), BATCHES_BEFORE_ISSUE_16,
+                         ids=["capped", "rank1-workers2-epoch1", "one-pass", "resampled", "cycling"])
+def test_same_batches_as_before_the_fast_reader(cifar_shards, settings, digest):
+    import hashlib
+
+    spec, _ = cifar_shards
+    batches = hashlib.sha256()
+    for batch in make_batch_stream(spec, batch_size=20, **settings):
+        assert batch.dtype == torch.float32 and batch.is_contiguous()
+        batches.update(batch.numpy().tobytes())
+    assert batches.hexdigest()[:16] == digest
+
+
 def test_too_few_shards_is_refused_up_front(cifar10_source, tmp_path):
     src, _ = cifar10_source
     convert_dataset("cifar10", src, str(tmp_path), split="train", samples_per_shard=100)  # 2 shards

@@ -107,3 +107,53 @@ def test_accumulation_must_divide_stage_lengths_and_checkpoint_interval(tmp_path
 
     with pytest.raises(ConfigError, match=r"'stage1\.steps' \(30\) must be a multiple of train\.gradient_accumulation_steps \(4\)"):
         tiny_config(tmp_path, "train.gradient_accumulation_steps=4")
+
+
+@pytest.mark.parametrize(("accumulation", "clip"), [(1, None), (2, 0.05)])
+def test_update_matches_accelerates_own_backward_and_optimizer_wrappers(accumulation, clip):
+    """engines.AccelerateUpdate drives the prepared optimizers directly (issue 16: Accelerate's
+    wrappers cost ~0.3 ms per optimizer step); the parameters must come out exactly as through
+    accelerator.backward / clip_grad_norm_ / AcceleratedOptimizer.step and zero_grad."""
+    from accelerate import Accelerator
+
+    from pipeline.train.engines import AccelerateUpdate
+
+    accelerator = Accelerator(cpu=True)
+
+    def trained(use_accelerate_wrappers: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        networks = {"a": torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)),
+                    "b": torch.nn.Linear(4, 1)}
+        optimizers = {name: torch.optim.Adam(net.parameters(), lr=1e-2) for name, net in networks.items()}
+        prepared = accelerator.prepare(*networks.values(), *optimizers.values())
+        networks, optimizers = dict(zip("ab", prepared[:2])), dict(zip("ab", prepared[2:]))
+        calls = {"a": 0, "b": 0}
+
+        def wrapped_update(name, loss):  # what engines.py did before issue 16
+            accelerator.backward(loss / accumulation)
+            calls[name] += 1
+            if calls[name] % accumulation:
+                return
+            if clip is not None:
+                accelerator.clip_grad_norm_(networks[name].parameters(), clip)
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        update = wrapped_update if use_accelerate_wrappers else AccelerateUpdate(
+            accelerator, networks, optimizers, accumulation, clip)
+        data = torch.randn(12, 16, 4)
+        for batch in data:
+            for name in ("a", "b", "a"):
+                update(name, networks[name](batch).pow(2).mean())
+        return [p.detach().clone() for net in networks.values() for p in net.parameters()]
+
+    assert all(torch.equal(x, y) for x, y in zip(trained(True), trained(False)))
+
+
+def test_iteration_seeding_draws_what_torch_manual_seed_draws():
+    from pipeline.train.loop import seed_iteration
+
+    seed_iteration(3, 1, 17, torch.device("cpu"))
+    ours = torch.rand(5), torch.randn(3)
+    torch.manual_seed((3 * 1_000_003 + 1 * 7_919 + 17) % 2**63)
+    assert torch.equal(ours[0], torch.rand(5)) and torch.equal(ours[1], torch.randn(3))

@@ -1,0 +1,211 @@
+"""The samples of one tar shard, read from a forward-only stream (a local file or an S3 body).
+
+Why not ``tarfile`` (through webdataset's ``tar_file_iterator``): it parses every 512-byte
+header in Python field by field (two checksums, a dozen string and number decodes) and wraps
+every member in a new file object. Profiled on 32x32 PNG shards (issue 16) that was the largest
+single cost of the streaming reader: about 52 us of its 110 us per sample, against 12 us here.
+This reads the stream in 1 MiB chunks and takes from each header only what a shard needs.
+
+What it reads: POSIX ustar and pax archives (what Python's ``tarfile`` and webdataset's
+``TarWriter`` write), GNU long names, and gzip / bzip2 / xz compressed tars (as tarfile's
+``r|*`` did). Members that are not regular files (directories, links) are skipped, as are
+webdataset's ``__meta__`` files and names without an extension.
+
+Members are grouped into samples exactly as webdataset's ``group_by_keys`` groups them: a
+sample is the run of consecutive members with the same key (``dir/000123`` in
+``dir/000123.png``), the extensions (lower case) are its fields.
+
+A damaged tar is an error, never a quiet end: a bad header checksum, a header or member cut
+short, or a stream that stops without the end-of-archive marker raise :class:`TarFormatError`
+after the samples before the damage were yielded. (``tarfile`` takes a bad header, or a cut
+at a header boundary, for the end of the archive.) After the end-of-archive marker the rest of
+the stream is read to its end, so that a wrapper around the stream sees every byte of the shard
+(a checksum over the whole object, for instance).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import re
+from collections.abc import Iterator
+from typing import IO, Any
+
+__all__ = ["TarFormatError", "tar_members", "tar_samples"]
+
+BLOCK = 512
+CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_PAX_HEADER, _PAX_GLOBAL_HEADER, _GNU_LONG_NAME, _GNU_LONG_LINK = b"x", b"g", b"L", b"K"
+_COMPRESSED = ((b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream, mode="rb")),
+               (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
+# webdataset's rules (tariterators.base_plus_ext and skip_meta): the key is the name up to the
+# first dot of its last path component; names starting with a __meta__ component are skipped.
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+class TarFormatError(ValueError):
+    """The stream is not a well-formed tar, or it ends before the end-of-archive marker."""
+
+
+class _ChunkedReader:
+    """Exact-size reads served from large chunks of a raw stream: one system call (or one HTTP
+    read of an S3 body) per MiB instead of two per member."""
+
+    def __init__(self, raw: IO[bytes] | Any) -> None:
+        self._raw = raw
+        self._buffer = b""
+        self._position = 0
+
+    def read(self, size: int) -> bytes:
+        """``size`` bytes, or fewer only at the end of the stream."""
+        end = self._position + size
+        if end <= len(self._buffer):
+            data = self._buffer[self._position:end]
+            self._position = end
+            return data
+        parts = [self._buffer[self._position:]]
+        have = len(parts[0])
+        while have < size:
+            chunk = self._raw.read(max(CHUNK, size - have))
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        self._buffer = b"".join(parts)
+        self._position = min(size, len(self._buffer))
+        return self._buffer[:self._position]
+
+    def peek(self, size: int) -> bytes:
+        data = self.read(size)
+        self._position -= len(data)
+        return data
+
+    def drain(self) -> None:
+        self._buffer, self._position = b"", 0
+        while self._raw.read(CHUNK):
+            pass
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256 for large values."""
+    if field[0] in (0o200, 0o377):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The header checksum: the byte sum with the checksum field read as spaces (some old
+    writers summed signed bytes, which tarfile also accepts)."""
+    stored = _number(header[148:156])
+    if stored == sum(header) - sum(header[148:156]) + 256:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 256
+    return stored == signed
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """The ``"LEN key=value\\n"`` records of a pax extended header."""
+    records: dict[str, str] = {}
+    position = 0
+    while position < len(payload) and payload[position:position + 1] not in (b"", b"\0"):
+        space = payload.index(b" ", position)
+        length = int(payload[position:space])
+        key, _, value = payload[space + 1:position + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+def tar_members(raw: IO[bytes] | Any) -> Iterator[tuple[str, bytes]]:
+    """``(name, payload)`` of every regular file in the tar stream ``raw``, in order.
+
+    Reads ``raw`` to its end; the caller opens and closes it. Raises TarFormatError on damage.
+    """
+    reader = _ChunkedReader(raw)
+    for magic, opener in _COMPRESSED:
+        if reader.peek(len(magic)) == magic:
+            reader = _ChunkedReader(opener(reader))
+            break
+    read = reader.read
+    global_pax: dict[str, str] = {}
+    pending: dict[str, str] = {}  # pax / GNU long-name fields for the next member
+    offset = 0
+    while True:
+        header = read(BLOCK)
+        if header == _ZERO_BLOCK:
+            reader.drain()
+            return
+        if len(header) < BLOCK:
+            where = "where a member header should be" if not header else "inside a member header"
+            raise TarFormatError(f"the tar ends at byte {offset + len(header)}, {where} "
+                                 "(no end-of-archive marker): it is truncated")
+        if not _checksum_ok(header):
+            raise TarFormatError(f"bad header checksum at byte {offset}: the tar is damaged or not a tar")
+        kind = header[156:157]
+        size = _number(header[124:136])
+        if kind in _REGULAR and "size" in pending:
+            size = int(pending["size"])
+        payload = read(size)
+        if len(payload) < size:
+            raise TarFormatError(f"the tar ends inside the member at byte {offset} "
+                                 f"({len(payload)} of {size} bytes): it is truncated")
+        padding = -size % BLOCK
+        if padding and len(read(padding)) < padding:
+            raise TarFormatError(f"the tar ends inside the padding of the member at byte {offset}: it is truncated")
+        offset += BLOCK + size + padding
+
+        if kind == _PAX_HEADER:
+            pending.update(_pax_records(payload))
+            continue
+        if kind == _PAX_GLOBAL_HEADER:
+            global_pax.update(_pax_records(payload))
+            continue
+        if kind == _GNU_LONG_NAME:
+            pending["path"] = _text(payload)
+            continue
+        if kind == _GNU_LONG_LINK:
+            continue
+        fields, pending = {**global_pax, **pending}, {}
+        if kind not in _REGULAR:
+            continue  # directories, links, devices: no sample data
+        if "path" in fields:
+            name = fields["path"]
+        else:
+            name = _text(header[0:100])
+            if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX: long names split in two
+                name = _text(header[345:500]) + "/" + name
+        if kind == b"\0" and name.endswith("/"):
+            continue  # an old-style directory
+        yield name, payload
+
+
+def tar_samples(raw: IO[bytes] | Any, url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, as webdataset builds them: ``{"__key__": key, "__url__": url,
+    ext: payload, ...}``; a repeated extension within one key raises ValueError."""
+    sample: dict[str, Any] | None = None
+    for name, payload in tar_members(raw):
+        if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+            continue
+        match = _KEY_AND_EXTENSION.match(name)
+        if match is None:
+            continue
+        key, extension = match.group(1), match.group(2).lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        if extension in sample:
+            raise ValueError(f"{name}: duplicate file name in tar file {url}")
+        sample[extension] = payload
+    if sample is not None:
+        yield sample

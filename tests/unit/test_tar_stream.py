@@ -1,0 +1,133 @@
+"""pipeline.data.tar_stream against the reference it replaced: webdataset's tar_file_iterator +
+group_by_keys over tarfile, on archives in every format tarfile writes, and on damaged ones."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline.data import tar_stream
+from pipeline.data.tar_stream import TarFormatError, tar_members, tar_samples
+
+URL = "file:///shards/shard-000000.tar"
+
+
+def reference_samples(data: bytes) -> list[dict]:
+    members = ({**member, "__url__": URL} for member in tar_file_iterator(io.BytesIO(data)))
+    return list(group_by_keys(members))
+
+
+def build_tar(format: int, *, compress: bool = False, global_headers: dict | None = None) -> bytes:
+    """Samples with every kind of name and member a shard might hold, and some it should skip."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=format, pax_headers=global_headers or {}) as tar:
+        def add(name: str, payload: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, link
+            info.size = len(payload) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
+
+        add("__index__", b"{}")  # webdataset's metadata names: skipped
+        add("__meta__/info.json", b"{}")
+        add("dir", kind=tarfile.DIRTYPE)
+        add("00000000.png", b"\x89PNG" + bytes(100))
+        add("00000000.cls", b"3")
+        add("00000001.PNG", bytes(512))  # upper-case extension, exactly one block
+        add("00000001.seg.png", bytes(1024))  # a multi-dot extension
+        add("00000002.npy", b"")  # an empty member
+        add("no-extension", b"x")  # not part of any sample
+        add("link.png", kind=tarfile.SYMTYPE, link="00000000.png")  # links carry no data
+        long_dir = "d" * 120  # past ustar's 100-character name field: prefix, pax path or GNU long name
+        add(f"{long_dir}/00000003.png", b"long" * 300)
+        add(f"{long_dir}/00000003.json", '{"ü": 1}'.encode())
+        add("ünïcode/00000004.jpg", b"\xff\xd8" + bytes(700))
+        if format != tarfile.USTAR_FORMAT:  # GNU long link / pax linkpath; ustar has no room for them
+            add(f"{long_dir}/{'l' * 110}.png", kind=tarfile.SYMTYPE, link="x" * 200)
+        add("00000005.txt", bytes(range(256)) * 9)
+    data = buffer.getvalue()
+    return gzip.compress(data) if compress else data
+
+
+@pytest.mark.parametrize("format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+def test_same_samples_as_webdataset(format):
+    data = build_tar(format)
+    samples = list(tar_samples(io.BytesIO(data), URL))
+    assert samples == reference_samples(data)
+    assert [s["__key__"] for s in samples] == [
+        "00000000", "00000001", "00000002", f"{'d' * 120}/00000003", "ünïcode/00000004", "00000005"]
+    assert set(samples[1]) == {"__key__", "__url__", "png", "seg.png"}
+
+
+def test_compressed_tar_and_pax_global_header():
+    plain = build_tar(tarfile.PAX_FORMAT, global_headers={"comment": "made by a test"})
+    compressed = build_tar(tarfile.PAX_FORMAT, compress=True, global_headers={"comment": "made by a test"})
+    assert list(tar_samples(io.BytesIO(compressed), URL)) == reference_samples(plain)
+
+
+def test_small_chunks_split_headers_and_members(monkeypatch):
+    data = build_tar(tarfile.PAX_FORMAT)
+    monkeypatch.setattr(tar_stream, "CHUNK", 700)  # not a multiple of the 512-byte block
+    assert list(tar_samples(io.BytesIO(data), URL)) == reference_samples(data)
+
+
+class CountingStream(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.delivered = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = super().read(size)
+        self.delivered += len(chunk)
+        return chunk
+
+
+def test_reads_the_stream_to_its_end():
+    """A wrapper that checks the whole object (e.g. its sha256) must see every byte, also the
+    zero blocks after the end-of-archive marker."""
+    data = build_tar(tarfile.PAX_FORMAT)
+    stream = CountingStream(data)
+    list(tar_members(stream))
+    assert stream.delivered == len(data)
+
+
+def _damaged(cut: int | None = None, flip: int | None = None) -> bytes:
+    data = bytearray(build_tar(tarfile.USTAR_FORMAT))
+    if flip is not None:
+        data[flip] ^= 0x41
+    return bytes(data[:cut] if cut is not None else data)
+
+
+def _offsets(data: bytes) -> list[int]:
+    """Header offsets of the regular members, from tarfile."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [member.offset for member in tar.getmembers() if member.isreg()]
+
+
+@pytest.mark.parametrize("damage", ["cut-at-header", "cut-in-member", "bad-checksum", "empty"])
+def test_damage_raises_after_the_samples_before_it(damage):
+    whole = build_tar(tarfile.USTAR_FORMAT)
+    # The header of 00000001.seg.png (1024 bytes): 00000000 is complete before it, 00000001 is not.
+    third = _offsets(whole)[5]
+    data = {"cut-at-header": _damaged(cut=third), "cut-in-member": _damaged(cut=third + 512 + 100),
+            "bad-checksum": _damaged(flip=third + 10), "empty": b""}[damage]
+    got = []
+    with pytest.raises(TarFormatError, match="truncated|checksum"):
+        for sample in tar_samples(io.BytesIO(data), URL):
+            got.append(sample["__key__"])
+    assert got == ([] if damage == "empty" else ["00000000"])
+
+
+def test_duplicate_member_in_a_sample_is_an_error():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for payload in (b"a", b"b"):
+            info = tarfile.TarInfo("00000000.png")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="duplicate"):
+        list(tar_samples(io.BytesIO(buffer.getvalue()), URL))
