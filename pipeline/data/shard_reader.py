@@ -2,21 +2,30 @@
 shards, group tar members into samples (pipeline/data/tar_stream.py), shuffle them through a
 buffer, decode them, and batch them. Unreadable shards and corrupt samples are skipped, counted
 and logged; the counts travel with the batches so that they reach the training process from
-worker processes too.
+worker processes too. So does a fatal data problem: it crosses the worker boundary as a message
+and is raised as one DataError in the training process (an exception raised inside a DataLoader
+worker would reach the user re-wrapped, with the worker's traceback pasted into its message).
+
+Each shard read to its end is checked against the sha256 its manifest records (when it has
+one): the tar reader consumes the whole stream, so hashing it costs one pass over bytes already
+in memory. Samples are used as they stream, so a mismatch is found at the end of the shard; it
+is then counted and reported like a shard that broke off, and the stream goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
 import random
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import storage
@@ -28,6 +37,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # A resampled reader never runs out of shards to try; stop it when nothing usable comes back.
 GIVE_UP_AFTER = 1000
+# Corrupt-sample warnings per reader: the first few in full, then one summary line per power of
+# ten, so a shard set of bad images gives a handful of lines, not one per sample.
+WARN_IN_FULL = 5
 
 
 class Counters:
@@ -36,6 +48,17 @@ class Counters:
     def __init__(self) -> None:
         self.corrupt = 0
         self.failed = 0
+        self.corrupt_seen = 0  # never reset: decides which corrupt samples are worth a warning
+
+    def note_corrupt(self, key: Any, url: Any, reason: str) -> None:
+        self.corrupt += 1
+        self.corrupt_seen += 1
+        seen = self.corrupt_seen
+        if seen <= WARN_IN_FULL:
+            log.warning("skipping corrupt sample %s in %s: %s", key, url, reason)
+        elif seen & (seen - 1) == 0 or seen % 1000 == 0:  # powers of two, then every 1000
+            log.warning("%d corrupt samples skipped so far by this reader (latest: %s in %s: %s)",
+                        seen, key, url, reason)
 
     def take(self) -> tuple[int, int]:
         counts = (self.corrupt, self.failed)
@@ -53,8 +76,9 @@ def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
 class ShardSamples(IterableDataset):
     """Per-reader pipeline: shards -> raw samples -> shuffle buffer -> decode -> batches.
 
-    Yields ``(batch_or_None, corrupt_count, failed_count)`` so that counts from DataLoader worker
-    processes reach the parent with the batches; image batches are uint8 (B, C, H, W), points
+    Yields ``(batch_or_None, corrupt_count, failed_count, error_or_None)`` so that counts from
+    DataLoader worker processes reach the parent with the batches; an error message ends the
+    reader (BatchStream raises it as DataError); image batches are uint8 (B, C, H, W), points
     float32 (B, D). Holds only plain configuration, so it pickles into workers under any start
     method.
     """
@@ -73,6 +97,7 @@ class ShardSamples(IterableDataset):
         drop_last: bool,
         image_shape: tuple[int, int, int] | None,
         shard_counts: dict[str, int] | None,
+        shard_sha256: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -88,6 +113,7 @@ class ShardSamples(IterableDataset):
         self.drop_last = drop_last
         self.image_shape = image_shape
         self.shard_counts = shard_counts
+        self.shard_sha256 = shard_sha256  # None: do not verify (data.verify_checksums: false)
 
     def reader_urls(self, worker: int, num_workers: int) -> list[str]:
         """The shards one reader (rank, worker) owns this epoch (all shards when resampled)."""
@@ -96,28 +122,32 @@ class ShardSamples(IterableDataset):
         rank_urls = epoch_shard_order(self.urls, self.seed, self.epoch)[self.rank :: self.world_size]
         return rank_urls[worker::num_workers]
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int, str | None]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counters = Counters()
         arrays = self._decoded(self.reader_urls(worker, num_workers), worker, counters)
         batch: list[np.ndarray] = []
-        for array in arrays:
-            batch.append(array)
-            if len(batch) == self.batch_size:
-                yield (_collate(batch), *counters.take())
-                batch = []
+        try:
+            for array in arrays:
+                batch.append(array)
+                if len(batch) == self.batch_size:
+                    yield (_collate(batch), *counters.take(), None)
+                    batch = []
+        except DataError as exc:
+            yield (None, *counters.take(), str(exc))
+            return
         if batch and not self.drop_last:
-            yield (_collate(batch), *counters.take())
+            yield (_collate(batch), *counters.take(), None)
         corrupt, failed = counters.take()
         if corrupt or failed:
-            yield (None, corrupt, failed)
+            yield (None, corrupt, failed, None)
 
     def _decoded(self, urls: list[str], worker: int, counters: Counters) -> Iterator[np.ndarray]:
         reader = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
         if self.resampled:
             rng = random.Random(f"gapm-resampled:{reader}")
-            raw = _shard_samples(_draw_forever(urls, rng), counters, self.shard_counts)
+            raw = _shard_samples(_draw_forever(urls, rng), counters, self.shard_counts, self.shard_sha256)
             yield from self._decode_all(self._shuffled(raw, rng), counters)
             return
         for pass_index in itertools.count():
@@ -126,17 +156,14 @@ class ShardSamples(IterableDataset):
             if pass_index > 0:
                 rng.shuffle(order)  # a different order when a reader cycles through its shards again
             produced = 0
-            raw = _shard_samples(order, counters, self.shard_counts)
+            raw = _shard_samples(order, counters, self.shard_counts, self.shard_sha256)
             for array in self._decode_all(self._shuffled(raw, rng), counters):
                 produced += 1
                 yield array
             if not self.drop_last:
                 return
             if produced == 0:
-                raise DataError(
-                    f"no readable samples in shard(s) {', '.join(urls)} (rank {self.rank}, worker {worker}): "
-                    "every shard failed or every sample was corrupt; check the warnings above and the data"
-                )
+                raise DataError(_nothing_readable(urls, self.rank, worker, counters))
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer <= 1:
@@ -160,20 +187,49 @@ class ShardSamples(IterableDataset):
             yield array
 
 
+def _nothing_readable(urls: list[str], rank: int, worker: int, counters: Counters) -> str:
+    shards = urls[0] if len(urls) == 1 else f"{len(urls)} shards ({urls[0]}, ...)"
+    seen = f"every one of {counters.corrupt_seen} samples failed to decode" if counters.corrupt_seen \
+        else "every shard failed to open or broke off"
+    return (f"no readable samples in {shards} (rank {rank}, worker {worker}): {seen}; "
+            "see the first warnings for the reason, then re-convert the shards (gapm shards)")
+
+
+class _HashingStream:
+    """Passes reads through and hashes every byte read."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest_of_all(self) -> str:
+        while self.read(1 << 20):  # a compressed tar may end before the object does
+            pass
+        return self.sha256.hexdigest()
+
+
 def _draw_forever(urls: list[str], rng: random.Random) -> Iterator[str]:
     while True:
         yield rng.choice(urls)
 
 
 def _shard_samples(
-    urls: Iterator[str] | list[str], counters: Counters, expected: dict[str, int] | None
+    urls: Iterator[str] | list[str], counters: Counters, expected: dict[str, int] | None,
+    sha256: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of member bytes) from each shard in turn; unreadable shards are skipped.
 
     A shard that cannot be opened, or that breaks off mid-way (truncated upload, dropped
     connection, damaged header), is counted once as failed; the samples read before the break are
     kept. The sample count is also checked against the manifest (``expected``) when there is one:
-    a shard can be a well-formed tar and still hold fewer samples than were written.
+    a shard can be a well-formed tar and still hold fewer samples than were written. With
+    ``sha256`` the bytes of each shard read to its end are checked against the manifest's digest;
+    a mismatch counts the shard as failed (its samples have been used by then).
     """
     barren_in_a_row = 0  # shards that gave nothing; only unbounded for resampled readers
     for url in urls:
@@ -184,15 +240,22 @@ def _shard_samples(
             counters.failed += 1
             log.warning("skipping unreadable shard %s: %s", url, exc)
         else:
+            want_digest = sha256.get(url) if sha256 else None
+            source = _HashingStream(stream) if want_digest else stream
             try:
                 # tar_samples reads the stream to its end: a wrapper around `stream` sees every byte.
-                for sample in tar_samples(stream, url):
+                for sample in tar_samples(source, url):
                     produced += 1
                     yield sample
                 if expected and produced < expected.get(url, 0):
                     counters.failed += 1
                     log.warning("shard %s ended after %d of the manifest's %d samples; it is truncated",
                                 url, produced, expected[url])
+                elif want_digest and (digest := source.hexdigest_of_all()) != want_digest:
+                    counters.failed += 1
+                    log.warning("shard %s does not match its manifest (sha256 %s..., manifest %s...): it changed "
+                                "after conversion; re-convert or re-upload it (its %d samples were used)",
+                                url, digest[:12], want_digest[:12], produced)
             except Exception as exc:
                 counters.failed += 1
                 log.warning("shard %s broke off (%s: %s); skipping the rest of it", url, type(exc).__name__, exc)
@@ -228,9 +291,21 @@ def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, 
             raise DataError(f"image shape {array.shape} differs from the manifest's {image_shape}")
         return array
     except Exception as exc:
-        counters.corrupt += 1
-        log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+        counters.note_corrupt(sample.get("__key__"), sample.get("__url__"), _reason(exc, sample))
         return None
+
+
+def _reason(exc: Exception, sample: dict[str, Any]) -> str:
+    """Why a sample failed to decode, in words (PIL names its input as ``<_io.BytesIO object at
+    0x...>``, which says nothing)."""
+    if isinstance(exc, DataError):
+        return str(exc)
+    extension = next((ext for ext in ("npy", *IMAGE_EXTENSIONS) if ext in sample), "?")
+    size = len(sample.get(extension, b""))
+    if isinstance(exc, UnidentifiedImageError):
+        return f"the {size}-byte .{extension} member is not a readable image"
+    message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(exc))
+    return f"the {size}-byte .{extension} member failed to decode ({type(exc).__name__}: {message})"
 
 
 def _collate(arrays: list[np.ndarray]) -> np.ndarray:

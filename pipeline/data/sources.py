@@ -33,6 +33,7 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
+    verify_checksums: bool = True  # check each shard read to its end against its manifest's sha256
     swissroll_samples: int = 5000  # also the size of the "synthetic" set
     swissroll_test_samples: int = 1000
 
@@ -113,7 +114,8 @@ class ShardBatches:
         stream = self.streaming.make_batch_stream(
             self.spec, self.config.batch_size, rank=self.rank, world_size=self.world_size,
             num_workers=self.config.num_workers, seed=self.seed,
-            shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch)
+            shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch,
+            verify_checksums=self.config.verify_checksums)
         self.epoch_stats.append(stream.stats)
         yield from stream
 
@@ -189,7 +191,8 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
 
     batches, total = [], 0
     for batch in streaming.make_batch_stream(config.test, min(config.batch_size, limit), drop_last=False,
-                                             shuffle_buffer=0, seed=seed):
+                                             shuffle_buffer=0, seed=seed,
+                                             verify_checksums=config.verify_checksums):
         batches.append(batch)
         total += len(batch)
         if total >= limit:

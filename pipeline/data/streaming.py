@@ -42,9 +42,6 @@ __all__ = ["StreamStats", "BatchStream", "resolve_shard_urls", "register_s3_open
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-# A resampled reader never runs out of shards to try; stop it when nothing usable comes back.
-GIVE_UP_AFTER = 1000
 
 
 @dataclass
@@ -219,9 +216,11 @@ class BatchStream:
         )
         if self.batches_per_epoch is not None:
             loader = loader.with_epoch(self.batches_per_epoch)
-        for batch, corrupt, failed in loader:
+        for batch, corrupt, failed, error in loader:
             self.stats.corrupt_samples += int(corrupt)
             self.stats.failed_shards += int(failed)
+            if error is not None:
+                raise DataError(error)
             if batch is None:
                 continue
             batch = _unit_range(batch) if batch.dtype == np.uint8 else torch.from_numpy(batch)
@@ -255,6 +254,7 @@ def make_batch_stream(
     batches_per_epoch: int | None = None,
     epoch: int = 0,
     drop_last: bool = True,
+    verify_checksums: bool = True,
 ) -> BatchStream:
     """Build the batch stream of one rank.
 
@@ -268,6 +268,9 @@ def make_batch_stream(
     usual choice when shards are few or unevenly sized). ``drop_last=False`` is for evaluation: one
     exact pass over this rank's shards, the last batch of each reader may be short, and batch
     counts may differ between ranks - never use it for DDP training.
+
+    ``verify_checksums`` checks each shard read to its end against the sha256 in its manifest
+    (when the shards have one); a mismatch is counted in ``stats.failed_shards`` and logged.
 
     Raises DataError up front when non-resampled reading has fewer shards than
     ``world_size * max(1, num_workers)`` readers, and StorageError when the location is unreadable.
@@ -286,7 +289,8 @@ def make_batch_stream(
     samples = ShardSamples(
         urls, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
         shuffle_buffer=shuffle_buffer, resampled=resampled, drop_last=drop_last,
-        image_shape=_manifest_image_shape(manifest), shard_counts=dict(zip(urls, counts)) if counts else None)
+        image_shape=_manifest_image_shape(manifest), shard_counts=dict(zip(urls, counts)) if counts else None,
+        shard_sha256=_manifest_digests(urls, manifest) if verify_checksums else None)
     return BatchStream(samples, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
 
 
@@ -336,6 +340,16 @@ def _full_batches_per_rank(shard_spec: str, counts: list[int] | None, world_size
             f"batch_size {batch_size}; lower the batch size or add data"
         )
     return batches
+
+
+def _manifest_digests(urls: list[str], manifest: dict[str, Any] | None) -> dict[str, str] | None:
+    """URL -> sha256 for the shards whose manifest entry records one."""
+    if not manifest:
+        return None
+    by_name = {shard.get("name"): shard.get("sha256") for shard in manifest["shards"] if isinstance(shard, dict)}
+    digests = {url: by_name[name] for url in urls
+               if isinstance(by_name.get(name := url.rsplit("/", 1)[-1]), str)}
+    return digests or None
 
 
 def _manifest_image_shape(manifest: dict[str, Any] | None) -> tuple[int, int, int] | None:

@@ -1,6 +1,7 @@
 """Faults injected into training — a kill between checkpoints, a damaged checkpoint, a storage
 outage, a full disk, bad input — and what must hold: nothing lost, exact resume, one clear line."""
 
+import io
 import os
 import shutil
 import signal
@@ -265,6 +266,29 @@ def test_a_negative_learning_rate_names_the_key_and_creates_no_run_directory(tmp
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.count("\n") == 0 and "stage2.latent_generator.lr" in err
     assert not (tmp_path / "swissroll").exists()
+
+
+def test_shards_where_nothing_decodes_stop_training_in_one_line(image_shards, tmp_path, capsys):
+    import tarfile
+
+    from pipeline import cli
+
+    for shard in sorted((image_shards / "train").glob("*.tar")):  # every image replaced by junk
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+            for member, data in members:
+                data = b"not a png" if member.name.endswith(".png") else data
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    arguments = [f"output_dir={tmp_path}", f"data.train={image_shards}/train", f"data.test={image_shards}/test",
+                 *IMAGES, "data.num_workers=1"]
+    status = cli.main(["train", "--config", str(ROOT / "configs/swissroll.yaml"),
+                       *[a for o in arguments for a in ("--set", o)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2, err
+    assert "no readable samples" in err[-1] and "failed to decode" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_a_stop_signal_during_start_up_ends_resumably(tmp_path):

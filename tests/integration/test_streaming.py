@@ -233,7 +233,8 @@ def test_corrupt_sample_and_broken_shard_are_skipped_and_counted(cifar_shards, c
         f.write(data[: len(data) // 2 + 100])
 
     caplog.set_level(logging.WARNING, logger="pipeline.data")
-    stream = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False)
+    # Checksums off: shard 0 was rewritten, which the manifest's sha256 would flag too (below).
+    stream = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False, verify_checksums=False)
     rows = image_rows(list(stream))
     assert stream.stats.corrupt_samples == 1 and stream.stats.failed_shards == 1
     lost_in_shard_3 = 50 - sum(rows[image.tobytes()] for image in images[150:200])
@@ -241,12 +242,59 @@ def test_corrupt_sample_and_broken_shard_are_skipped_and_counted(cifar_shards, c
     assert sum(rows.values()) == 200 - 1 - lost_in_shard_3 == stream.stats.samples
     assert images[7].tobytes() not in rows
     if workers == 0:  # worker processes log to their own stderr
-        assert any("00000007" in r.message and "shard-000000.tar" in r.message for r in caplog.records)
+        warning = next(r.message for r in caplog.records if "00000007" in r.message)
+        assert "shard-000000.tar" in warning and "60-byte .png member" in warning and "truncated" in warning
         assert any("shard-000003.tar" in r.message for r in caplog.records)
+
+    verified = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False)
+    assert image_rows(list(verified)) == rows
+    assert verified.stats.failed_shards == 2  # shard 3 broke off; shard 0 no longer matches its sha256
 
     # Capped training mode keeps going past the bad data and still delivers every batch.
     training = make_batch_stream(spec, batch_size=10, num_workers=workers)
     assert sum(1 for _ in training) == len(training) == 20
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_changed_after_conversion_fails_its_checksum(cifar_shards, caplog, workers):
+    spec, images = cifar_shards
+    # A well-formed tar with the same samples but different bytes (member times changed), as a
+    # shard re-packed or bit-flipped in a header would be: only the sha256 can tell.
+    path = f"{spec}/shard-000002.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members:
+            member.mtime += 1
+            tar.addfile(member, io.BytesIO(data))
+
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    stream = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False)
+    assert image_rows(list(stream)) == expected_rows(images)  # nothing dropped: the samples decode
+    assert stream.stats.failed_shards == 1 and stream.stats.corrupt_samples == 0
+    if workers == 0:
+        assert any("shard-000002.tar does not match its manifest" in r.message for r in caplog.records)
+
+    unchecked = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False, verify_checksums=False)
+    assert sum(b.shape[0] for b in unchecked) == 200 and unchecked.stats.failed_shards == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_set_where_nothing_decodes_is_one_error_and_few_warnings(cifar_shards, caplog, workers):
+    spec, _ = cifar_shards
+    for shard in range(4):
+        _rewrite_tar(f"{spec}/shard-{shard:06d}.tar", lambda name, data: b"garbage" if name.endswith(".png") else data)
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    with pytest.raises(DataError) as error:
+        list(make_batch_stream(spec, batch_size=10, num_workers=workers))
+    message = str(error.value)
+    assert "\n" not in message and "Traceback" not in message  # not re-wrapped by a DataLoader worker
+    assert "no readable samples" in message and "failed to decode" in message and "gapm shards" in message
+    if workers == 0:
+        corrupt_lines = [r for r in caplog.records if "corrupt" in r.message]
+        assert 5 <= len(corrupt_lines) <= 12, len(corrupt_lines)  # 200 bad samples, a handful of lines
+        assert "the 7-byte .png member is not a readable image" in corrupt_lines[0].message
+        assert not any("BytesIO" in r.message for r in corrupt_lines)
 
 
 def test_unreadable_shard_is_skipped(cifar_shards):
