@@ -70,9 +70,9 @@ def one_run(args: argparse.Namespace) -> dict:
     import torch
 
     from pipeline.config import load_config
+    from pipeline.tracking.tracker import NullTracker
     from pipeline.train import loop
     from pipeline.train.distributed import StopRequest
-    from pipeline.tracking.tracker import NullTracker
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,7 +193,6 @@ def main() -> None:
         return
 
     import torch
-
     from loader import shard_set, time_stream
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

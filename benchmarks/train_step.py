@@ -39,7 +39,13 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     checkout on sys.path[0])."""
     import torch
 
-    from gapm import GAPM, Stage1Hyperparameters, Stage2Hyperparameters, stage1_step, stage2_step
+    from gapm import (
+        GAPM,
+        Stage1Hyperparameters,
+        Stage2Hyperparameters,
+        stage1_step,
+        stage2_step,
+    )
     from gapm.method import plain_update
     from pipeline.config import load_config
     from pipeline.data import sources

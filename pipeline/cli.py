@@ -129,10 +129,9 @@ def positive_int(text: str) -> int:
 # ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval/)
 
 def command_fid_stats(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
     from pipeline.eval import fid, reference_stats
     from pipeline.eval.settings import EvalSettings
-
-    from pipeline.config import load_config
 
     if not reference_stats.is_plain_name(args.name):
         raise GapmError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
