@@ -70,9 +70,9 @@ def one_run(args: argparse.Namespace) -> dict:
     import torch
 
     from pipeline.config import load_config
+    from pipeline.stopping import StopRequest
     from pipeline.tracking.tracker import NullTracker
     from pipeline.train import loop
-    from pipeline.train.distributed import StopRequest
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -54,7 +54,8 @@ def command_shards(args: argparse.Namespace) -> int:
 def command_report(args: argparse.Namespace) -> int:
     from pipeline.eval.report import write_report
 
-    written = write_report(args.experiment, Path(args.out))
+    run_names = [name.strip() for name in args.runs.split(",") if name.strip()] if args.runs else None
+    written = write_report(args.experiment, Path(args.out), run_names, args.name)
     print(written["markdown"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
@@ -411,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="table + figure grid of every run of an MLflow experiment")
     report.add_argument("--experiment", required=True, help="MLflow experiment (tracking.experiment of the configs)")
     report.add_argument("--out", default="reports", help="directory for NAME.md, NAME.csv, NAME-figures.png")
+    report.add_argument("--runs", default=None,
+                        help="comma-separated run names to include, in this order (default: every run)")
+    report.add_argument("--name", default=None, help="NAME of the written files (default: the experiment)")
     report.set_defaults(handler=command_report)
 
     show = commands.add_parser("config", help="print the resolved config")

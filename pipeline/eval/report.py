@@ -40,6 +40,14 @@ METRIC_COLUMNS = [
     MetricColumn("eval/sample_mmd", "sample MMD", "{:.4f}",
                  "squared MMD between generated and held-out points (sum of Gaussian kernels, bandwidths "
                  "0.02-0.5): coverage and proportions"),
+    MetricColumn("eval/roll_parameter_tv", "roll coverage TV", "{:.3f}",
+                 "total variation between the histograms (20 bins) of generated and held-out points over the "
+                 "position along the roll of their nearest roll point: 0 = the samples cover the roll in the "
+                 "data's proportions (an ideal sampler scores about 0.04 at 5000 samples)"),
+    MetricColumn("eval/off_roll_fraction", "off-roll", "{:.1%}",
+                 "fraction of generated points farther than 0.05 from the roll"),
+    MetricColumn("eval/relative_reconstruction_mse", "relative reconstruction MSE", "{:.4f}",
+                 "reconstruction MSE of the held-out points divided by their variance"),
     MetricColumn("eval/fid", "FID", "{:.1f}",
                  "FID of the generated images (clean-fid) at the newest evaluated checkpoint, against the "
                  "reference statistics the evaluation job names"),
@@ -64,8 +72,9 @@ class ReportError(GapmError):
     """No experiment or no finished runs to report on."""
 
 
-def experiment_runs(client: MlflowClient, experiment: str) -> list:
-    """The newest finished run of each method/config name in `experiment`."""
+def experiment_runs(client: MlflowClient, experiment: str, run_names: list[str] | None = None) -> list:
+    """The newest finished run of each method/config name in `experiment` (only `run_names`, in
+    that order, when given)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ReportError(f"MLflow at {mlflow.get_tracking_uri()} has no experiment {experiment!r}; "
@@ -77,6 +86,12 @@ def experiment_runs(client: MlflowClient, experiment: str) -> list:
         newest.setdefault(run.info.run_name or run.info.run_id, run)
     if not newest:
         raise ReportError(f"experiment {experiment!r} has no finished runs yet")
+    if run_names:
+        missing = [name for name in run_names if name not in newest]
+        if missing:
+            raise ReportError(f"experiment {experiment!r} has no finished run named {', '.join(missing)}; "
+                              f"its runs: {', '.join(sorted(newest))}")
+        return [newest[name] for name in run_names]
     return sorted(newest.values(), key=lambda r: (r.data.params.get("model.kind") != "gapm", r.info.run_name))
 
 
@@ -140,19 +155,22 @@ def figure_grid(client: MlflowClient, runs: list, columns: int = 1) -> Image.Ima
     return grid
 
 
-def write_report(experiment: str, out_dir: Path) -> dict[str, Path]:
-    """Writes OUT/EXPERIMENT.md, .csv and -figures.png; returns their paths."""
+def write_report(experiment: str, out_dir: Path, run_names: list[str] | None = None,
+                 name: str | None = None) -> dict[str, Path]:
+    """Writes OUT/NAME.md, .csv and -figures.png (NAME: the experiment's unless given); returns
+    their paths. `run_names` picks runs of the experiment (default: all, newest of each name)."""
     client = MlflowClient()
-    runs = experiment_runs(client, experiment)
+    runs = experiment_runs(client, experiment, run_names)
     header, rows = table_rows(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"markdown": out_dir / f"{experiment}.md", "csv": out_dir / f"{experiment}.csv"}
-    written["markdown"].write_text(f"# {experiment}\n\n" + markdown_table(header, rows) + "\n" + column_legend(runs))
+    name = name or experiment
+    written = {"markdown": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv"}
+    written["markdown"].write_text(f"# {name}\n\n" + markdown_table(header, rows) + "\n" + column_legend(runs))
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
     written["csv"].write_text(buffer.getvalue())
     grid = figure_grid(client, runs)
     if grid is not None:
-        written["figures"] = out_dir / f"{experiment}-figures.png"
+        written["figures"] = out_dir / f"{name}-figures.png"
         grid.save(written["figures"])
     return written

@@ -9,7 +9,7 @@ import pytest
 from helpers import ROOT, tiny_overrides
 
 from pipeline.config import load_config
-from pipeline.eval.report import column_legend, table_rows
+from pipeline.eval.report import ReportError, column_legend, experiment_runs, table_rows
 from pipeline.train.loop import train
 
 TINY = tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=8,
@@ -37,6 +37,15 @@ def test_report_tables_every_method_of_an_experiment(tmp_path, monkeypatch):
     assert "| roll-gapm | gapm | 1 | 32 | 6 |" in result.stdout
     assert "- **world size**: processes that trained the run" in result.stdout  # the columns explained
 
+    picked = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--experiment", "comparison",
+                             "--runs", "roll-vae,roll-gapm", "--name", "picked", "--out", str(tmp_path / "reports")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**__import__("os").environ, "MLFLOW_TRACKING_URI": store})
+    assert picked.returncode == 0, picked.stderr[-2000:]
+    rows = list(csv.reader((tmp_path / "reports/picked.csv").read_text().splitlines()))
+    assert [r[0] for r in rows[1:]] == ["roll-vae", "roll-gapm"]
+    assert (tmp_path / "reports/picked-figures.png").stat().st_size > 0
+
     missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--experiment", "nope"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120,
                              env={**__import__("os").environ, "MLFLOW_TRACKING_URI": store})
@@ -62,3 +71,17 @@ def test_report_table_shows_world_size_kid_x1000_and_explains_every_column():
     for name in header:
         assert f"- **{name}**" in legend, name
     assert "(`eval/kid` × 1000)" in legend and "sample MMD" not in legend  # only the columns shown
+
+
+def test_report_picks_named_runs_in_the_given_order_and_names_a_missing_one():
+    def finished(name: str, kind: str) -> SimpleNamespace:
+        return SimpleNamespace(info=SimpleNamespace(run_name=name, run_id=name), data=SimpleNamespace(params={"model.kind": kind}))
+
+    newest_first = [finished("roll-vae", "vae"), finished("roll-gapm", "gapm"), finished("roll-vae", "vae")]
+    client = SimpleNamespace(get_experiment_by_name=lambda name: SimpleNamespace(experiment_id="1"),
+                             search_runs=lambda *args, **kwargs: newest_first)
+    assert [r.info.run_name for r in experiment_runs(client, "e")] == ["roll-gapm", "roll-vae"]  # GAPM first
+    assert [r.info.run_name for r in experiment_runs(client, "e", ["roll-vae", "roll-gapm"])] == ["roll-vae", "roll-gapm"]
+    assert experiment_runs(client, "e", ["roll-vae"])[0] is newest_first[0]  # the newest run of that name
+    with pytest.raises(ReportError, match="no finished run named roll-aae; its runs: roll-gapm, roll-vae"):
+        experiment_runs(client, "e", ["roll-aae"])
