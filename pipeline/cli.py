@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:
-        print(f"gapm {args.command}: {stopped}", file=sys.stderr)
+        if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
+            print(f"gapm {args.command}: {stopped}", file=sys.stderr)
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
         print(f"gapm {args.command}: error: {error}", file=sys.stderr)

@@ -205,6 +205,7 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_same_job_finishes
     assert second_start, f"no second start of job {job_id}:\n{output[-4000:]}"
     assert "SIGUSR1 (time limit near)" in first_start and f"exiting {EXIT_RESUMABLE}" in first_start
     assert f"requeueing job {job_id}" in first_start
+    assert first_start.count("gapm train: stopped by") == 1 and "checkpoint None" not in output  # rank 0 speaks
 
     run_dir = tmp_path / "swissroll"
     saved = [checkpoints.read_meta(path) for path in checkpoints.list_checkpoints(run_dir / "checkpoints")]
