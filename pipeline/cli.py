@@ -4,20 +4,18 @@ naming the problem and the fix, and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from pipeline import console
+from pipeline.cli_arguments import (
+    add_config_arguments,
+    mlflow_environment,
+    positive_int,
+)
 from pipeline.errors import GapmError
+from pipeline.eval.commands import add_evaluation_commands
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
-
-
-def add_config_arguments(parser: argparse.ArgumentParser,
-                         what: str = "experiment YAML (see configs/); omitted: built-in defaults") -> None:
-    parser.add_argument("--config", help=what)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set stage1.steps=100 (repeatable)")
 
 
 def command_train(args: argparse.Namespace, stop=None) -> int:
@@ -68,21 +66,6 @@ def command_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def mlflow_environment(model_uri: str | None = None) -> None:
-    """Registry commands talk to MLFLOW_TRACKING_URI; without it MLflow would quietly create a
-    new, empty ./mlflow.db. Short HTTP retries: a wrong or dead server fails in seconds."""
-    from pipeline.tracking.registry import RegistryError, is_local
-    from pipeline.train.checkpoints import is_remote
-
-    registry_uri = model_uri is None or not (is_local(model_uri) or is_remote(model_uri))
-    if registry_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise RegistryError("MLFLOW_TRACKING_URI is not set; point it at the MLflow server "
-                            "(http://host:5000) or at a run's embedded store "
-                            "(sqlite:///runs/NAME/mlflow.db)")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
 def command_register(args: argparse.Namespace) -> int:
     from pipeline.tracking.registry import register_run_model
 
@@ -119,261 +102,6 @@ def command_sample(args: argparse.Namespace) -> int:
         figures.save_point_scatter(samples, out, title=f"{args.model_uri} (seed {args.seed})")
     print(f"wrote {out} and {array_path}: {args.n} samples of {args.model_uri} (seed {args.seed})")
     return 0
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-# ---- evaluation: FID statistics, scoring checkpoints, the scheduled job (pipeline/eval/)
-
-def command_fid_stats(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.eval import fid, reference_stats
-    from pipeline.eval.settings import EvalSettings
-
-    if not reference_stats.is_plain_name(args.name):
-        raise GapmError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
-    config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
-    directory = stats_directory(config)
-    device = torch_device(args.device)
-    extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
-    stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
-                                        batch_size=args.batch_size or EvalSettings.batch_size, kid_features=args.kid_features)
-    location = reference_stats.save_reference_stats(stats, directory, out=args.out)
-    use = (f"--stats {args.name} in this experiment (statistics directory {directory}), --stats {location} "
-           "anywhere") if location == reference_stats.stats_location(args.name, directory) else f"--stats {location}"
-    console.report(f"wrote {location}",
-                   f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features "
-                   f"{stats.feature_extractor_id} (dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with {use}")
-    return 0
-
-
-def stats_directory(config) -> str:
-    """The experiment's statistics directory: eval.fid_stats_dir, $GAPM_FID_STATS_DIR, OUTPUT_DIR/fid-stats."""
-    from pipeline.eval import reference_stats
-
-    if config is None:
-        return reference_stats.stats_directory()
-    return reference_stats.stats_directory(config.eval.fid_stats_dir, config.output_dir)
-
-
-def eval_settings(args: argparse.Namespace, config=None):
-    """The scoring settings: the config's `eval` section (or its defaults), command-line flags first."""
-    from pipeline.eval.settings import EvalSettings
-
-    return EvalSettings.from_config(
-        config.eval if config is not None else None, stats=args.stats, samples=args.n,
-        kid=True if args.kid else None, feature_extractor=args.feature_extractor,
-        inception_weights=args.inception_weights, test_data=args.test_data, seed=args.seed,
-        batch_size=args.batch_size, device=args.device,
-        # None: `gapm eval` looks where the checkpoint's run keeps them, eval-watch in the default place
-        stats_dir=stats_directory(config) if config is not None else None)
-
-
-# Printed in the scale papers report them in; MLflow keeps the raw values under the plain key.
-PRINT_SCALES = {"eval/kid": 1000.0}
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """`key=value, ...`; KID as `eval/kid x1000=...`, as papers print it."""
-    shown = []
-    for key, value in sorted(metrics.items()):
-        scale = PRINT_SCALES.get(key)
-        shown.append(f"{key} x{scale:g}={value * scale:.6g}" if scale else f"{key}={value:.6g}")
-    return ", ".join(shown)
-
-
-def print_metrics(record: dict) -> None:
-    where = f"run {record['run_id']}" if record.get("run_id") else "not logged"
-    console.report(f"step {record['step']}: {format_metrics(record['metrics'])} "
-                   f"[{record['reference_description']}; {where}]")
-
-
-def command_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.config import load_config
-    from pipeline.eval.jobs import run_eval
-
-    mlflow_environment(args.target)
-    config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
-    record = run_eval(args.target, eval_settings(args, config), run_id=args.run_id, log_to_mlflow=not args.no_log)
-    if record is not None:  # rank 0
-        print_metrics(record)
-        if args.json:
-            from pipeline.data import storage
-
-            storage.write_bytes(args.json, json.dumps(record, indent=1).encode())
-    return 0
-
-
-def command_eval_watch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pipeline.config import load_config
-    from pipeline.eval.scoring import EvalError
-    from pipeline.eval.settings import EvalConfig
-    from pipeline.eval.watch import CLAIMS_ENV, WatchOptions, watch
-
-    config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
-    experiments = args.experiment or ([config.tracking.experiment or config.name] if config is not None else None)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri and config is not None:
-        from pipeline.tracking.mlflow_sink import EMBEDDED_DB, resolve_tracking_uri
-
-        if not (config.run_dir / EMBEDDED_DB).is_file():
-            print(f"nothing to evaluate: no MLflow store at {config.run_dir / EMBEDDED_DB} yet "
-                  "(MLFLOW_TRACKING_URI is not set and the run has not started)")
-            return 0
-        tracking_uri = resolve_tracking_uri(config.run_dir)[0]
-    if not tracking_uri:
-        raise EvalError("MLFLOW_TRACKING_URI is not set; point it at the MLflow server, or pass --config "
-                        "to use the run's embedded store")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    claims = args.claims or os.environ.get(CLAIMS_ENV) or str(
-        Path(config.output_dir if config is not None else "runs") / ".eval-claims")
-    options = WatchOptions(
-        experiments=experiments, claims=claims, tracking_uri=tracking_uri,
-        run_names=[config.name] if config is not None else None,
-        alias=args.alias or (config.eval if config is not None else EvalConfig()).champion_alias,
-        claim_ttl_s=args.claim_ttl, max_evaluations=args.max_evaluations,
-        data=config.data if config is not None else None, data_seed=config.seed if config is not None else None)
-
-    def report(summary) -> None:
-        for record in summary.evaluated:
-            print_metrics(record)
-        for line in summary.busy:
-            print(f"skipped (another job has it): {line}")
-        for name, state in sorted(summary.champions.items()):
-            print(f"models:/{name}@{options.alias}: {state}")
-        for line in summary.failed:
-            print(f"failed: {line}", file=sys.stderr)
-        if summary.did_nothing and not summary.failed:
-            print("nothing new to evaluate")
-
-    summary = watch(eval_settings(args, config), options, once=args.once, interval_s=args.interval, report=report)
-    return 1 if summary.failed else 0
-
-
-def command_train_feature_extractor(args: argparse.Namespace) -> int:
-    from pipeline.eval import features as fe
-
-    images, labels = fe.labelled_images(args.data, args.limit)
-    test = fe.labelled_images(args.test_data, args.test_limit) if args.test_data else None
-    network, report = fe.train_domain_classifier(
-        images, labels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, feature_dim=args.feature_dim,
-        seed=args.seed, test=test)
-    extra = {"dataset": args.data, "train_samples": str(report.train_samples),
-             "train_accuracy": f"{report.train_accuracy:.4f}"}
-    if report.test_accuracy is not None:
-        extra.update(test_dataset=args.test_data, test_accuracy=f"{report.test_accuracy:.4f}")
-    digest = fe.save_domain_extractor(network, args.out, extra)
-    test_text = f", test accuracy {report.test_accuracy:.4f}" if report.test_accuracy is not None else ""
-    print(f"wrote {args.out} (sha256 {digest[:16]}): {report.train_samples} images, train accuracy "
-          f"{report.train_accuracy:.4f}{test_text}, {report.seconds:.0f}s; use with --feature-extractor {args.out}")
-    return 0
-
-
-def torch_device(name: str | None):
-    import torch
-
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def add_evaluation_commands(commands) -> None:
-    from pipeline.eval.settings import EvalConfig, EvalSettings
-
-    def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-        parser.add_argument("--feature-extractor", metavar="inception|PATH",
-                            help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
-                                 f"(path or s3:// URL); {default_help}")
-        parser.add_argument("--inception-weights", metavar="PATH_OR_S3",
-                            help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
-                                 "then /tmp/inception-2015-12-05.pt, then one download attempt)")
-        parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-        parser.add_argument("--batch-size", type=positive_int,
-                            help=f"images per batch (default {EvalSettings.batch_size})")
-
-    def scoring_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--stats", metavar="NAME_OR_URL",
-                            help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
-                                 "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
-                                 "(clean-fid's published ones; needs network once)")
-        parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
-                                                          f"{EvalConfig.fid_samples})")
-        parser.add_argument("--test-data", metavar="URL",
-                            help="test shards for the reconstruction MSE (default: the run's data.test)")
-        parser.add_argument("--kid", action="store_true", help="also compute KID")
-        parser.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
-        feature_arguments(parser, "default: the one the statistics were computed with")
-
-    stats = commands.add_parser("fid-stats", help="FID reference statistics (clean-fid, mode clean) of a shard set")
-    stats.add_argument("data", metavar="DATA_URL", help="shard set: directory or s3:// prefix with manifest.json")
-    stats.add_argument("--name", required=True,
-                       help="name to use with --stats; written as NAME.npz into the experiment's statistics "
-                            "directory: eval.fid_stats_dir of --config, else $GAPM_FID_STATS_DIR, else "
-                            "OUTPUT_DIR/fid-stats (output_dir of --config, default runs)")
-    add_config_arguments(stats)
-    stats.add_argument("--out", metavar="URL", help="write there instead: an .npz path/URL, or a directory / s3:// "
-                                                    "prefix that gets NAME.npz")
-    stats.add_argument("--limit", type=positive_int, help="use only the first N images")
-    stats.add_argument("--kid-features", type=int, default=5000,
-                       help="feature vectors kept in the file for KID (default 5000; 0: none)")
-    feature_arguments(stats, "default: inception")
-    stats.set_defaults(handler=command_fid_stats)
-
-    evaluate = commands.add_parser("eval", help="score one checkpoint or model (FID, reconstruction MSE) "
-                                                "and log the results to its MLflow run")
-    evaluate.add_argument("target", metavar="CHECKPOINT_OR_MODEL_URI",
-                          help="checkpoint directory or s3:// URL, runs:/RUN_ID/checkpoints/step-XXXXXXXX, "
-                               "runs:/RUN_ID/model, models:/NAME@ALIAS, models:/NAME/VERSION")
-    scoring_arguments(evaluate)
-    add_config_arguments(evaluate, "experiment YAML whose eval section gives the defaults and whose "
-                                   "statistics directory --stats NAME is read from (default: the checkpoint's run)")
-    evaluate.add_argument("--run-id", help="MLflow run to log to (default: found from the checkpoint)")
-    evaluate.add_argument("--no-log", action="store_true", help="print only, log nothing to MLflow")
-    evaluate.add_argument("--json", metavar="PATH", help="also write the result as JSON (path or s3:// URL)")
-    evaluate.set_defaults(handler=command_eval)
-
-    watch = commands.add_parser("eval-watch", help="the scheduled job: score every checkpoint in MLflow not yet "
-                                                   "scored, move the registry alias to the best")
-    add_config_arguments(watch)
-    watch.add_argument("--once", action="store_true", help="one pass, then exit (cron, CronJob, Slurm)")
-    watch.add_argument("--interval", type=float, default=600.0, help="seconds between passes (default 600)")
-    watch.add_argument("--experiment", action="append", metavar="NAME",
-                       help="MLflow experiment to watch; repeatable (default: the config's tracking.experiment "
-                            "or name, and only the config's run; else every experiment with gapm runs)")
-    scoring_arguments(watch)
-    watch.add_argument("--alias", help=f"registry alias for the best model (default: eval.champion_alias, "
-                                       f"{EvalConfig.champion_alias})")
-    watch.add_argument("--claims", metavar="URL",
-                       help="where jobs claim checkpoints: a directory every job sees, or s3://bucket/prefix "
-                            "(default: $GAPM_EVAL_CLAIMS, else OUTPUT_DIR/.eval-claims)")
-    watch.add_argument("--claim-ttl", type=float, default=900.0,
-                       help="seconds before a crashed job's claim may be taken over (default 900)")
-    watch.add_argument("--max-evaluations", type=positive_int, help="at most this many checkpoints per pass")
-    watch.set_defaults(handler=command_eval_watch)
-
-    extractor = commands.add_parser("train-feature-extractor",
-                                    help="train a small CNN classifier on labelled shards; its features give FID "
-                                         "without Inception")
-    extractor.add_argument("data", metavar="DATA_URL", help="labelled training shards (e.g. fashion-mnist train)")
-    extractor.add_argument("--out", required=True, help="safetensors file to write (path or s3:// URL)")
-    extractor.add_argument("--test-data", metavar="URL", help="labelled test shards: report the accuracy")
-    extractor.add_argument("--epochs", type=positive_int, default=5)
-    extractor.add_argument("--batch-size", type=positive_int, default=128)
-    extractor.add_argument("--lr", type=float, default=1e-3)
-    extractor.add_argument("--feature-dim", type=positive_int, default=128, help="feature size (default 128)")
-    extractor.add_argument("--limit", type=positive_int, help="train on the first N images only")
-    extractor.add_argument("--test-limit", type=positive_int)
-    extractor.add_argument("--seed", type=int, default=0)
-    extractor.set_defaults(handler=command_train_feature_extractor)
 
 
 def build_parser() -> argparse.ArgumentParser:

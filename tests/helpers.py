@@ -3,10 +3,12 @@ definition, tuned per test through keyword arguments — the repository root, an
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,3 +146,16 @@ def clean_environment(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not SCHEDULER_VARIABLES.search(key)}
     env.update({"GAPM_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING", **extra})
     return env
+
+
+def rewrite_tar(path, change=lambda name, data: data, *, format: int = tarfile.DEFAULT_FORMAT, shift_times: int = 0) -> None:
+    """Rewrite the tar at `path` in place, each member's bytes through `change(name, data)` and
+    its mtime moved by `shift_times` seconds: damaged or re-packed shards for the reader's tests."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=format) as tar:
+        for member, data in members:
+            data = change(member.name, data)
+            member.size = len(data)
+            member.mtime += shift_times
+            tar.addfile(member, io.BytesIO(data))

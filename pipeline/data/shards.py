@@ -252,16 +252,27 @@ def _write_split(
 
     if total == 0:
         raise DataError(f"{src}: the {source.split} split of {dataset} has no samples; nothing written")
+    manifest = _split_manifest(source, dataset=dataset, src=src, image_format=image_format,
+                               jpeg_quality=jpeg_quality, samples_per_shard=samples_per_shard, shards=shards)
+    storage.write_bytes(
+        storage.join_url(out_split, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode()
+    )
+    return manifest
+
+
+def _split_manifest(source: SplitSource, *, dataset: str, src: str, image_format: str, jpeg_quality: int,
+                    samples_per_shard: int, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """What manifest.json records of one written split: its shards and how they were made."""
     image = None
     if source.image is not None:
         image = dict(source.image, format=image_format)
         if image_format == "jpg":
             image["jpeg_quality"] = jpeg_quality
-    manifest = {
+    return {
         "format": MANIFEST_FORMAT,
         "dataset": dataset,
         "split": source.split,
-        "num_samples": total,
+        "num_samples": sum(shard["num_samples"] for shard in shards),
         "samples_per_shard": samples_per_shard,
         "image": image,
         "point_dim": source.point_dim if source.image is None else None,
@@ -269,10 +280,6 @@ def _write_split(
         "source": src,
         "shards": shards,
     }
-    storage.write_bytes(
-        storage.join_url(out_split, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode()
-    )
-    return manifest
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

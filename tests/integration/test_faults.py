@@ -1,7 +1,6 @@
 """Faults injected into training — a kill between checkpoints, a damaged checkpoint, a storage
 outage, a full disk, bad input — and what must hold: nothing lost, exact resume, one clear line."""
 
-import io
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, PausableProxy, tiny_overrides
+from helpers import ROOT, PausableProxy, rewrite_tar, tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
@@ -269,18 +268,10 @@ def test_a_negative_learning_rate_names_the_key_and_creates_no_run_directory(tmp
 
 
 def test_shards_where_nothing_decodes_stop_training_in_one_line(image_shards, tmp_path, capsys):
-    import tarfile
-
     from pipeline import cli
 
     for shard in sorted((image_shards / "train").glob("*.tar")):  # every image replaced by junk
-        with tarfile.open(shard) as tar:
-            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-        with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
-            for member, data in members:
-                data = b"not a png" if member.name.endswith(".png") else data
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
+        rewrite_tar(shard, lambda name, data: b"not a png" if name.endswith(".png") else data)
     arguments = [f"output_dir={tmp_path}", f"data.train={image_shards}/train", f"data.test={image_shards}/test",
                  *IMAGES, "data.num_workers=1"]
     status = cli.main(["train", "--config", str(ROOT / "configs/swissroll.yaml"),

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import tarfile
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import rewrite_tar
 
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset
@@ -211,21 +210,11 @@ def test_brace_pattern_and_single_tar(cifar_shards):
 # --------------------------------------------------------------------------- bad data
 
 
-def _rewrite_tar(path: str, change) -> None:
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w") as tar:
-        for member, data in members:
-            data = change(member.name, data)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_sample_and_broken_shard_are_skipped_and_counted(cifar_shards, caplog, workers):
     spec, images = cifar_shards
     # Sample 7 (shard 0): a truncated PNG. Shard 3: cut off half-way, as by an interrupted copy.
-    _rewrite_tar(f"{spec}/shard-000000.tar", lambda name, data: data[:60] if name == "00000007.png" else data)
+    rewrite_tar(f"{spec}/shard-000000.tar", lambda name, data: data[:60] if name == "00000007.png" else data)
     broken = f"{spec}/shard-000003.tar"
     with open(broken, "rb") as f:
         data = f.read()
@@ -260,13 +249,7 @@ def test_a_shard_changed_after_conversion_fails_its_checksum(cifar_shards, caplo
     spec, images = cifar_shards
     # A well-formed tar with the same samples but different bytes (member times changed), as a
     # shard re-packed or bit-flipped in a header would be: only the sha256 can tell.
-    path = f"{spec}/shard-000002.tar"
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for member, data in members:
-            member.mtime += 1
-            tar.addfile(member, io.BytesIO(data))
+    rewrite_tar(f"{spec}/shard-000002.tar", shift_times=1)
 
     caplog.set_level(logging.WARNING, logger="pipeline.data")
     stream = make_batch_stream(spec, batch_size=10, num_workers=workers, drop_last=False)
@@ -283,7 +266,7 @@ def test_a_shard_changed_after_conversion_fails_its_checksum(cifar_shards, caplo
 def test_a_shard_set_where_nothing_decodes_is_one_error_and_few_warnings(cifar_shards, caplog, workers):
     spec, _ = cifar_shards
     for shard in range(4):
-        _rewrite_tar(f"{spec}/shard-{shard:06d}.tar", lambda name, data: b"garbage" if name.endswith(".png") else data)
+        rewrite_tar(f"{spec}/shard-{shard:06d}.tar", lambda name, data: b"garbage" if name.endswith(".png") else data)
     caplog.set_level(logging.WARNING, logger="pipeline.data")
     with pytest.raises(DataError) as error:
         list(make_batch_stream(spec, batch_size=10, num_workers=workers))
