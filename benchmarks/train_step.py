@@ -50,6 +50,12 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     from pipeline.config import load_config
     from pipeline.data import sources
     from pipeline.train.engines import adam
+    try:
+        from pipeline.config import optimizer_settings
+    except ImportError:  # a checkout from before the `optimizers` section
+
+        def optimizer_settings(_, name):
+            return getattr(config.stage1 if name in ("autoencoder", "critic") else config.stage2, name)
     from pipeline.train.loop import train
 
     if args.threads:
@@ -74,11 +80,8 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision or "no")
         model = GAPM(shape).to(device)
-        optimizers = {"autoencoder": adam(model.autoencoder.parameters(), config.stage1.autoencoder),
-                      "critic": adam(model.critic.parameters(), config.stage1.critic),
-                      "latent_generator": adam(model.latent_generator.parameters(), config.stage2.latent_generator),
-                      "latent_discriminator": adam(model.latent_discriminator.parameters(),
-                                                   config.stage2.latent_discriminator)}
+        optimizers = {name: adam(getattr(model, name).parameters(), optimizer_settings(config.optimizers, name))
+                      for name in ("autoencoder", "critic", "latent_generator", "latent_discriminator")}
         update = plain_update(optimizers)
         if precision is not None:  # what Accelerate does: autocast the forwards, scale fp16 losses
             scaler = torch.amp.GradScaler(enabled=precision == torch.float16 and device.type == "cuda")

@@ -1,16 +1,21 @@
 """The experiment config: one YAML file describes a run, assembled from the typed settings
 each component owns.
 
-    data      pipeline.data.sources.DataConfig
-    model     gapm.ModelShape (the networks) + the method's kind and its own hyper-parameters,
-              typed by the method's `Hyperparameters` dataclass and checked at load time
-    stage1    gapm.Stage1Hyperparameters (Eq. 9 / 10) + steps and the Adam settings of its networks
-    stage2    gapm.Stage2Hyperparameters + steps and the Adam settings of its networks
-    train     pipeline.train.settings.TrainConfig
+    data        pipeline.data.sources.DataConfig
+    model       gapm.ModelShape (the networks) + the method's kind and its own hyper-parameters
+                (`model.hyperparameters`, every method GAPM included), typed by the method's
+                `Hyperparameters` dataclass and checked at load time
+    optimizers  Adam settings per trained network, by the method's network names (`default`:
+                every network without an entry of its own)
+    stage1      steps of stage 1 (GAPM: autoencoder + critic; a baseline: its only stage)
+    stage2      steps of stage 2 (GAPM: latent generator + discriminator)
+    train       pipeline.train.settings.TrainConfig
     eval      pipeline.eval.settings.EvalConfig
     tracking  pipeline.tracking.tracker.TrackingConfig
 
 Defaults live in those classes only. `--set key.path=value` overrides any key (YAML value).
+Spellings of earlier releases (GAPM's settings and the Adam settings inside stage1 / stage2)
+still load, with a warning naming the new key (`_move_deprecated_keys`).
 Unknown keys, wrong types and impossible values are errors that name the key, e.g.
 `config key 'stage1.autoencoder.lr': expected a float, got 'fast'`.
 """
@@ -18,6 +23,7 @@ Unknown keys, wrong types and impossible values are errors that name the key, e.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,31 +32,28 @@ from typing import Any, Literal
 
 import yaml
 
-from gapm import (
-    METHODS,
-    GAPMHyperparameters,
-    ModelShape,
-    Stage1Hyperparameters,
-    Stage2Hyperparameters,
-)
+from gapm import METHODS, GAPMHyperparameters, ModelShape
 from pipeline.data.sources import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.eval.settings import EvalConfig
 from pipeline.tracking.tracker import TrackingConfig
 from pipeline.train.settings import OptimizerConfig, TrainConfig
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig",
-           "Stage1Config", "Stage2Config", "TrackingConfig", "TrainConfig", "dump_config", "load_config",
+           "StageConfig", "TrackingConfig", "TrainConfig", "dump_config", "load_config",
            "method_hyperparameters", "to_dict"]
 
 
 @dataclass
 class ModelConfig(ModelShape):
     # gapm, or a baseline from the paper (gapm/baselines/): a baseline trains one stage of
-    # stage1.steps, every network with stage1.autoencoder's Adam settings.
+    # stage1.steps.
     kind: str = "gapm"
-    # A baseline's own settings, e.g. {kl_weight: 0.01}: the fields of its Hyperparameters class
-    # (gapm/baselines/<kind>.py). GAPM's live in the stage1 / stage2 sections.
+    # The method's own settings, e.g. {mix_gamma: 0.2} for GAPM or {kl_weight: 0.01} for the VAE:
+    # the fields of its Hyperparameters class (gapm/model.py, gapm/baselines/<kind>.py). After
+    # loading it holds every field, defaults included, so the logged config is complete.
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     def shape(self) -> ModelShape:
@@ -58,17 +61,14 @@ class ModelConfig(ModelShape):
 
 
 @dataclass
-class Stage1Config(Stage1Hyperparameters):
-    steps: int = 1000  # iterations: each `critic_steps` critic updates + 1 autoencoder update
-    autoencoder: OptimizerConfig = field(default_factory=OptimizerConfig)
-    critic: OptimizerConfig = field(default_factory=OptimizerConfig)
+class StageConfig:
+    # iterations; GAPM stage 1: each `critic_steps` critic updates + 1 autoencoder update,
+    # stage 2: each `discriminator_steps` D updates + 1 g update
+    steps: int = 1000
 
 
-@dataclass
-class Stage2Config(Stage2Hyperparameters):
-    steps: int = 1000  # iterations: each `discriminator_steps` D updates + 1 g update
-    latent_generator: OptimizerConfig = field(default_factory=OptimizerConfig)
-    latent_discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
+def default_optimizers() -> dict[str, OptimizerConfig]:
+    return {"default": OptimizerConfig()}
 
 
 @dataclass
@@ -78,8 +78,12 @@ class ExperimentConfig:
     output_dir: str = "runs"  # the run directory is output_dir/name
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
+    # Adam per trained network: {network name: settings}; `default` for every network without
+    # an entry (GAPM's networks: autoencoder, critic, latent_generator, latent_discriminator;
+    # a baseline's: its `stages` in gapm/baselines/<kind>.py).
+    optimizers: dict[str, OptimizerConfig] = field(default_factory=default_optimizers)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -90,13 +94,18 @@ class ExperimentConfig:
 
 
 def method_hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
-    """The hyper-parameters the method of `model.kind` is built with: GAPM's from the stage
-    sections (the fields of gapm.GAPMHyperparameters), a baseline's from model.hyperparameters."""
-    if config.model.kind != "gapm":
-        return dict(config.model.hyperparameters)
-    sections = (config.stage1, config.stage2)
-    return {f.name: next(getattr(s, f.name) for s in sections if hasattr(s, f.name))
-            for f in dataclasses.fields(GAPMHyperparameters)}
+    """The hyper-parameters the method of `model.kind` is built with (model.hyperparameters)."""
+    return dict(config.model.hyperparameters)
+
+
+def optimizer_settings(optimizers: dict[str, OptimizerConfig], network: str) -> OptimizerConfig:
+    """The Adam settings of `network`: its own entry, else `default`, else Adam's defaults here."""
+    return optimizers.get(network) or optimizers.get("default") or OptimizerConfig()
+
+
+def network_names(kind: str) -> list[str]:
+    """The trained networks of method `kind`, in stage order."""
+    return [name for stage in METHODS[kind].stages for name in stage]
 
 
 def _type_name(expected: Any) -> str:
@@ -145,7 +154,10 @@ def _convert(value: Any, expected: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"config key '{key}': expected a mapping of names to values, got {value!r}")
-        return dict(value)
+        item_type = typing.get_args(expected)[1]
+        if item_type is Any:
+            return dict(value)
+        return {name: _convert(item, item_type, f"{key}.{name}") for name, item in value.items()}
     if dataclasses.is_dataclass(expected):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping of settings, got {value!r}")
@@ -213,10 +225,13 @@ def validate(config: ExperimentConfig) -> None:
         stage = getattr(config, section)
         if stage.steps < 0:
             raise ConfigError(f"config key '{section}.steps' must be >= 0, got {stage.steps}")
-        for name, settings in vars(stage).items():
-            if isinstance(settings, OptimizerConfig):
-                settings.validate(f"{section}.{name}")
     validate_model(config.model)
+    networks = network_names(config.model.kind)
+    for name, settings in config.optimizers.items():
+        if name != "default" and name not in networks:
+            raise ConfigError(f"config key 'optimizers.{name}': {config.model.kind} has no network '{name}'; "
+                              f"its networks are {', '.join(networks)} (or 'default' for all of them)")
+        settings.validate(f"optimizers.{name}")
     accumulation = config.train.gradient_accumulation_steps
     for key, value in {"stage1.steps": config.stage1.steps, "stage2.steps": config.stage2.steps,
                        "train.checkpoint_every": config.train.checkpoint_every}.items():
@@ -246,13 +261,43 @@ def validate_model(model: ModelConfig) -> None:
     if model.kind not in METHODS:
         raise ConfigError(f"config key 'model.kind' must be one of {', '.join(sorted(METHODS))}; "
                           f"got {model.kind!r}")
-    if model.kind == "gapm":
-        if model.hyperparameters:
-            raise ConfigError("config key 'model.hyperparameters' is for the baselines; GAPM's settings "
-                              "live in stage1 (mix_gamma, critic_steps, ...) and stage2 (discriminator_steps)")
-        return
-    # The baseline's typed settings: unknown keys, wrong types and bad values named here.
-    from_dict(METHODS[model.kind].Hyperparameters, model.hyperparameters, prefix="model.hyperparameters.")
+    # The method's typed settings: unknown keys, wrong types and bad values named here; then
+    # every field, defaults included, so that the logged and checkpointed config is complete.
+    typed = from_dict(METHODS[model.kind].Hyperparameters, model.hyperparameters, prefix="model.hyperparameters.")
+    model.hyperparameters = dataclasses.asdict(typed)
+
+
+# Keys of earlier releases: GAPM's settings lived in the stage sections, with the Adam settings
+# of the networks each stage trains (a baseline's networks all took stage1.autoencoder's).
+_GAPM_SETTINGS = {f.name for f in dataclasses.fields(GAPMHyperparameters)}
+_STAGE_OPTIMIZERS = {"stage1": ("autoencoder", "critic"), "stage2": ("latent_generator", "latent_discriminator")}
+
+
+def _move_deprecated_keys(values: dict[str, Any]) -> None:
+    """Rewrites the raw mapping from the old spellings to the new ones, warning once per key."""
+    kind = (values.get("model") or {}).get("kind", "gapm") if isinstance(values.get("model"), dict) else "gapm"
+    for section, optimizer_keys in _STAGE_OPTIMIZERS.items():
+        stage = values.get(section)
+        if not isinstance(stage, dict):
+            continue
+        for key in [k for k in stage if k in _GAPM_SETTINGS or k in optimizer_keys]:
+            if key in _GAPM_SETTINGS:
+                new_section, new_key = "model", f"hyperparameters.{key}"
+                target = values.setdefault("model", {}).setdefault("hyperparameters", {})
+                name = key
+            else:
+                name = key if kind == "gapm" else "default"
+                new_section, new_key = "optimizers", name
+                target = values.setdefault("optimizers", {})
+            if not isinstance(target, dict):
+                continue  # the type check of the new key reports it
+            log.warning("config key '%s.%s' is deprecated: write it as '%s.%s'", section, key, new_section, new_key)
+            old = stage.pop(key)
+            # Both spellings (a YAML in the new one, an old `--set`): the old one applies on top.
+            if isinstance(old, dict) and isinstance(target.get(name), dict):
+                target[name] = {**target[name], **old}
+            else:
+                target[name] = old
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -272,6 +317,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         values = loaded or {}
     for assignment in overrides:
         apply_override(values, assignment)
+    _move_deprecated_keys(values)
     config = from_dict(ExperimentConfig, values)
     validate(config)
     return config

@@ -18,15 +18,21 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fash
 def tiny_overrides(*, stage1_steps: int = 30, stage2_steps: int = 20, batch_size: int | None = 64,
                    samples: int | None = 512, test_samples: int | None = 256, width: int = 32,
                    latent_widths: int | None = None, checkpoint_every: int = 10, log_every: int = 10,
-                   eval_samples: int = 256, discriminator_steps: int = 2, tracking: bool = False) -> list[str]:
+                   eval_samples: int = 256, discriminator_steps: int = 2, tracking: bool = False,
+                   kind: str = "gapm") -> list[str]:
     """`--set` overrides that shrink configs/swissroll.yaml (or any point config) to seconds:
-    small networks, few steps, few samples, no progress bar; MLflow off unless `tracking`."""
+    small networks, few steps, few samples, no progress bar; MLflow off unless `tracking`.
+    Another `kind` replaces the config's GAPM settings by that method's defaults (one Adam
+    setting for all its networks)."""
     latent_widths = latent_widths or width
-    overrides = [f"stage1.steps={stage1_steps}", f"stage2.steps={stage2_steps}", f"model.width={width}",
+    if kind == "gapm":
+        method = [f"model.hyperparameters.discriminator_steps={discriminator_steps}"]
+    else:
+        method = [f"model.kind={kind}", "model.hyperparameters={}", "optimizers={default: {lr: 1.0e-3, betas: [0.5, 0.999]}}"]
+    overrides = [*method, f"stage1.steps={stage1_steps}", f"stage2.steps={stage2_steps}", f"model.width={width}",
                  f"model.latent_generator_widths=[{latent_widths}]",
                  f"model.latent_discriminator_widths=[{latent_widths}]", f"train.checkpoint_every={checkpoint_every}",
-                 f"train.log_every={log_every}", "train.progress_bar=false", f"eval.samples={eval_samples}",
-                 f"stage2.discriminator_steps={discriminator_steps}"]
+                 f"train.log_every={log_every}", "train.progress_bar=false", f"eval.samples={eval_samples}"]
     if batch_size is not None:
         overrides.append(f"data.batch_size={batch_size}")
     if samples is not None:
@@ -41,7 +47,7 @@ def tiny_overrides(*, stage1_steps: int = 30, stage2_steps: int = 20, batch_size
 # Image models on 28x28 shards: 2 stage-1 + 2 stage-2 steps, a checkpoint every 2.
 TINY_IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=8", "model.prior_dim=8", "model.width=8",
                "model.latent_generator_widths=[16]", "model.latent_discriminator_widths=[16]",
-               "stage1.steps=2", "stage2.steps=2", "stage2.discriminator_steps=1", "data.batch_size=16",
+               "stage1.steps=2", "stage2.steps=2", "model.hyperparameters.discriminator_steps=1", "data.batch_size=16",
                "train.checkpoint_every=2", "train.log_every=2", "train.progress_bar=false", "eval.samples=32",
                "tracking.system_metrics=false"]
 

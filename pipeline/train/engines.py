@@ -17,19 +17,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from gapm import Method
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, optimizer_settings
 from pipeline.train import deepspeed_engines
 from pipeline.train.settings import OptimizerConfig
 
 Update = Callable[[str, torch.Tensor], None]
-
-
-def optimizer_settings(config: ExperimentConfig, stage: int, name: str) -> OptimizerConfig:
-    """`stage<K>.<name>` when the config has such a section, else `stage1.autoencoder` (the
-    baselines' networks share those Adam settings)."""
-    section = config.stage1 if stage == 1 else config.stage2
-    settings = getattr(section, name, None)
-    return settings if isinstance(settings, OptimizerConfig) else config.stage1.autoencoder
 
 
 def adam(parameters, settings: OptimizerConfig) -> torch.optim.Optimizer:
@@ -39,8 +31,8 @@ def adam(parameters, settings: OptimizerConfig) -> torch.optim.Optimizer:
 
 def build_optimizers(model: Method, config: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
     """One Adam per trained network, named as in `model.stages`."""
-    return {name: adam(getattr(model, name).parameters(), optimizer_settings(config, stage, name))
-            for stage, names in enumerate(model.stages, start=1) for name in names}
+    return {name: adam(getattr(model, name).parameters(), optimizer_settings(config.optimizers, name))
+            for names in model.stages for name in names}
 
 
 @dataclass

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from gapm import Method, build_model
 from pipeline import console
-from pipeline.config import ExperimentConfig, method_hyperparameters, to_dict
+from pipeline.config import ExperimentConfig, method_hyperparameters, optimizer_settings, to_dict
 from pipeline.data import sources, storage
 from pipeline.stopping import StopRequest, TrainingInterrupted
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
@@ -41,7 +41,6 @@ from pipeline.train.distributed import (
 from pipeline.train.engines import (
     Engines,
     build_optimizers,
-    optimizer_settings,
     prepare_engines,
 )
 from pipeline.train.settings import scheduled_lr
@@ -238,7 +237,7 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
     total = stage_length(config, stage)
     for name, network in engines.networks.items():
         network.train(name in trained)
-    schedules = {name: optimizer_settings(config, stage, name) for name in trained}
+    schedules = {name: optimizer_settings(config.optimizers, name) for name in trained}
     window = MetricWindow(stage)
     progress = progress_bar(run, stage, first, total)
     for stage_step in range(first, total):

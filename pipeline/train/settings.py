@@ -1,5 +1,5 @@
 """The settings of the training loop (`train:`) and of each network's optimizer
-(`stage1.autoencoder`, `stage2.latent_generator`, ...), with the learning-rate schedule.
+(`optimizers.autoencoder`, `optimizers.latent_generator`, ...), with the learning-rate schedule.
 
 Kept apart from the loop so that reading a config does not import Accelerate or torch.
 """

@@ -66,7 +66,7 @@ def test_two_processes_train_both_stages_with_identical_parameters(tmp_path):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # Deterministic stage 1 (no critic, no BN: nothing differs but the data split), so DDP's
     # averaged gradients over 2 x 32 samples must equal one process's over the same 64.
-    common = [*TINY, "stage2.steps=0", "stage1.adversarial_regularizer=false", "model.latent_norm=false"]
+    common = [*TINY, "stage2.steps=0", "model.hyperparameters.adversarial_regularizer=false", "model.latent_norm=false"]
     run_training(1, [f"output_dir={tmp_path / 'one'}", "data.batch_size=64", *common])
     run_training(2, [f"output_dir={tmp_path / 'two'}", "data.batch_size=32", *common])
     one, two = final_model(tmp_path / "one/swissroll"), final_model(tmp_path / "two/swissroll")

@@ -236,7 +236,7 @@ def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_e
                  "data.batch_size=64", "data.swissroll_samples=256", "data.swissroll_test_samples=128",
                  "model.width=16", "model.latent_dim=8", "model.prior_dim=8", "model.latent_generator_widths=[16]",
                  "model.latent_discriminator_widths=[16]", "train.checkpoint_every=10", "train.log_every=10",
-                 "train.progress_bar=false", "eval.samples=128", "stage2.discriminator_steps=1",
+                 "train.progress_bar=false", "eval.samples=128", "model.hyperparameters.discriminator_steps=1",
                  "tracking.system_metrics=false"]
     arguments = ["eval-watch", "--once", "--config", str(ROOT / "configs/swissroll.yaml"),
                  *[f"--set={o}" for o in overrides], "-n", "256"]

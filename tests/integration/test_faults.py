@@ -261,9 +261,9 @@ def test_a_negative_learning_rate_names_the_key_and_creates_no_run_directory(tmp
     from pipeline import cli
 
     status = cli.main(["train", "--config", str(ROOT / "configs/swissroll.yaml"), "--set", f"output_dir={tmp_path}",
-                       "--set", "stage2.latent_generator.lr=-0.001"])
+                       "--set", "optimizers.latent_generator.lr=-0.001"])
     err = capsys.readouterr().err.strip()
-    assert status == 2 and err.count("\n") == 0 and "stage2.latent_generator.lr" in err
+    assert status == 2 and err.count("\n") == 0 and "optimizers.latent_generator.lr" in err
     assert not (tmp_path / "swissroll").exists()
 
 

@@ -8,13 +8,13 @@ from pipeline.config import ConfigError, load_config
 from pipeline.train import checkpoints
 from pipeline.train.loop import train
 
-TINY = tiny_overrides(stage1_steps=6, stage2_steps=4, batch_size=32, samples=256, test_samples=64, width=16,
-                      checkpoint_every=100, log_every=3, eval_samples=64, discriminator_steps=1)
+def tiny(kind):
+    return tiny_overrides(stage1_steps=6, stage2_steps=4, batch_size=32, samples=256, test_samples=64, width=16,
+                          checkpoint_every=100, log_every=3, eval_samples=64, discriminator_steps=1, kind=kind)
 
 
 def config_for(tmp_path, kind, *extra):
-    return load_config("configs/swissroll.yaml", [f"output_dir={tmp_path}", f"name={kind}", f"model.kind={kind}",
-                                                  *TINY, *extra])
+    return load_config("configs/swissroll.yaml", [f"output_dir={tmp_path}", f"name={kind}", *tiny(kind), *extra])
 
 
 @pytest.mark.parametrize("kind", sorted(METHODS))
@@ -32,7 +32,7 @@ def test_method_trains_checkpoints_and_reloads(tmp_path, kind):
 
 def test_resuming_with_another_method_is_refused(tmp_path):
     train(config_for(tmp_path, "vae"), resume="never")
-    other = load_config("configs/swissroll.yaml", [f"output_dir={tmp_path}", "name=vae", "model.kind=wae", *TINY])
+    other = load_config("configs/swissroll.yaml", [f"output_dir={tmp_path}", "name=vae", *tiny("wae")])
     with pytest.raises(checkpoints.CheckpointError, match="holds a 'vae' model, not 'wae'"):
         train(other, resume="auto")
 
@@ -46,3 +46,10 @@ def test_unknown_method_hyperparameter_names_the_key(tmp_path):
 
 def test_gapm_follows_the_shared_protocol():
     assert GAPM.kind == "gapm" and GAPM.stages == [["autoencoder", "critic"], ["latent_generator", "latent_discriminator"]]
+
+
+def test_another_methods_settings_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.hyperparameters\.discriminator_steps'"):
+        load_config("configs/swissroll.yaml", ["model.kind=vae"])  # GAPM's settings on a VAE
+    with pytest.raises(ConfigError, match=r"'optimizers\.critic': vae has no network 'critic'"):
+        load_config("configs/swissroll.yaml", ["model.kind=vae", "model.hyperparameters={}"])

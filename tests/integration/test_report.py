@@ -12,10 +12,12 @@ from pipeline.config import load_config
 from pipeline.eval.report import ReportError, column_legend, experiment_runs, table_rows
 from pipeline.train.loop import train
 
-TINY = tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=8,
-                      checkpoint_every=100, log_every=2, eval_samples=64, discriminator_steps=1, tracking=True) + [
-    "tracking.experiment=comparison", "tracking.register_model=false", "tracking.system_metrics=false",
-    "tracking.log_checkpoints=false"]
+def tiny(kind):
+    return tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=8,
+                          checkpoint_every=100, log_every=2, eval_samples=64, discriminator_steps=1, tracking=True,
+                          kind=kind) + [
+        "tracking.experiment=comparison", "tracking.register_model=false", "tracking.system_metrics=false",
+        "tracking.log_checkpoints=false"]
 
 
 @pytest.mark.slow  # two tracked trainings and two CLI processes: about a minute
@@ -24,7 +26,7 @@ def test_report_tables_every_method_of_an_experiment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     for kind in ("gapm", "vae"):
         train(load_config(ROOT / "configs/swissroll.yaml", [f"output_dir={tmp_path}", f"name=roll-{kind}",
-                                                            f"model.kind={kind}", *TINY]), resume="never")
+                                                            *tiny(kind)]), resume="never")
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--experiment", "comparison",
                              "--out", str(tmp_path / "reports")], capture_output=True, text=True, cwd=ROOT,
                             env={**__import__("os").environ, "MLFLOW_TRACKING_URI": store}, timeout=120)

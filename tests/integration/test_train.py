@@ -89,7 +89,7 @@ def test_resuming_a_checkpoint_of_another_model_fails_clearly(tmp_path):
 
 def test_gradient_accumulation_steps_each_optimizer_every_k_backward_calls(tmp_path):
     config = tiny_config(tmp_path, "train.gradient_accumulation_steps=2", "train.grad_clip_norm=0.5",
-                         "stage1.critic_steps=2")
+                         "model.hyperparameters.critic_steps=2")
     result = train(config, resume="never")
     state = checkpoints.load_training_state(result.final_checkpoint)["optimizers"]
 

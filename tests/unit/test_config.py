@@ -9,6 +9,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
+from gapm import GAPMHyperparameters
 from pipeline.config import ConfigError, ExperimentConfig, OptimizerConfig, load_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -45,8 +46,8 @@ def test_section_given_as_scalar_is_named(tmp_path):
 
 
 def test_scientific_notation_floats_are_accepted(tmp_path):
-    config = load_config(write(tmp_path, "stage1:\n  autoencoder: {lr: 2e-4}\n"))
-    assert config.stage1.autoencoder.lr == pytest.approx(2e-4)
+    config = load_config(write(tmp_path, "optimizers:\n  autoencoder: {lr: 2e-4}\n"))
+    assert config.optimizers["autoencoder"].lr == pytest.approx(2e-4)
 
 
 def test_overrides_apply_and_are_type_checked(tmp_path):
@@ -118,12 +119,11 @@ def readme_config_names() -> set[str]:
 
 
 def documented(key: str, names: set[str]) -> bool:
-    """Listed as it is, or as `stageN.<network>.KEY` with the network itself listed."""
+    """Listed as it is, or as `optimizers.<network>.KEY`."""
     if key in names:
         return True
     parts = key.split(".")
-    return (len(parts) == 3 and re.fullmatch(r"stage\d", parts[0]) is not None
-            and f"stageN.<network>.{parts[2]}" in names and f"{parts[0]}.{parts[1]}" in names)
+    return len(parts) == 3 and parts[0] == "optimizers" and f"optimizers.<network>.{parts[2]}" in names
 
 
 def test_readme_config_table_lists_every_key():
@@ -147,8 +147,50 @@ def test_readme_config_table_lists_every_key_a_shipped_config_uses(path):
 def test_readme_config_table_names_no_key_that_does_not_exist():
     keys = set(config_keys())
     sections = {key.split(".")[0] for key in keys if "." in key}
-    patterns = {f"stageN.<network>.{field.name}" for field in dataclasses.fields(OptimizerConfig)}
+    patterns = {f"optimizers.<network>.{field.name}" for field in dataclasses.fields(OptimizerConfig)}
+    patterns |= {f"model.hyperparameters.{field.name}" for field in dataclasses.fields(GAPMHyperparameters)}
     stale = [name for name in readme_config_names()
-             if name.split(".")[0] in sections | {"stageN"} and name not in keys | patterns
+             if name.split(".")[0] in sections | {"optimizers"} and name not in keys | patterns
              and not any(key.startswith(name + ".") for key in keys)]
     assert stale == []
+
+
+def test_every_method_keeps_its_settings_in_model_hyperparameters(tmp_path):
+    config = load_config(None, ["model.hyperparameters.mix_gamma=0.3"])
+    assert config.model.hyperparameters["mix_gamma"] == 0.3
+    assert config.model.hyperparameters["discriminator_steps"] == 5  # defaults filled in: logged complete
+    vae = load_config(None, ["model.kind=vae", "model.hyperparameters.kl_weight=0.5"])
+    assert vae.model.hyperparameters["kl_weight"] == 0.5
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.hyperparameters\.mix_gama'"):
+        load_config(None, ["model.hyperparameters.mix_gama=0.3"])
+
+
+def test_optimizers_are_per_network_with_a_default():
+    from pipeline.config import optimizer_settings
+
+    config = load_config(None, ["model.kind=alae", "optimizers.default.lr=0.0015", "optimizers.default.betas=[0, 0.99]",
+                                "optimizers.discriminator.betas=[0.5, 0.99]"])
+    assert optimizer_settings(config.optimizers, "generator").lr == 0.0015
+    assert optimizer_settings(config.optimizers, "discriminator").betas == [0.5, 0.99]
+    assert optimizer_settings(config.optimizers, "discriminator").lr == 2e-4  # an entry is whole, not merged
+    with pytest.raises(ConfigError, match=r"'optimizers\.critic': alae has no network 'critic'; its networks are "
+                                          r"generator, discriminator"):
+        load_config(None, ["model.kind=alae", "optimizers.critic.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"'optimizers\.autoencoder\.lr' must be positive"):
+        load_config(None, ["optimizers.autoencoder.lr=-1"])
+
+
+def test_old_spellings_still_load_with_a_warning(tmp_path, caplog):
+    old = write(tmp_path, "stage1:\n  steps: 5\n  mix_gamma: 0.3\n  critic: {lr: 1.0e-3}\n"
+                          "stage2:\n  discriminator_steps: 2\n  latent_generator: {lr: 3.0e-4}\n")
+    with caplog.at_level("WARNING"):
+        config = load_config(old, ["stage1.autoencoder.lr=5e-4"])
+    assert config.stage1.steps == 5
+    assert config.model.hyperparameters["mix_gamma"] == 0.3 and config.model.hyperparameters["discriminator_steps"] == 2
+    assert config.optimizers["critic"].lr == 1e-3 and config.optimizers["latent_generator"].lr == 3e-4
+    assert config.optimizers["autoencoder"].lr == 5e-4
+    assert "config key 'stage1.mix_gamma' is deprecated: write it as 'model.hyperparameters.mix_gamma'" in caplog.text
+    assert "config key 'stage1.critic' is deprecated: write it as 'optimizers.critic'" in caplog.text
+    # a baseline's networks all took stage1.autoencoder's settings: now optimizers.default
+    baseline = load_config(None, ["model.kind=aae", "stage1.autoencoder.lr=1e-3"])
+    assert baseline.optimizers["default"].lr == 1e-3

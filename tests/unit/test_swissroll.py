@@ -87,10 +87,10 @@ def test_learning_rate_schedules():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("stage1.autoencoder.lr=-0.001", "stage1.autoencoder.lr"),
-    ("stage2.latent_discriminator.betas=[0.5]", "stage2.latent_discriminator.betas"),
-    ("stage1.critic.decay_start=1.5", "stage1.critic.decay_start"),
-    ("stage1.critic.schedule=step", "stage1.critic.schedule"),
+    ("optimizers.autoencoder.lr=-0.001", "optimizers.autoencoder.lr"),
+    ("optimizers.latent_discriminator.betas=[0.5]", "optimizers.latent_discriminator.betas"),
+    ("optimizers.critic.decay_start=1.5", "optimizers.critic.decay_start"),
+    ("optimizers.critic.schedule=step", "optimizers.critic.schedule"),
 ])
 def test_bad_optimizer_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
