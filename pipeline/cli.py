@@ -15,6 +15,7 @@ from pipeline.cli_arguments import (
 )
 from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
+from pipeline.matrix_commands import add_matrix_commands
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(handler=command_sample)
 
     add_evaluation_commands(commands)
+    add_matrix_commands(commands)
     return parser
 
 

@@ -120,6 +120,8 @@ def _type_name(expected: Any) -> str:
 
 def _convert(value: Any, expected: Any, key: str) -> Any:
     """Checks `value` against the annotation `expected`, converting where YAML is lenient."""
+    if expected is Any:  # checked where it is used (e.g. a sweep's values, by the config they go into)
+        return value
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(expected)
