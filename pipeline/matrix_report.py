@@ -23,7 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gapm import build_model
 from pipeline.config import ExperimentConfig, load_config, method_hyperparameters
-from pipeline.matrix import ELEMENT_RECORD, EVAL_RECORD, Element, MatrixConfig, expand, run_dir
+from pipeline.data.sources import held_out_data, is_image_shape
+from pipeline.eval import paper_figures
+from pipeline.matrix import ELEMENT_RECORD, EVAL_RECORD, Element, MatrixConfig, expand, final_checkpoint, run_dir
+from pipeline.train import checkpoints
 
 
 @dataclass
@@ -153,4 +156,26 @@ def write_matrix_report(matrix: MatrixConfig, metric_keys: list[str] | None, out
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(table)
-    return {"markdown": markdown, "csv": csv_path}
+    written = {"markdown": markdown, "csv": csv_path}
+    figure = write_matrix_figures(matrix, out / f"{matrix.name}-figures.png")
+    if figure is not None:
+        written["figures"] = figure
+    return written
+
+
+def write_matrix_figures(matrix: MatrixConfig, path: Path) -> Path | None:
+    """The paper's panels (pipeline/eval/paper_figures.py) for the first trained seed of each row."""
+    models, config = {}, None
+    for element in expand(matrix):
+        if element.row in models or not (run_dir(matrix, element) / "metrics.json").is_file():
+            continue
+        model, _ = checkpoints.load_model(final_checkpoint(run_dir(matrix, element)))
+        models[element.row] = model
+        config = config or element_config(element)
+    if not models:
+        return None
+    shape = list(config.model.data_shape)
+    count = paper_figures.RECONSTRUCTED + 2 * paper_figures.PAIRS if is_image_shape(shape) else 2000
+    held_out = held_out_data(config.data, config.seed, count, shape)
+    paper_figures.save_comparison(models, held_out, path)
+    return path

@@ -92,6 +92,7 @@ def test_run_trains_evaluates_reports_and_skips_what_is_done(tmp_path):
     assert "| gapm-mix_gamma=0.2 | 0 |" in report
     # updates of the autoencoder, critic (2 per step), D (1 per step) and g
     assert "| 4 | 8 | 2 | 2 |" in report.replace(",", "")
+    assert (tmp_path / "runs/roll/report/roll-figures.png").stat().st_size > 10_000  # latent + Fig. 4 panels
 
     again = gapm("matrix", "run", str(path), "--no-report")
     assert again.returncode == 0 and "element" not in again.stderr + again.stdout  # nothing left to do
@@ -139,3 +140,28 @@ def test_an_interrupted_element_resumes_and_is_evaluated_again(tmp_path):
     again = gapm("matrix", "run", str(changed), "--no-report")
     assert again.returncode == 0 and again.stderr.count("pipeline.cli eval") == 2
     assert "pipeline.cli train" not in again.stderr
+
+
+def test_image_panels_show_samples_reconstructions_and_interpolations():
+    import numpy as np
+    import torch
+
+    from gapm import ModelShape, build_model
+    from pipeline.data.sources import to_data_space, to_model_space
+    from pipeline.eval import paper_figures
+    from pipeline.eval.figures import image_grid
+
+    torch.manual_seed(0)
+    model = build_model("gapm", ModelShape(data_shape=[1, 28, 28], latent_dim=8, prior_dim=8, width=8,
+                                           latent_generator_widths=[16], latent_discriminator_widths=[16])).eval()
+    test_images = torch.rand(24, 1, 28, 28)
+    panels = paper_figures.image_panels(model, test_images)
+    assert panels["samples"].shape == (4 * 30 + 2, 8 * 30 + 2)  # 32 samples, 8 per row, 2-pixel gaps
+    assert panels["test images / reconstructions"].shape == (4 * 30 + 2, 8 * 30 + 2)  # 2 x (inputs, reconstructions)
+    assert panels["interpolations"].shape == (4 * 30 + 2, 8 * 30 + 2)  # 4 pairs x 8 steps
+    # the first row of the second block shows the reconstructions of test images 0-7
+    reconstructed = to_data_space(model.reconstruct(to_model_space(test_images[:8], [1, 28, 28])), [1, 28, 28])
+    assert np.array_equal(panels["test images / reconstructions"][32:62], np.asarray(image_grid(reconstructed, 8))[2:32])
+    # each interpolation starts at the reconstruction of its first image (μ = 1)
+    start = to_data_space(model.reconstruct(to_model_space(test_images[16:17], [1, 28, 28])), [1, 28, 28])
+    assert np.array_equal(panels["interpolations"][2:30, 2:30], np.asarray(image_grid(start, 1))[2:30, 2:30])
