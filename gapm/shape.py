@@ -19,11 +19,12 @@ class ModelShape:
     prior_dim: int = 128  # dimension of the Gaussian prior that g (or a mapping network) takes
     width: int = 64  # MLP hidden width for points, base channel count for images
     latent_norm: bool = True  # the paper's affine-free latent BatchNorm (ablation: false)
-    latent_generator_widths: list[int] = field(default_factory=lambda: [400, 800, 400, 400])
+    latent_generator_widths: list[int] = field(default_factory=lambda: [400, 800, 400, 400])  # g's hidden layers
     latent_generator_output_norm: bool = True  # BatchNorm1d over g's output, as the authors
-    latent_discriminator_widths: list[int] = field(default_factory=lambda: [400, 400, 400, 64])
-    latent_discriminator_spectral_norm: networks.SpectralNormLayers = "hidden"  # authors: hidden layers
-    latent_discriminator_activation: networks.Activation = "relu"
+    latent_discriminator_widths: list[int] = field(default_factory=lambda: [400, 400, 400, 64])  # D's hidden layers
+    # which of D's layers get spectral norm: the authors' all but the last (hidden), all, or none
+    latent_discriminator_spectral_norm: networks.SpectralNormLayers = "hidden"
+    latent_discriminator_activation: networks.Activation = "relu"  # D's activation (the authors': relu)
 
     # What checkpoints written before these options existed were built with.
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {

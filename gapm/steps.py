@@ -31,7 +31,7 @@ class Stage1Hyperparameters:
     omega_interpolation: float = 1.0  # ω1 in Eq. 10
     omega_reconstruction: float = 1.0  # ω2 in Eq. 10
     max_mixing: float = 0.5  # μ ~ U[0, max_mixing]
-    critic_steps: int = 2
+    critic_steps: int = 2  # critic updates per stage-1 iteration (the same batch, fresh μ)
     adversarial_regularizer: bool = True  # False trains a plain (BN-)autoencoder: ablation
 
     def __post_init__(self) -> None:

@@ -63,6 +63,11 @@ def command_report(args: argparse.Namespace) -> int:
 def command_show_config(args: argparse.Namespace) -> int:
     from pipeline.config import dump_config, load_config
 
+    if args.reference:
+        from pipeline.config_reference import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -146,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--name", default=None, help="NAME of the written files (default: the experiment)")
     report.set_defaults(handler=command_report)
 
-    show = commands.add_parser("config", help="print the resolved config")
+    show = commands.add_parser("config", help="print the resolved config (or the reference of every key)")
     add_config_arguments(show)
+    show.add_argument("--reference", action="store_true",
+                      help="print the config reference (Markdown: every key, its type, default and meaning)")
     show.set_defaults(handler=command_show_config)
 
     register = commands.add_parser(

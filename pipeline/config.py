@@ -48,8 +48,8 @@ __all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "Model
 
 @dataclass
 class ModelConfig(ModelShape):
-    # gapm, or a baseline from the paper (gapm/baselines/): a baseline trains one stage of
-    # stage1.steps.
+    # gapm, or a baseline from the paper (gapm/baselines/): vae, aae, wae, introvae, age, alae; a
+    # baseline trains one stage of stage1.steps.
     kind: str = "gapm"
     # The method's own settings, e.g. {mix_gamma: 0.2} for GAPM or {kl_weight: 0.01} for the VAE:
     # the fields of its Hyperparameters class (gapm/model.py, gapm/baselines/<kind>.py). After
@@ -62,9 +62,12 @@ class ModelConfig(ModelShape):
 
 @dataclass
 class StageConfig:
-    # iterations; GAPM stage 1: each `critic_steps` critic updates + 1 autoencoder update,
-    # stage 2: each `discriminator_steps` D updates + 1 g update
-    steps: int = 1000
+    """One stage of the method: GAPM's stage 1 trains the autoencoder and the critic (each
+    iteration `critic_steps` critic updates + 1 autoencoder update), its stage 2 the latent
+    generator g and discriminator D (`discriminator_steps` D updates + 1 g update); a baseline
+    has one stage."""
+
+    steps: int = 1000  # iterations of the stage (0: skip it)
 
 
 def default_optimizers() -> dict[str, OptimizerConfig]:
@@ -73,8 +76,8 @@ def default_optimizers() -> dict[str, OptimizerConfig]:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "experiment"
-    seed: int = 0
+    name: str = "experiment"  # the run's name: its directory, MLflow run and checkpoints' experiment
+    seed: int = 0  # weight init, data order and every random draw (iteration t on rank r: from (seed, r, t))
     output_dir: str = "runs"  # the run directory is output_dir/name
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

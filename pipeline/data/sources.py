@@ -28,14 +28,14 @@ class DataConfig:
     # "synthetic" uniform noise of model.data_shape (throughput checks); anything else is a shard
     # set (local directory, file:// or s3:// prefix holding manifest.json, or a brace pattern).
     train: str = "swissroll"
-    test: str = "swissroll"
-    batch_size: int = 32
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
+    test: str = "swissroll"  # held-out data, as `train`: the end-of-run metrics and evaluation jobs score on it
+    batch_size: int = 32  # per process
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer of each reader
     resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
     verify_checksums: bool = True  # check each shard read to its end against its manifest's sha256
     swissroll_samples: int = 5000  # also the size of the "synthetic" set
-    swissroll_test_samples: int = 1000
+    swissroll_test_samples: int = 1000  # held-out points of the roll
 
     def validate(self) -> None:
         for key in ("batch_size", "swissroll_samples", "swissroll_test_samples"):

@@ -13,8 +13,9 @@ from pipeline.errors import ConfigError
 @dataclass
 class EvalConfig:
     samples: int = 5000  # generated samples for the end-of-training metrics
-    # Checkpoint evaluation jobs (gapm eval / eval-watch, pipeline/eval/):
-    fid_stats: str | None = None  # reference statistics: a name, path or s3:// URL (gapm fid-stats)
+    # reference statistics of the checkpoint evaluation jobs (gapm eval / eval-watch): a name,
+    # path or s3:// URL (gapm fid-stats)
+    fid_stats: str | None = None
     # where named statistics live: a directory or s3:// prefix; null: $GAPM_FID_STATS_DIR, else
     # <output_dir>/fid-stats (pipeline.eval.reference_stats)
     fid_stats_dir: str | None = None

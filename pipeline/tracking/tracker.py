@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrackingConfig:
-    # MLflow: the server named by MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db.
+    # track in MLflow: the server named by MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    # (the run directory's record is written either way)
     enabled: bool = True
     experiment: str | None = None  # MLflow experiment; null: the config's name. Comparisons share one.
     registered_model_name: str | None = None  # null: "gapm-" + name

@@ -17,15 +17,15 @@ from pipeline.errors import ConfigError
 class OptimizerConfig:
     """Adam for one network."""
 
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.0
+    lr: float = 2e-4  # Adam's learning rate (the authors': 2e-4)
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam's betas (the authors': 0, 0.999)
+    weight_decay: float = 0.0  # Adam's (L2) weight decay
     # Learning rate over the stage: constant, or decayed from `lr` to `lr * final_lr_fraction`
     # (cosine or linear) starting at `decay_start` (a fraction of the stage's steps). A function
     # of the stage step alone, so resuming restores it exactly.
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    decay_start: float = 0.0
-    final_lr_fraction: float = 0.0
+    decay_start: float = 0.0  # fraction of the stage's steps after which the decay starts (0.5: the second half)
+    final_lr_fraction: float = 0.0  # the learning rate at the end of the stage, as a fraction of `lr`
 
     def validate(self, key: str) -> None:
         if self.lr <= 0:
@@ -55,14 +55,14 @@ class TrainConfig:
     # null: whatever the launcher says (`accelerate launch --mixed_precision` or its config file),
     # else no; a value here overrides the launcher.
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    gradient_accumulation_steps: int = 1
-    grad_clip_norm: float | None = None
-    compile: bool = False
+    gradient_accumulation_steps: int = 1  # iterations whose gradients are summed per optimizer step
+    grad_clip_norm: float | None = None  # clip each network's gradient norm to this (null: no clipping)
+    compile: bool = False  # torch.compile every trained network
     checkpoint_dir: str | None = None  # local dir or s3://bucket/prefix; null: <run dir>/checkpoints
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of each stage
-    keep_last_checkpoints: int = 3
-    log_every: int = 50
-    progress_bar: bool = True
+    keep_last_checkpoints: int = 3  # older complete checkpoints are deleted
+    log_every: int = 50  # steps between metric lines (losses averaged over the window and the ranks)
+    progress_bar: bool = True  # rank 0's progress bar (in batch logs: redrawn rarely)
     # How long transient storage errors (an S3 endpoint restarting, a network blip) are retried
     # before the run stops with the resumable status; checkpoint uploads wait in the background.
     storage_retry_seconds: float = 600.0
