@@ -9,7 +9,7 @@ BASE_PYTHON ?= python3
 # build that also runs on CPU); clean-fid needs torchvision. pyproject keeps torch>=2.4.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-dev install-deepspeed demo test test-slow bench clean
+.PHONY: install install-dev install-deepspeed demo test test-slow bench docs clean
 
 # Extras only where they are used: the demo and the benchmarks need the package alone, the
 # tests add [dev] (pytest, moto), the slow tests [deepspeed] (DeepSpeed + transformers, which
@@ -52,3 +52,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The documentation site (docs/, mkdocs.yml) at http://127.0.0.1:8000; `make test` builds it strictly.
+docs: install-dev
+	$(VENV)/bin/mkdocs serve

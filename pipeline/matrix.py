@@ -183,7 +183,7 @@ def _environment(matrix: MatrixConfig) -> dict[str, str]:
 
 def _run(command: list[str], matrix: MatrixConfig) -> int:
     console.report("$ " + shlex.join(command))
-    return subprocess.run(command, env=_environment(matrix)).returncode
+    return subprocess.run(command, env=_environment(matrix), check=False).returncode
 
 
 def run_element(matrix: MatrixConfig, element: Element) -> int:

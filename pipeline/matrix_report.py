@@ -25,7 +25,15 @@ from gapm import build_model
 from pipeline.config import ExperimentConfig, load_config, method_hyperparameters
 from pipeline.data.sources import held_out_data, is_image_shape
 from pipeline.eval import paper_figures
-from pipeline.matrix import ELEMENT_RECORD, EVAL_RECORD, Element, MatrixConfig, expand, final_checkpoint, run_dir
+from pipeline.matrix import (
+    ELEMENT_RECORD,
+    EVAL_RECORD,
+    Element,
+    MatrixConfig,
+    expand,
+    final_checkpoint,
+    run_dir,
+)
 from pipeline.train import checkpoints
 
 
@@ -143,12 +151,11 @@ def write_matrix_report(matrix: MatrixConfig, metric_keys: list[str] | None, out
               for s in (1, 2))])
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / f"{matrix.name}.md"
-    lines = [f"# {matrix.name}", "",
-             "Mean ± sample standard deviation over the seeds listed; train seconds are wall-clock over all "
-             "launches of the element (machine in each run's matrix-element.json); updates are optimizer steps "
-             "per network over the whole training; GFLOPs count one iteration (forward and backward) of the "
-             "stage on one batch.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    legend = ("Mean ± sample standard deviation over the seeds listed; train seconds are wall-clock over all "
+              "launches of the element (machine in each run's matrix-element.json); updates are optimizer steps "
+              "per network over the whole training; GFLOPs count one iteration (forward and backward) of the "
+              "stage on one batch.")
+    lines = [f"# {matrix.name}", "", legend, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table]
     markdown.write_text("\n".join(lines) + "\n")
     csv_path = out / f"{matrix.name}.csv"

@@ -20,14 +20,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: clusters and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
 
-from gapm import Method  # noqa: E402
-from pipeline.data.sources import is_image_shape, to_data_space, to_model_space  # noqa: E402
-from pipeline.eval.figures import image_grid  # noqa: E402
+from gapm import Method
+from pipeline.data.sources import is_image_shape, to_data_space, to_model_space
+from pipeline.eval.figures import image_grid
 
 SAMPLES, RECONSTRUCTED, PAIRS, STEPS = 32, 16, 4, 8
 

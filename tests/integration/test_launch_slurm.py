@@ -75,14 +75,14 @@ def set_arguments(output_dir: Path, *overrides: str) -> list[str]:
 
 # --------------------------------------------------------------------------- fast
 
-def test_readme_documents_the_local_recipe_these_tests_submit():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_local_recipe_these_tests_submit():
+    readme = (ROOT / "docs/clusters.md").read_text()
     options = " ".join(LOCAL_SBATCH_OPTIONS)
     for line in ("python3 tests/slurm_cluster.py",
                  f"sbatch --parsable {options} launch/slurm/train.sbatch configs/swissroll.yaml",
                  f"sbatch {options} --dependency=afterok:$jobid launch/slurm/eval.sbatch configs/swissroll.yaml",
                  "scancel --signal=USR1 --batch $jobid"):
-        assert line in readme, f"README.md no longer shows: {line}"
+        assert line in readme, f"docs/clusters.md no longer shows: {line}"
 
 
 def test_where_slurm_cannot_run_the_reason_says_what_to_do(monkeypatch, tmp_path):
