@@ -69,10 +69,9 @@ METRIC_COLUMNS = [
                  "FID of the generated images (clean-fid) at the newest evaluated checkpoint, against the "
                  "reference statistics the evaluation job names; ± the standard deviation over sample seeds "
                  "(`eval/fid_std`, eval.fid_seeds sets of samples)", spread_key="eval/fid_std"),
-    MetricColumn("eval/fid_floor", "FID floor", "{:.1f}",
+    MetricColumn("eval/fid_floor", "FID floor", "{:.2f}",
                  "FID of held-out real images against the same statistics (real against real, recorded by "
-                 "`gapm fid-stats --test-data`): what a perfect sampler scores; compare FIDs with it",
-                 better="the FID's lower bound"),
+                 "`gapm fid-stats --test-data`)", better="what a perfect sampler scores: read each FID against it"),
     MetricColumn("eval/kid", "KID ×1000", "{:.2f}", "KID of the same samples, multiplied by 1000 as usually "
                  "reported (MLflow holds the raw value)", scale=1000.0),
     MetricColumn("eval/precision", "precision", "{:.3f}",

@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import (  # 2 + 2 steps, checkpoints at steps 2 and 4
@@ -30,7 +31,7 @@ from pipeline import cli
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
 from pipeline.data.storage import create_exclusive
-from pipeline.eval import fid, reference_stats
+from pipeline.eval import fid, neighbours, reference_stats
 from pipeline.eval.claims import ClaimStore
 from pipeline.eval.features import (
     DomainClassifier,
@@ -298,15 +299,24 @@ def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp
         env={**os.environ, "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING"})
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads(out.read_text())
-    # the same numbers from one process: rank r draws its share of 41 with seed (seed, r)
+    # the same numbers from one process: rank r draws its share of 41 of set i with seed (i, r);
+    # eval/fid is the mean over the 3 sets (eval.fid_seeds), precision/recall come from set 0
     model, _ = checkpoints.load_model(checkpoint)
-    moments = fid.FeatureMoments()
-    for rank, share in ((0, 21), (1, 20)):
-        seed = rank_seed(0, rank)
-        moments.add(fid.generated_features(image_generator(model, torch.device("cpu"), seed), 1, share, extractor,
-                                           seed=seed))
+    fids, first_set = [], None
+    for seed_index in range(3):
+        moments, features = fid.FeatureMoments(), []
+        for rank, share in ((0, 21), (1, 20)):
+            seed = rank_seed(seed_index, rank)
+            features.append(fid.generated_features(image_generator(model, torch.device("cpu"), seed), 1, share,
+                                                   extractor, seed=seed))
+            moments.add(features[-1])
+        fids.append(reference_stats.fid_against(stats, moments))
+        first_set = first_set if first_set is not None else np.concatenate(features)
     assert record["metrics"]["eval/fid_samples"] == 41
-    assert record["metrics"]["eval/fid"] == pytest.approx(reference_stats.fid_against(stats, moments), rel=1e-3, abs=1e-9)
+    assert record["metrics"]["eval/fid"] == pytest.approx(np.mean(fids), rel=1e-3, abs=1e-9)
+    assert record["metrics"]["eval/fid_std"] == pytest.approx(np.std(fids, ddof=1), rel=1e-3, abs=1e-9)
+    expected = neighbours.precision_recall_density_coverage(stats.real_features[:41], first_set)
+    assert {key: record["metrics"][f"eval/{key}"] for key in expected} == pytest.approx(expected)
     mse, images = split_reconstruction_mse(model, str(tmp_path / "fm/test"), Ranks(), 250)
     assert record["metrics"]["eval/test_reconstruction_mse"] == pytest.approx(mse, rel=1e-6)
     assert record["metrics"]["eval/test_images"] == images == 100
@@ -373,4 +383,4 @@ def test_eval_logs_the_failure_mode_metrics_in_two_feature_spaces_and_report_sho
     row = next(line for line in shown.splitlines() if line.startswith(f"| {trained['name']} |"))
     assert f"{metrics['eval/fid']:.1f} ± {metrics['eval/fid_std']:.1f}" in row
     assert f"| {metrics['eval/recall']:.3f} |" in row and f"| {metrics['eval/memorisation_ratio']:.2f} |" in row
-    assert "## Feature space resnet" in shown and f"| {metrics['eval/resnet/fid_floor']:.1f} |" in shown
+    assert "## Feature space resnet" in shown and f"| {metrics['eval/resnet/fid_floor']:.2f} |" in shown

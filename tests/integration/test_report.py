@@ -99,13 +99,13 @@ def test_report_shows_fid_with_its_spread_and_floor_the_failure_mode_metrics_and
                                               "eval/resnet/fid": 7.0, "eval/resnet/fid_floor": 1.0})]
     header, rows = table_rows(runs)
     assert header[5:] == ["FID", "FID floor", "precision", "recall", "density", "coverage", "memorisation"]
-    assert rows[0][5:] == ["20.0 ± 0.2", "2.5", "0.710", "0.420", "0.900", "0.660", "1.02"]
-    assert rows[1][5:7] == ["30.0 ± 1.5", "2.5"] and rows[1][8] == "0.900"
+    assert rows[0][5:] == ["20.0 ± 0.2", "2.50", "0.710", "0.420", "0.900", "0.660", "1.02"]
+    assert rows[1][5:7] == ["30.0 ± 1.5", "2.50"] and rows[1][8] == "0.900"
     legend = column_legend(runs)
     assert "- **recall** (`eval/recall`): fraction of real samples" in legend and "higher is better" in legend
     assert "about 1 is healthy; well below 1: copies" in legend and "[LABEL]** (`eval/LABEL/…`)" in legend
-    assert "| fm-gapm | 9.0 ± 0.5 | 1.0 | 0.800 |" in report.space_table(runs, "resnet")
-    assert "| fm-vae | 7.0 | 1.0 |  |" in report.space_table(runs, "resnet")  # no std: one seed
+    assert "| fm-gapm | 9.0 ± 0.5 | 1.00 | 0.800 |" in report.space_table(runs, "resnet")
+    assert "| fm-vae | 7.0 | 1.00 |  |" in report.space_table(runs, "resnet")  # no std: one seed
     # the two spaces rank the runs differently: the report says so
     assert report.ranking_note(runs) == ("- The FID rankings disagree between the feature spaces: by FID fm-gapm < "
                                          "fm-vae; by FID [resnet] fm-vae < fm-gapm.\n")
@@ -124,4 +124,4 @@ def test_report_shows_fid_with_its_spread_and_floor_the_failure_mode_metrics_and
     assert "rank the runs alike" in markdown
     rows = list(csv.reader(written["csv"].read_text().splitlines()))
     assert rows[0][-3:] == ["FID [resnet]", "FID floor [resnet]", "precision [resnet]"]
-    assert rows[1][-3:] == ["9.0 ± 0.5", "1.0", "0.800"]
+    assert rows[1][-3:] == ["9.0 ± 0.5", "1.00", "0.800"]
