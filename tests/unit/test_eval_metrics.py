@@ -225,3 +225,38 @@ def test_feature_space_specs_and_settings_are_checked():
     settings = EvalSettings.from_config(EvalConfig(extra_fid_stats=["r=x"], fid_seeds=2), prdc_samples=100)
     assert (settings.extra_stats, settings.fid_seeds, settings.prdc_samples, settings.prdc_nearest_k) == (
         ["r=x"], 2, 100, 5)
+
+
+def test_extra_feature_spaces_join_the_reference_key_and_the_plain_key_stays_as_before(tmp_path):
+    """Without extra spaces the reference key is what it always was (scores already published stay
+    valid); an extra space is part of the result, so it makes a new key; labels are unique."""
+    import hashlib
+
+    from pipeline.eval.features import DomainClassifier, DomainNetShape, save_domain_extractor
+    from pipeline.eval.scoring import image_reference
+
+    for name, architecture in (("fm-cnn", "cnn"), ("fm-resnet", "resnet")):
+        torch.manual_seed(0)
+        file = tmp_path / f"{name}.safetensors"
+        save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=8,
+                                                              architecture=architecture)), str(file))
+        extractor = fid.load_extractor(str(file), device=torch.device("cpu"))
+        stats = reference_stats.compute_reference_stats("train", extractor, name,
+                                                        images=iter([quantised_images(20, seed=0)]))
+        stats.feature_extractor = str(file)
+        reference_stats.save_reference_stats(stats, out=str(tmp_path / f"{name}.npz"))
+    primary = reference_stats.load_reference_stats(str(tmp_path / "fm-cnn.npz"))
+
+    def reference(*extra: str) -> Reference:
+        settings = EvalSettings.from_config(stats=str(tmp_path / "fm-cnn.npz"), samples=100, extra_stats=list(extra))
+        return image_reference(settings, torch.device("cpu"))
+
+    plain = reference()
+    assert plain.key == hashlib.sha256(f"fid:{primary.id}:100".encode()).hexdigest()[:10] and not plain.extra_spaces
+    labelled = reference(f"resnet={tmp_path / 'fm-resnet.npz'}")
+    (space,) = labelled.extra_spaces
+    assert labelled.key != plain.key and space.label == "resnet" and space.prefix == "eval/resnet/"
+    assert "resnet: fm-resnet" in labelled.description and space.extractor.id != plain.extractor.id
+    assert reference(str(tmp_path / "fm-resnet.npz")).extra_spaces[0].label == "fm-resnet"  # the statistics' name
+    with pytest.raises(fid.FidError, match="two feature spaces labelled 'r'"):
+        reference(f"r={tmp_path / 'fm-resnet.npz'}", f"r={tmp_path / 'fm-cnn.npz'}")
