@@ -194,40 +194,45 @@ def torch_device(name: str | None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    from pipeline.eval.settings import EvalSettings
+
+    parser.add_argument("--feature-extractor", metavar="inception|PATH",
+                        help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
+                             f"(path or s3:// URL); {default_help}")
+    parser.add_argument("--inception-weights", metavar="PATH_OR_S3",
+                        help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
+                             "then /tmp/inception-2015-12-05.pt, then one download attempt)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help=f"images per batch (default {EvalSettings.batch_size})")
+
+def scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.eval.settings import EvalConfig
+
+    parser.add_argument("--stats", metavar="NAME_OR_URL", action="append",
+                        help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
+                             "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
+                             "(clean-fid's published ones; needs network once). Repeat it for further feature "
+                             "spaces, [LABEL=]NAME_OR_URL, scored under eval/LABEL/ (default: eval.fid_stats "
+                             "and eval.extra_fid_stats)")
+    parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
+                                                      f"{EvalConfig.fid_samples})")
+    parser.add_argument("--fid-seeds", type=positive_int,
+                        help=f"sets of -n samples, seeds SEED, SEED+1, ...: eval/fid is their mean, eval/fid_std "
+                             f"their spread (default: eval.fid_seeds, {EvalConfig.fid_seeds})")
+    parser.add_argument("--prdc-samples", type=positive_int,
+                        help=f"generated and real features for precision/recall/density/coverage and the "
+                             f"memorisation ratio (default: eval.prdc_samples, {EvalConfig.prdc_samples})")
+    parser.add_argument("--test-data", metavar="URL",
+                        help="test shards for the reconstruction MSE (default: the run's data.test)")
+    parser.add_argument("--kid", action="store_true", help="also compute KID")
+    parser.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
+    feature_arguments(parser, "default: the one the statistics were computed with")
+
+
 def add_evaluation_commands(commands) -> None:
-    from pipeline.eval.settings import EvalConfig, EvalSettings
-
-    def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-        parser.add_argument("--feature-extractor", metavar="inception|PATH",
-                            help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
-                                 f"(path or s3:// URL); {default_help}")
-        parser.add_argument("--inception-weights", metavar="PATH_OR_S3",
-                            help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
-                                 "then /tmp/inception-2015-12-05.pt, then one download attempt)")
-        parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-        parser.add_argument("--batch-size", type=positive_int,
-                            help=f"images per batch (default {EvalSettings.batch_size})")
-
-    def scoring_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--stats", metavar="NAME_OR_URL", action="append",
-                            help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
-                                 "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
-                                 "(clean-fid's published ones; needs network once). Repeat it for further feature "
-                                 "spaces, [LABEL=]NAME_OR_URL, scored under eval/LABEL/ (default: eval.fid_stats "
-                                 "and eval.extra_fid_stats)")
-        parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
-                                                          f"{EvalConfig.fid_samples})")
-        parser.add_argument("--fid-seeds", type=positive_int,
-                            help=f"sets of -n samples, seeds SEED, SEED+1, ...: eval/fid is their mean, eval/fid_std "
-                                 f"their spread (default: eval.fid_seeds, {EvalConfig.fid_seeds})")
-        parser.add_argument("--prdc-samples", type=positive_int,
-                            help=f"generated and real features for precision/recall/density/coverage and the "
-                                 f"memorisation ratio (default: eval.prdc_samples, {EvalConfig.prdc_samples})")
-        parser.add_argument("--test-data", metavar="URL",
-                            help="test shards for the reconstruction MSE (default: the run's data.test)")
-        parser.add_argument("--kid", action="store_true", help="also compute KID")
-        parser.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
-        feature_arguments(parser, "default: the one the statistics were computed with")
+    from pipeline.eval.settings import EvalConfig
 
     stats = commands.add_parser("fid-stats", help="FID reference statistics (clean-fid, mode clean) of a shard set")
     stats.add_argument("data", metavar="DATA_URL", help="shard set: directory or s3:// prefix with manifest.json")
@@ -284,6 +289,10 @@ def add_evaluation_commands(commands) -> None:
     watch.add_argument("--max-evaluations", type=positive_int, help="at most this many checkpoints per pass")
     watch.set_defaults(handler=command_eval_watch)
 
+    add_feature_extractor_command(commands)
+
+
+def add_feature_extractor_command(commands) -> None:
     extractor = commands.add_parser("train-feature-extractor",
                                     help="train a small classifier (CNN or ResNet) on labelled shards; its features "
                                          "give FID without Inception")

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
 
 DEFAULT_NEAREST_K = 5
 DEFAULT_PRDC_SAMPLES = 10_000
