@@ -29,6 +29,10 @@ def command_fid_stats(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
     batch_size = args.batch_size or EvalSettings.batch_size
+    if args.test_data:  # a wrong URL fails now, not after the (long) training statistics
+        from pipeline.data import streaming
+
+        streaming.resolve_shard_urls(args.test_data)
     stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
                                                     batch_size=batch_size, kid_features=args.kid_features,
                                                     real_features=args.real_features)

@@ -430,3 +430,8 @@ def test_fid_stats_with_held_out_images_records_the_floor_and_the_training_featu
     assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "plain", *common]) == 0
     assert "no floor (pass --test-data" in capsys.readouterr().out
     assert reference_stats.load_reference_stats(str(tmp_path / "stats" / "plain.npz")).floor is None
+    # a wrong held-out URL is named before the training statistics are computed
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "typo", "--test-data",
+                     str(tmp_path / "no-such-test"), *common]) == 2
+    captured = capsys.readouterr()
+    assert "no-such-test" in captured.err and "reference statistics of" not in captured.err
