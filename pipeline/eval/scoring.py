@@ -270,13 +270,15 @@ def score_image_model(model: Method, reference: Reference, settings: EvalSetting
             count = moments.count
         if seed_index == 0:
             first_set = features
-    metrics = {"eval/fid_samples": float(count), "eval/fid_seeds": float(settings.fid_seeds)}
+    metrics = {"eval/fid_samples": float(count), "eval/fid_seeds": float(settings.fid_seeds),
+               "eval/fid_seconds": time.perf_counter() - started}
+    started = time.perf_counter()
     for space, values, features in zip(spaces, fids, first_set):
         metrics.update(feature_spaces.fid_spread(space.prefix, values))
         generated = gather_rows(features, settings.prdc_samples, ranks)
         if ranks.is_main:
             metrics.update(feature_spaces.neighbour_metrics(space, generated, settings))
-    metrics["eval/fid_seconds"] = time.perf_counter() - started
+    metrics["eval/neighbour_seconds"] = time.perf_counter() - started
     if settings.kid:
         keep = gather_rows(first_set[0], MAX_KID_FEATURES, ranks)
         metrics["eval/kid"] = fid.kernel_inception_distance(keep, stats.kid_features, seed=settings.seed)
