@@ -28,15 +28,36 @@ def command_fid_stats(args: argparse.Namespace) -> int:
     directory = stats_directory(config)
     device = torch_device(args.device)
     extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
+    batch_size = args.batch_size or EvalSettings.batch_size
+    if args.test_data:  # a wrong URL fails now, not after the (long) training statistics
+        from pipeline.data import streaming
+
+        streaming.resolve_shard_urls(args.test_data)
     stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
-                                        batch_size=args.batch_size or EvalSettings.batch_size, kid_features=args.kid_features)
+                                                    batch_size=batch_size, kid_features=args.kid_features,
+                                                    real_features=args.real_features)
+    if args.test_data:
+        reference_stats.compute_floor(stats, args.test_data, extractor, limit=args.test_limit, batch_size=batch_size)
     location = reference_stats.save_reference_stats(stats, directory, out=args.out)
     use = (f"--stats {args.name} in this experiment (statistics directory {directory}), --stats {location} "
            "anywhere") if location == reference_stats.stats_location(args.name, directory) else f"--stats {location}"
     console.report(f"wrote {location}",
                    f"{args.name}: {stats.count} images {stats.image_shape} of {args.data}, features "
-                   f"{stats.feature_extractor_id} (dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with {use}")
+                   f"{stats.feature_extractor_id} (dim {len(stats.mu)}), clean-fid mode {stats.mode}; use with {use}",
+                   floor_line(stats.floor))
     return 0
+
+
+def floor_line(floor: dict | None) -> str:
+    """What a perfect sampler would score: the floor of the statistics, in one line."""
+    if floor is None:
+        return "no floor (pass --test-data TEST_URL for the real-vs-real FID floor and memorisation reference)"
+    line = f"FID floor {floor['fid']:.4g} ({floor['samples']} images of {floor['data']} against these statistics)"
+    if "precision" in floor:
+        line += (f"; real vs real at {floor['prdc_samples']} each: precision {floor['precision']:.3f}, recall "
+                 f"{floor['recall']:.3f}, density {floor['density']:.3f}, coverage {floor['coverage']:.3f}; median "
+                 f"test-to-train distance {floor['test_train_distance']:.4g}")
+    return line
 
 
 def stats_directory(config) -> str:
@@ -52,8 +73,11 @@ def eval_settings(args: argparse.Namespace, config=None):
     """The scoring settings: the config's `eval` section (or its defaults), command-line flags first."""
     from pipeline.eval.settings import EvalSettings
 
+    stats = args.stats or []  # --stats repeated: the primary feature space, then further ones
     return EvalSettings.from_config(
-        config.eval if config is not None else None, stats=args.stats, samples=args.n,
+        config.eval if config is not None else None, stats=stats[0] if stats else None,
+        extra_stats=stats[1:] if stats else None, fid_seeds=args.fid_seeds, prdc_samples=args.prdc_samples,
+        samples=args.n,
         kid=True if args.kid else None, feature_extractor=args.feature_extractor,
         inception_weights=args.inception_weights, test_data=args.test_data, seed=args.seed,
         batch_size=args.batch_size, device=args.device,
@@ -153,14 +177,15 @@ def command_train_feature_extractor(args: argparse.Namespace) -> int:
     test = fe.labelled_images(args.test_data, args.test_limit) if args.test_data else None
     network, report = fe.train_domain_classifier(
         images, labels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, feature_dim=args.feature_dim,
-        seed=args.seed, test=test)
+        architecture=args.architecture, seed=args.seed, test=test)
     extra = {"dataset": args.data, "train_samples": str(report.train_samples),
              "train_accuracy": f"{report.train_accuracy:.4f}"}
     if report.test_accuracy is not None:
         extra.update(test_dataset=args.test_data, test_accuracy=f"{report.test_accuracy:.4f}")
     digest = fe.save_domain_extractor(network, args.out, extra)
     test_text = f", test accuracy {report.test_accuracy:.4f}" if report.test_accuracy is not None else ""
-    print(f"wrote {args.out} (sha256 {digest[:16]}): {report.train_samples} images, train accuracy "
+    print(f"wrote {args.out} (sha256 {digest[:16]}, {args.architecture}, seed {args.seed}): {report.train_samples} "
+          f"images, train accuracy "
           f"{report.train_accuracy:.4f}{test_text}, {report.seconds:.0f}s; use with --feature-extractor {args.out}")
     return 0
 
@@ -173,32 +198,45 @@ def torch_device(name: str | None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    from pipeline.eval.settings import EvalSettings
+
+    parser.add_argument("--feature-extractor", metavar="inception|PATH",
+                        help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
+                             f"(path or s3:// URL); {default_help}")
+    parser.add_argument("--inception-weights", metavar="PATH_OR_S3",
+                        help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
+                             "then /tmp/inception-2015-12-05.pt, then one download attempt)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help=f"images per batch (default {EvalSettings.batch_size})")
+
+def scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.eval.settings import EvalConfig
+
+    parser.add_argument("--stats", metavar="NAME_OR_URL", action="append",
+                        help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
+                             "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
+                             "(clean-fid's published ones; needs network once). Repeat it for further feature "
+                             "spaces, [LABEL=]NAME_OR_URL, scored under eval/LABEL/ (default: eval.fid_stats "
+                             "and eval.extra_fid_stats)")
+    parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
+                                                      f"{EvalConfig.fid_samples})")
+    parser.add_argument("--fid-seeds", type=positive_int,
+                        help=f"sets of -n samples, seeds SEED, SEED+1, ...: eval/fid is their mean, eval/fid_std "
+                             f"their spread (default: eval.fid_seeds, {EvalConfig.fid_seeds})")
+    parser.add_argument("--prdc-samples", type=positive_int,
+                        help=f"generated and real features for precision/recall/density/coverage and the "
+                             f"memorisation ratio (default: eval.prdc_samples, {EvalConfig.prdc_samples})")
+    parser.add_argument("--test-data", metavar="URL",
+                        help="test shards for the reconstruction MSE (default: the run's data.test)")
+    parser.add_argument("--kid", action="store_true", help="also compute KID")
+    parser.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
+    feature_arguments(parser, "default: the one the statistics were computed with")
+
+
 def add_evaluation_commands(commands) -> None:
-    from pipeline.eval.settings import EvalConfig, EvalSettings
-
-    def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-        parser.add_argument("--feature-extractor", metavar="inception|PATH",
-                            help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
-                                 f"(path or s3:// URL); {default_help}")
-        parser.add_argument("--inception-weights", metavar="PATH_OR_S3",
-                            help="inception-2015-12-05.pt for offline machines (default: $GAPM_INCEPTION_WEIGHTS, "
-                                 "then /tmp/inception-2015-12-05.pt, then one download attempt)")
-        parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-        parser.add_argument("--batch-size", type=positive_int,
-                            help=f"images per batch (default {EvalSettings.batch_size})")
-
-    def scoring_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--stats", metavar="NAME_OR_URL",
-                            help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
-                                 "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
-                                 "(clean-fid's published ones; needs network once)")
-        parser.add_argument("-n", type=positive_int, help=f"generated samples for FID (default: eval.fid_samples, "
-                                                          f"{EvalConfig.fid_samples})")
-        parser.add_argument("--test-data", metavar="URL",
-                            help="test shards for the reconstruction MSE (default: the run's data.test)")
-        parser.add_argument("--kid", action="store_true", help="also compute KID")
-        parser.add_argument("--seed", type=int, default=0, help="prior noise seed (default 0)")
-        feature_arguments(parser, "default: the one the statistics were computed with")
+    from pipeline.eval.settings import EvalConfig
 
     stats = commands.add_parser("fid-stats", help="FID reference statistics (clean-fid, mode clean) of a shard set")
     stats.add_argument("data", metavar="DATA_URL", help="shard set: directory or s3:// prefix with manifest.json")
@@ -212,6 +250,14 @@ def add_evaluation_commands(commands) -> None:
     stats.add_argument("--limit", type=positive_int, help="use only the first N images")
     stats.add_argument("--kid-features", type=int, default=5000,
                        help="feature vectors kept in the file for KID (default 5000; 0: none)")
+    stats.add_argument("--real-features", type=int, default=10000,
+                       help="a random sample of training features kept in the file, the real side of precision/"
+                            "recall/density/coverage and memorisation (default 10000; 0: none)")
+    stats.add_argument("--test-data", metavar="URL",
+                       help="held-out images (the test shards): record the FID floor (their FID against these "
+                            "statistics) and the memorisation reference")
+    stats.add_argument("--test-limit", type=positive_int,
+                       help="use only the first N held-out images (default: all; match the FID sample count)")
     feature_arguments(stats, "default: inception")
     stats.set_defaults(handler=command_fid_stats)
 
@@ -247,9 +293,13 @@ def add_evaluation_commands(commands) -> None:
     watch.add_argument("--max-evaluations", type=positive_int, help="at most this many checkpoints per pass")
     watch.set_defaults(handler=command_eval_watch)
 
+    add_feature_extractor_command(commands)
+
+
+def add_feature_extractor_command(commands) -> None:
     extractor = commands.add_parser("train-feature-extractor",
-                                    help="train a small CNN classifier on labelled shards; its features give FID "
-                                         "without Inception")
+                                    help="train a small classifier (CNN or ResNet) on labelled shards; its features "
+                                         "give FID without Inception")
     extractor.add_argument("data", metavar="DATA_URL", help="labelled training shards (e.g. fashion-mnist train)")
     extractor.add_argument("--out", required=True, help="safetensors file to write (path or s3:// URL)")
     extractor.add_argument("--test-data", metavar="URL", help="labelled test shards: report the accuracy")
@@ -259,5 +309,8 @@ def add_evaluation_commands(commands) -> None:
     extractor.add_argument("--feature-dim", type=positive_int, default=128, help="feature size (default 128)")
     extractor.add_argument("--limit", type=positive_int, help="train on the first N images only")
     extractor.add_argument("--test-limit", type=positive_int)
+    extractor.add_argument("--architecture", choices=["cnn", "resnet"], default="cnn",
+                           help="cnn: conv blocks + max-pool (default); resnet: residual blocks with BatchNorm and "
+                                "global pooling. A second, independent feature space: --architecture resnet --seed 1")
     extractor.add_argument("--seed", type=int, default=0)
     extractor.set_defaults(handler=command_train_feature_extractor)

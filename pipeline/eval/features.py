@@ -10,6 +10,12 @@ from the very same weights file, which is why every FID statistic records the fi
 `gapm train-feature-extractor` trains one from labelled shards (the `.cls` member written by
 `gapm shards`) and saves it as safetensors with its shape in the file's metadata, so loading
 never executes code from the file. Knows nothing of gapm models, MLflow or clean-fid.
+
+Two architectures, so that a second feature space can be built independently of the first
+(another network, another seed: `--architecture resnet --seed 1`): "cnn", plain conv blocks
+with max-pooling and a flattened 4x4 map, and "resnet", residual blocks with BatchNorm and
+strided downsampling ending in global average pooling. A ranking of models that holds in both
+spaces is not an artefact of one network.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ class FeatureExtractorError(GapmError):
     """A feature extractor file that cannot be used; the message says what to do."""
 
 
+ARCHITECTURES = ("cnn", "resnet")
+DEFAULT_WIDTHS = {"cnn": [16, 32], "resnet": [32, 64]}
+
+
 @dataclass
 class DomainNetShape:
     in_channels: int = 1
@@ -50,23 +60,56 @@ class DomainNetShape:
     num_classes: int = 10
     widths: list[int] = field(default_factory=lambda: [16, 32])
     feature_dim: int = 128
+    architecture: str = "cnn"  # files written before the choice existed are "cnn"
 
 
-class DomainClassifier(nn.Module):
-    """Conv blocks (two 3x3 convs + 2x max-pool per width), a `feature_dim` ReLU layer (the
-    FID features), and a linear classifier on top of it."""
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers and a skip (a strided 1x1 projection when the shape changes)."""
 
-    def __init__(self, shape: DomainNetShape):
+    def __init__(self, channels_in: int, channels_out: int, stride: int):
         super().__init__()
-        self.shape = shape
-        layers: list[nn.Module] = []
-        channels = shape.in_channels
+        self.residual = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out), nn.ReLU(),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False), nn.BatchNorm2d(channels_out))
+        self.skip = nn.Identity() if stride == 1 and channels_in == channels_out else nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.residual(x) + self.skip(x))
+
+
+def feature_body(shape: DomainNetShape) -> nn.Sequential:
+    """The network up to the `feature_dim` ReLU features, of `shape.architecture`."""
+    if shape.architecture not in ARCHITECTURES:
+        raise FeatureExtractorError(f"architecture {shape.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    layers: list[nn.Module] = []
+    channels = shape.in_channels
+    if shape.architecture == "cnn":
         for width in shape.widths:
             layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
                        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             channels = width
         layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(channels * 16, shape.feature_dim), nn.ReLU()]
-        self.body = nn.Sequential(*layers)
+        return nn.Sequential(*layers)
+    layers += [nn.Conv2d(channels, shape.widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(shape.widths[0]),
+               nn.ReLU()]
+    channels = shape.widths[0]
+    for index, width in enumerate(shape.widths):
+        layers += [ResidualBlock(channels, width, stride=1 if index == 0 else 2), ResidualBlock(width, width, 1)]
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, shape.feature_dim), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class DomainClassifier(nn.Module):
+    """A feature body (`feature_body`: "cnn" or "resnet"), ending in a `feature_dim` ReLU layer
+    (the FID features), and a linear classifier on top of it."""
+
+    def __init__(self, shape: DomainNetShape):
+        super().__init__()
+        self.shape = shape
+        self.body = feature_body(shape)
         self.classifier = nn.Linear(shape.feature_dim, shape.num_classes)
 
     def features(self, images: Tensor) -> Tensor:
@@ -193,7 +236,7 @@ def accuracy(network: DomainClassifier, images: Tensor, labels: Tensor, batch_si
 
 def train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int = 5, batch_size: int = 128,
                             lr: float = 1e-3, feature_dim: int = 128, widths: list[int] | None = None,
-                            seed: int = 0, test: tuple[Tensor, Tensor] | None = None
+                            architecture: str = "cnn", seed: int = 0, test: tuple[Tensor, Tensor] | None = None
                             ) -> tuple[DomainClassifier, TrainingReport]:
     """Adam + cross-entropy, light augmentation (random 1-pixel shifts) so that the features
     do not depend on exact pixel positions."""
@@ -201,8 +244,9 @@ def train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int = 5, 
         raise FeatureExtractorError(f"square images expected, got {tuple(images.shape[1:])}")
     torch.manual_seed(seed)
     shape = DomainNetShape(in_channels=images.shape[1], image_size=images.shape[-1],
-                           num_classes=int(labels.max().item()) + 1, widths=list(widths or [16, 32]),
-                           feature_dim=feature_dim)
+                           num_classes=int(labels.max().item()) + 1,
+                           widths=list(widths or DEFAULT_WIDTHS.get(architecture, [16, 32])), feature_dim=feature_dim,
+                           architecture=architecture)
     network = DomainClassifier(shape)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)

@@ -213,18 +213,35 @@ def real_image_features(images: Tensor, extractor: FeatureExtractor) -> np.ndarr
 
 
 def generated_features(generate: Callable[[Tensor], Tensor], z_dim: int, count: int,
-                       extractor: FeatureExtractor, *, batch_size: int = 250, seed: int = 0,
-                       verbose: bool = False) -> np.ndarray:
-    """clean-fid's get_model_features: `generate(z)` -> float images (B, 3, H, W) in [0, 255].
-    z ~ N(0, I) comes from torch's global generator, seeded here."""
+                       extractor: FeatureExtractor, *, batch_size: int = 250, seed: int = 0) -> np.ndarray:
+    """clean-fid's get_model_features: `generate(z)` -> float images (B, 3, H, W) in [0, 255]."""
+    return generated_features_in_spaces(generate, z_dim, count, [extractor], batch_size=batch_size, seed=seed)[0]
+
+
+def generated_features_in_spaces(generate: Callable[[Tensor], Tensor], z_dim: int, count: int,
+                                 extractors: list[FeatureExtractor], *, batch_size: int = 250,
+                                 seed: int = 0) -> list[np.ndarray]:
+    """The features of `count` generated images in each feature space: every batch is generated
+    once and handed to clean-fid's `get_model_features` of each extractor (its resize, its
+    feature batch), so each space's features are what clean-fid computes for that generator.
+    z ~ N(0, I) of `z_dim` comes from a generator seeded here (gapm's models draw their own
+    noise and use z only for the batch size); batches are min(batch_size, count) images, the
+    last one cut, as clean-fid does."""
     from cleanfid.fid import get_model_features
 
     if count <= 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    torch.manual_seed(seed)
-    return get_model_features(generate, extractor.network, mode=MODE, z_dim=z_dim, num_gen=count,
-                              batch_size=min(batch_size, count), device=extractor.device, verbose=verbose,
-                              custom_fn_resize=extractor.resizer(), desc="FID samples: ")
+        return [np.zeros((0, 0), dtype=np.float32) for _ in extractors]
+    size = min(batch_size, count)
+    noise = torch.Generator().manual_seed(seed)
+    found: list[list[np.ndarray]] = [[] for _ in extractors]
+    for _ in range(-(-count // size)):
+        images = generate(torch.randn(size, z_dim, generator=noise).to(extractors[0].device))
+        for index, extractor in enumerate(extractors):
+            found[index].append(get_model_features(lambda z, images=images: images, extractor.network, mode=MODE,
+                                                   z_dim=z_dim, num_gen=size, batch_size=size,
+                                                   device=extractor.device, verbose=False,
+                                                   custom_fn_resize=extractor.resizer()))
+    return [np.concatenate(features)[:count] for features in found]
 
 
 @dataclass

@@ -12,11 +12,21 @@ An explicit path or s3:// URL works anywhere a name does. Every score records th
 the identity of the statistics it was computed against (the result tag on the MLflow run).
 Statistics in S3 are cached locally (~/.cache/gapm/fid-stats/, keyed on the URL and the
 object's ETag): deleting the cache loses nothing.
+
+What else they hold (for pipeline.eval.neighbours). A uniform random sample of the training
+features (`real_features`, default 10,000, seeded): the real side of precision/recall/density/
+coverage and the training set of the memorisation test. With held-out images (`gapm fid-stats
+--test-data`), the *floor*: FID of the test images against these statistics (real against
+real: what a perfect sampler would score at that sample count), the test images' median
+distance to their nearest training sample (the memorisation ratio's denominator), and the
+real-vs-real precision/recall/density/coverage at the same counts (what a perfect sampler
+gets). The floor is stored in the .npz (`floor`, JSON) and, for people, in NAME.json beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -31,6 +41,7 @@ from torch import Tensor
 
 from pipeline import console
 from pipeline.data import storage
+from pipeline.eval import neighbours
 from pipeline.eval.fid import (
     CLEANFID_PREFIX,
     DEFAULT_KID_FEATURES,
@@ -63,6 +74,17 @@ class ReferenceStats:
     kid_features: np.ndarray | None = None  # a sample of the features, for KID
     created: float = 0.0
     location: str = ""  # where they were read from (not stored in the file)
+    real_features: np.ndarray | None = None  # a uniform random sample of the features, random order
+    floor: dict | None = None  # real against real (held-out images): see compute_floor
+
+    def description(self) -> dict:
+        """Everything but the arrays (NAME.json beside the .npz)."""
+        return {"name": self.name, "id": self.id, "count": self.count, "data": self.data, "mode": self.mode,
+                "feature_extractor_id": self.feature_extractor_id, "feature_extractor": self.feature_extractor,
+                "feature_dim": int(len(self.mu)), "image_shape": list(self.image_shape), "created": self.created,
+                "kid_features": 0 if self.kid_features is None else len(self.kid_features),
+                "real_features": 0 if self.real_features is None else len(self.real_features),
+                "floor": self.floor}
 
     @property
     def id(self) -> str:
@@ -82,6 +104,10 @@ class ReferenceStats:
                   "mode": np.array(self.mode), "created": np.array(self.created)}
         if self.kid_features is not None:
             arrays["kid_features"] = np.asarray(self.kid_features, dtype=np.float32)
+        if self.real_features is not None:
+            arrays["real_features"] = np.asarray(self.real_features, dtype=np.float32)
+        if self.floor is not None:
+            arrays["floor"] = np.array(json.dumps(self.floor, sort_keys=True))
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         return buffer.getvalue()
@@ -102,7 +128,9 @@ class ReferenceStats:
                            image_shape=[int(v) for v in npz["image_shape"]] if "image_shape" in npz else [],
                            data=text("data"), mode=text("mode", MODE),
                            kid_features=npz["kid_features"] if "kid_features" in npz else None,
-                           created=float(npz["created"]) if "created" in npz else 0.0)
+                           created=float(npz["created"]) if "created" in npz else 0.0,
+                           real_features=npz["real_features"] if "real_features" in npz else None,
+                           floor=json.loads(text("floor")) if "floor" in npz else None)
         except (OSError, ValueError, KeyError) as error:
             raise FidError(f"{where} is not a reference statistics file ({error}); recompute it with "
                            "`gapm fid-stats`") from None
@@ -110,8 +138,55 @@ class ReferenceStats:
 
 def compute_reference_stats(data: str, extractor: FeatureExtractor, name: str, *, limit: int | None = None,
                             batch_size: int = 250, kid_features: int = DEFAULT_KID_FEATURES,
+                            real_features: int = neighbours.DEFAULT_REAL_FEATURES, sample_seed: int = 0,
                             images: Iterable[Tensor] | None = None) -> ReferenceStats:
-    """Statistics of every image of a shard set (or the first `limit`), in shard order."""
+    """Statistics of every image of a shard set (or the first `limit`), in shard order; the
+    first `kid_features` feature vectors for KID and a random sample of `real_features`."""
+    moments, kept, shape, sample = FeatureMoments(), [], None, neighbours.FeatureSample(real_features, sample_seed)
+    for features, shape in _image_features(data, extractor, limit, batch_size, images,
+                                           f"reference statistics of {data}"):
+        moments.add(features)
+        sample.add(features)
+        room = kid_features - sum(len(k) for k in kept)
+        if room > 0:
+            kept.append(features[:room].astype(np.float32))
+    mu, sigma = moments.mean_and_covariance()
+    return ReferenceStats(mu=mu, sigma=sigma, count=moments.count, name=name, feature_extractor_id=extractor.id,
+                          feature_extractor=extractor.location, image_shape=shape or [], data=data,
+                          kid_features=np.concatenate(kept) if kept else None, created=time.time(),
+                          real_features=sample.result())
+
+
+def compute_floor(stats: ReferenceStats, test_data: str, extractor: FeatureExtractor, *, limit: int | None = None,
+                  batch_size: int = 250, nearest_k: int = neighbours.DEFAULT_NEAREST_K, sample_seed: int = 1,
+                  images: Iterable[Tensor] | None = None) -> dict:
+    """Real against real: held-out images (every one of `test_data`, or the first `limit`)
+    scored like generated ones. Sets and returns `stats.floor`."""
+    check_comparable(stats, extractor, stats.name)
+    moments, shape = FeatureMoments(), None
+    sample = neighbours.FeatureSample(len(stats.real_features) if stats.real_features is not None else 0, sample_seed)
+    for features, shape in _image_features(test_data, extractor, limit, batch_size, images,
+                                           f"FID floor: {test_data}"):
+        moments.add(features)
+        sample.add(features)
+    if stats.image_shape and shape and list(shape) != list(stats.image_shape):
+        raise FidError(f"the held-out images {test_data} are {shape}, the statistics' images {stats.image_shape}: "
+                       "use the test split of the same dataset")
+    floor = {"fid": fid_against(stats, moments), "samples": moments.count, "data": test_data}
+    held_out = sample.result()
+    if held_out is not None and min(len(held_out), len(stats.real_features)) >= neighbours.minimum_samples(nearest_k):
+        count = min(len(held_out), len(stats.real_features))
+        floor["test_train_distance"] = float(np.median(neighbours.nearest_distances(held_out, stats.real_features)))
+        floor.update(neighbours.precision_recall_density_coverage(stats.real_features[:count], held_out[:count],
+                                                                  nearest_k))
+        floor.update(prdc_samples=count, nearest_k=nearest_k)
+    stats.floor = floor
+    return floor
+
+
+def _image_features(data: str, extractor: FeatureExtractor, limit: int | None, batch_size: int,
+                    images: Iterable[Tensor] | None, what: str):
+    """(features, image shape) per batch of the shard set `data` (or of `images`)."""
     stream = images
     total = limit
     if stream is None:
@@ -120,34 +195,26 @@ def compute_reference_stats(data: str, extractor: FeatureExtractor, name: str, *
         stream = streaming.make_batch_stream(data, batch_size, drop_last=False, shuffle_buffer=0)
         known = stream.samples_per_pass()
         total = known if limit is None else (min(limit, known) if known is not None else limit)
-    moments, kept, shape = FeatureMoments(), [], None
+    count = 0
     started = time.perf_counter()
-    with console.progress_bar(total, f"reference statistics of {data}", unit="img") as progress:
+    with console.progress_bar(total, what, unit="img") as progress:
         for batch in stream:
             if batch.dim() != 4:
                 raise FidError(f"{data} holds points of shape {tuple(batch.shape[1:])}, not images: "
                                "FID is for image data")
             if limit is not None:
-                batch = batch[: max(limit - moments.count, 0)]
+                batch = batch[: max(limit - count, 0)]
             if len(batch) == 0:
                 break
-            shape = list(batch.shape[1:])
-            features = real_image_features(batch, extractor)
-            moments.add(features)
-            room = kid_features - sum(len(k) for k in kept)
-            if room > 0:
-                kept.append(features[:room].astype(np.float32))
+            yield real_image_features(batch, extractor), list(batch.shape[1:])
+            count += len(batch)
             progress.update(len(batch))
-            if limit is not None and moments.count >= limit:
+            if limit is not None and count >= limit:
                 break
     corrupt = getattr(getattr(stream, "stats", None), "corrupt_samples", 0)
     if corrupt:
         log.warning("%s: %d corrupt samples skipped", data, corrupt)
-    mu, sigma = moments.mean_and_covariance()
-    log.info("reference statistics of %d images of %s in %.1fs", moments.count, data, time.perf_counter() - started)
-    return ReferenceStats(mu=mu, sigma=sigma, count=moments.count, name=name, feature_extractor_id=extractor.id,
-                          feature_extractor=extractor.location, image_shape=shape or [], data=data,
-                          kid_features=np.concatenate(kept) if kept else None, created=time.time())
+    log.info("features of %d images of %s in %.1fs", count, data, time.perf_counter() - started)
 
 
 STATS_DIR_ENV = "GAPM_FID_STATS_DIR"
@@ -184,6 +251,8 @@ def save_reference_stats(stats: ReferenceStats, directory: str | None = None, ou
     else:
         target = stats_location(stats.name, directory)
     storage.write_bytes(target, stats.to_npz_bytes())
+    # for people: what the file is, and its floor (the .npz holds the same)
+    storage.write_bytes(target[: -len(".npz")] + ".json", json.dumps(stats.description(), indent=1).encode())
     return target
 
 

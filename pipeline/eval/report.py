@@ -1,9 +1,16 @@
 """`gapm report`: one table (Markdown and CSV) and one figure grid per MLflow experiment, so
-the paper's comparison tables can be reproduced side by side from tracked runs."""
+the paper's comparison tables can be reproduced side by side from tracked runs.
+
+Evaluation jobs score image models in one or more feature spaces (pipeline.eval.feature_spaces):
+the primary space's metrics (`eval/fid`, its spread `eval/fid_std`, its floor, precision, recall,
+density, coverage, memorisation) are columns of the main table; each further space (`eval/LABEL/
+fid`, ...) gets a table of its own in the Markdown (the CSV holds every column in one table),
+and a note says where the spaces rank the runs differently by FID."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import tempfile
@@ -28,6 +35,16 @@ class MetricColumn:
     fmt: str
     meaning: str
     scale: float = 1.0
+    better: str = "lower is better"
+    spread_key: str | None = None  # shown as "value ± spread" when the run has it
+
+    def cell(self, metrics: dict[str, float]) -> str:
+        value = metrics.get(self.key)
+        if value is None:
+            return ""
+        shown = self.fmt.format(value * self.scale)
+        spread = metrics.get(self.spread_key) if self.spread_key else None
+        return f"{shown} ± {self.fmt.format(spread * self.scale)}" if spread is not None else shown
 
 
 METRIC_COLUMNS = [
@@ -50,9 +67,28 @@ METRIC_COLUMNS = [
                  "reconstruction MSE of the held-out points divided by their variance"),
     MetricColumn("eval/fid", "FID", "{:.1f}",
                  "FID of the generated images (clean-fid) at the newest evaluated checkpoint, against the "
-                 "reference statistics the evaluation job names"),
+                 "reference statistics the evaluation job names; ± the standard deviation over sample seeds "
+                 "(`eval/fid_std`, eval.fid_seeds sets of samples)", spread_key="eval/fid_std"),
+    MetricColumn("eval/fid_floor", "FID floor", "{:.2f}",
+                 "FID of held-out real images against the same statistics (real against real, recorded by "
+                 "`gapm fid-stats --test-data`)", better="what a perfect sampler scores: read each FID against it"),
     MetricColumn("eval/kid", "KID ×1000", "{:.2f}", "KID of the same samples, multiplied by 1000 as usually "
                  "reported (MLflow holds the raw value)", scale=1000.0),
+    MetricColumn("eval/precision", "precision", "{:.3f}",
+                 "fraction of generated samples inside the real samples' k-NN balls (Kynkäänniemi et al. 2019, "
+                 "k=5, in the FID features): low = samples off the data", better="higher is better"),
+    MetricColumn("eval/recall", "recall", "{:.3f}",
+                 "fraction of real samples inside the generated samples' k-NN balls: low = missing modes "
+                 "(collapse)", better="higher is better"),
+    MetricColumn("eval/density", "density", "{:.3f}",
+                 "real k-NN balls holding each generated sample, / k (Naeem et al. 2020): about 1 for a sampler "
+                 "of the data, above 1 when samples crowd where the data is dense", better="about 1 is ideal"),
+    MetricColumn("eval/coverage", "coverage", "{:.3f}",
+                 "fraction of real samples whose k-NN ball holds a generated sample (Naeem et al. 2020)",
+                 better="higher is better"),
+    MetricColumn("eval/memorisation_ratio", "memorisation", "{:.2f}",
+                 "median distance of generated samples to their nearest training image over the same for "
+                 "held-out test images (FID features)", better="about 1 is healthy; well below 1: copies"),
     MetricColumn("eval/test_reconstruction_mse", "test reconstruction MSE", "{:.4f}",
                  "mean squared error of the reconstructions of the whole test split, pixels in [0, 1] "
                  "(evaluation job)"),
@@ -95,12 +131,39 @@ def experiment_runs(client: MlflowClient, experiment: str, run_names: list[str] 
     return sorted(newest.values(), key=lambda r: (r.data.params.get("model.kind") != "gapm", r.info.run_name))
 
 
-def present_columns(runs: list) -> list[MetricColumn]:
-    return [c for c in METRIC_COLUMNS if any(c.key in r.data.metrics for r in runs)]
+# the metrics every feature space has (eval/LABEL/fid, ...): the main table's, relabelled
+SPACE_METRICS = ("eval/fid", "eval/fid_floor", "eval/precision", "eval/recall", "eval/density", "eval/coverage",
+                 "eval/memorisation_ratio")
 
 
-def table_rows(runs: list) -> tuple[list[str], list[list[str]]]:
-    present = present_columns(runs)
+def space_labels(runs: list) -> list[str]:
+    """The labels of further feature spaces the runs were scored in (metrics eval/LABEL/fid)."""
+    return sorted({key.split("/")[1] for run in runs for key in run.data.metrics
+                   if key.startswith("eval/") and key.endswith("/fid") and key.count("/") == 2})
+
+
+def space_columns(label: str) -> list[MetricColumn]:
+    def relabel(key: str | None) -> str | None:
+        return f"eval/{label}/{key.removeprefix('eval/')}" if key else None
+
+    return [dataclasses.replace(c, key=relabel(c.key), header=f"{c.header} [{label}]",
+                                spread_key=relabel(c.spread_key), meaning=f"{c.header} in feature space {label}")
+            for c in METRIC_COLUMNS if c.key in SPACE_METRICS]
+
+
+def present_columns(runs: list, columns: list[MetricColumn] | None = None) -> list[MetricColumn]:
+    return [c for c in (METRIC_COLUMNS if columns is None else columns) if any(c.key in r.data.metrics for r in runs)]
+
+
+def all_columns(runs: list) -> list[MetricColumn]:
+    """The main table's columns, then each further feature space's."""
+    return present_columns(runs) + [c for label in space_labels(runs)
+                                    for c in present_columns(runs, space_columns(label))]
+
+
+def table_rows(runs: list, columns: list[MetricColumn] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The run columns and the metric `columns` (default: the main table's present ones)."""
+    present = present_columns(runs) if columns is None else columns
     header = [name for name, _ in RUN_COLUMNS] + [c.header for c in present]
     rows = []
     for run in runs:
@@ -109,18 +172,43 @@ def table_rows(runs: list) -> tuple[list[str], list[list[str]]]:
                                                        if params.get("model.kind", "gapm") == "gapm" else 0)
         row = [run.info.run_name, params.get("model.kind", "gapm"), run.data.tags.get("world_size", "?"),
                params.get("data.batch_size", "?"), str(steps)]
-        for column in present:
-            value = run.data.metrics.get(column.key)
-            row.append(column.fmt.format(value * column.scale) if value is not None else "")
-        rows.append(row)
+        rows.append(row + [column.cell(run.data.metrics) for column in present])
     return header, rows
 
 
+def space_table(runs: list, label: str) -> str:
+    """Markdown: the run names and the metrics of feature space `label`."""
+    columns = present_columns(runs, space_columns(label))
+    header = ["run"] + [c.header for c in columns]
+    return markdown_table(header, [[run.info.run_name] + [c.cell(run.data.metrics) for c in columns]
+                                   for run in runs])
+
+
+def ranking_note(runs: list) -> str:
+    """Where the feature spaces rank the runs differently by FID (runs scored in both)."""
+    notes = []
+    for label in space_labels(runs):
+        other = f"eval/{label}/fid"
+        both = [r for r in runs if "eval/fid" in r.data.metrics and other in r.data.metrics]
+        by_primary = [r.info.run_name for r in sorted(both, key=lambda r: r.data.metrics["eval/fid"])]
+        by_other = [r.info.run_name for r in sorted(both, key=lambda r: r.data.metrics[other])]
+        if by_primary != by_other:
+            notes.append(f"- The FID rankings disagree between the feature spaces: by FID {' < '.join(by_primary)}; "
+                         f"by FID [{label}] {' < '.join(by_other)}.")
+        elif len(both) > 1:
+            notes.append(f"- FID and FID [{label}] rank the runs alike: {' < '.join(by_primary)}.")
+    return "\n".join(notes) + "\n" if notes else ""
+
+
 def column_legend(runs: list) -> str:
-    """What each column of the table is (Markdown list)."""
+    """What each column of the tables is (Markdown list)."""
     lines = [f"- **{name}**: {meaning}" for name, meaning in RUN_COLUMNS]
-    lines += [f"- **{c.header}** (`{c.key}`{f' × {c.scale:g}' if c.scale != 1 else ''}): {c.meaning}; lower is better"
+    lines += [f"- **{c.header}** (`{c.key}`{f' × {c.scale:g}' if c.scale != 1 else ''}): {c.meaning}; {c.better}"
               for c in present_columns(runs)]
+    labels = space_labels(runs)
+    if labels:
+        lines.append(f"- **… [LABEL]** (`eval/LABEL/…`): the same metric in the further feature space LABEL "
+                     f"({', '.join(labels)}): other statistics, made with another feature extractor")
     return "Columns:\n\n" + "\n".join(lines) + "\n"
 
 
@@ -165,9 +253,13 @@ def write_report(experiment: str, out_dir: Path, run_names: list[str] | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or experiment
     written = {"markdown": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv"}
-    written["markdown"].write_text(f"# {name}\n\n" + markdown_table(header, rows) + "\n" + column_legend(runs))
+    spaces = "".join(f"\n## Feature space {label}\n\n" + space_table(runs, label) for label in space_labels(runs))
+    note = ranking_note(runs)
+    written["markdown"].write_text(f"# {name}\n\n" + markdown_table(header, rows) + spaces
+                                   + (f"\n{note}" if note else "") + "\n" + column_legend(runs))
     buffer = io.StringIO()
-    csv.writer(buffer).writerows([header, *rows])
+    every_header, every_row = table_rows(runs, all_columns(runs))  # one table, every space
+    csv.writer(buffer).writerows([every_header, *every_row])
     written["csv"].write_text(buffer.getvalue())
     grid = figure_grid(client, runs)
     if grid is not None:

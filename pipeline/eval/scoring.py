@@ -6,8 +6,12 @@ What a score is.
   Image models: clean-fid FID of N generated samples (default eval.fid_samples, 50,000, as in
   the paper) against reference statistics (`gapm fid-stats`), optionally KID, and the
   reconstruction MSE over the whole test split (pixels in [0, 1]). The ranking metric is
-  `eval/fid`. Samples come from the model's own `sample` (its own prior, so baselines are
-  scored the same way) with a generator seeded from (seed, rank), fed to clean-fid as its `gen`.
+  `eval/fid`: the mean over eval.fid_seeds sets of N samples (seeds seed, seed+1, ...; their
+  spread is `eval/fid_std`). Each set's images are generated once and go through every feature
+  space (pipeline.eval.feature_spaces: the FID floor, precision/recall/density/coverage and the
+  memorisation ratio from the first set, further spaces under eval/LABEL/). Samples come from
+  the model's own `sample` (its own prior, so baselines are scored the same way) with a
+  generator seeded from (seed, rank), fed to clean-fid as its `gen`.
   Point models (swiss-roll): reconstruction MSE, sample MMD, nearest-data distance and the
   roll's coverage metrics against the held-out points (as at the end of training, at most
   10,000 samples); ranked by `eval/test_sample_mmd`. Lower is better for both.
@@ -15,7 +19,8 @@ What a score is.
 Several processes. `gapm eval` launched with several processes (torchrun / accelerate
 launch; torch.distributed is initialised from the environment when it is not already)
 splits the N samples across ranks, each with its own seed, and all-reduces the feature sums
-(mean and covariance need nothing else); KID gathers at most 10,000 feature vectors. The
+(mean and covariance need nothing else); KID and the nearest-neighbour metrics gather at most
+10,000 (eval.prdc_samples) feature vectors per space. The
 test split is split by shards when there are enough, else rank 0 reads it. Rank 0 logs.
 """
 
@@ -40,7 +45,8 @@ from pipeline import console
 from pipeline.data import sources
 from pipeline.data.sources import DataConfig
 from pipeline.errors import GapmError
-from pipeline.eval import fid, quality, reference_stats
+from pipeline.eval import feature_spaces, fid, quality, reference_stats
+from pipeline.eval.feature_spaces import FeatureSpace
 from pipeline.eval.settings import EvalSettings
 
 log = logging.getLogger(__name__)
@@ -130,9 +136,14 @@ class Reference:
 
     key: str
     description: str
-    stats: reference_stats.ReferenceStats | None = None
+    stats: reference_stats.ReferenceStats | None = None  # of the primary feature space
     extractor: fid.FeatureExtractor | None = None
     samples: int = 0
+    extra_spaces: list[FeatureSpace] = field(default_factory=list)
+
+    def feature_spaces(self) -> list[FeatureSpace]:
+        """The primary space first, then the extra ones."""
+        return [FeatureSpace("", self.stats, self.extractor), *self.extra_spaces]
 
 
 def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
@@ -143,9 +154,13 @@ def image_reference(settings: EvalSettings, device: torch.device) -> Reference:
     extractor = fid.load_extractor(settings.feature_extractor or stats.feature_extractor,
                                    inception_weights=settings.inception_weights, device=device)
     reference_stats.check_comparable(stats, extractor, settings.stats)
-    key = hashlib.sha256(f"fid:{stats.id}:{settings.samples}".encode()).hexdigest()[:10]
-    return Reference(key=key, description=f"FID-{settings.samples} vs {stats.name} ({stats.feature_extractor_id})",
-                     stats=stats, extractor=extractor, samples=settings.samples)
+    extra = feature_spaces.load_extra_spaces(settings, FeatureSpace("", stats, extractor), device)
+    # extra spaces are part of what a result holds: adding one scores every checkpoint again
+    identity = f"fid:{stats.id}:{settings.samples}" + "".join(f":{s.label}={s.stats.id}" for s in extra)
+    description = f"FID-{settings.samples} vs {stats.name} ({stats.feature_extractor_id})" + "".join(
+        f"; {s.label}: {s.stats.name} ({s.stats.feature_extractor_id})" for s in extra)
+    return Reference(key=hashlib.sha256(identity.encode()).hexdigest()[:10], description=description,
+                     stats=stats, extractor=extractor, samples=settings.samples, extra_spaces=extra)
 
 
 def point_reference(data: DataConfig, seed: int, samples: int) -> Reference:
@@ -198,19 +213,26 @@ def split_reconstruction_mse(model: Method, spec: str, ranks: Ranks, batch_size:
     return squared / values, int(images)
 
 
-def score_image_model(model: Method, reference: Reference, settings: EvalSettings, test_data: str | None,
-                      ranks: Ranks) -> dict[str, float]:
-    stats, extractor = reference.stats, reference.extractor
-    shape = list(model.shape.data_shape)
-    if stats.image_shape and [shape[1], shape[2]] != list(stats.image_shape[1:]):
-        raise EvalError(f"the model generates {shape} images but the reference statistics {settings.stats} "
-                        f"are of {stats.image_shape} images; use statistics of this dataset")
-    model.to(ranks.device)
-    started = time.perf_counter()
-    seed = rank_seed(settings.seed, ranks.rank)
-    share = rank_share(reference.samples, ranks)
-    what = "FID samples" + (f" (rank 0's {share} of {reference.samples})" if ranks.world > 1 else "")
+def gather_rows(features: np.ndarray, limit: int, ranks: Ranks) -> np.ndarray:
+    """At most `limit` feature rows from all ranks together (each gives ceil(limit / world))."""
+    keep = features[: math.ceil(limit / ranks.world)]
+    if ranks.world == 1:
+        return keep
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * ranks.world
+    dist.all_gather_object(gathered, keep)
+    return np.concatenate([g for g in gathered if len(g)])
+
+
+def generated_space_features(model: Method, spaces: list[FeatureSpace], settings: EvalSettings, ranks: Ranks,
+                             seed_index: int, share: int) -> list[np.ndarray]:
+    """This rank's `share` generated images of set `seed_index`, in every feature space."""
+    seed = rank_seed(settings.seed + seed_index, ranks.rank)
+    what = "FID samples" + (f" (rank 0's {share} of {settings.samples})" if ranks.world > 1 else "")
     with console.progress_bar(share, what, unit="img") as progress:
+        if settings.fid_seeds > 1:
+            progress.set_postfix(seed=f"{seed_index + 1}/{settings.fid_seeds}", refresh=False)
         generate = image_generator(model, ranks.device, seed)
 
         def counted(z: torch.Tensor) -> torch.Tensor:
@@ -218,20 +240,47 @@ def score_image_model(model: Method, reference: Reference, settings: EvalSetting
             progress.update(len(images))
             return images
 
-        features = fid.generated_features(counted, 1, share, extractor, batch_size=settings.batch_size, seed=seed)
-    moments = fid.FeatureMoments()
-    moments.add(features)
-    moments = reduce_moments(moments, len(stats.mu), ranks)
-    metrics = {FID_METRIC: reference_stats.fid_against(stats, moments), "eval/fid_samples": float(moments.count),
-               "eval/fid_seconds": time.perf_counter() - started}
-    if settings.kid:
-        keep = features[: math.ceil(MAX_KID_FEATURES / ranks.world)]
-        if ranks.world > 1:
-            import torch.distributed as dist
+        return fid.generated_features_in_spaces(counted, 1, share, [space.extractor for space in spaces],
+                                                batch_size=settings.batch_size, seed=seed)
 
-            gathered: list[Any] = [None] * ranks.world
-            dist.all_gather_object(gathered, keep)
-            keep = np.concatenate([g for g in gathered if len(g)])
+
+def score_image_model(model: Method, reference: Reference, settings: EvalSettings, test_data: str | None,
+                      ranks: Ranks) -> dict[str, float]:
+    stats = reference.stats
+    shape = list(model.shape.data_shape)
+    for space in reference.feature_spaces():
+        if space.stats.image_shape and [shape[1], shape[2]] != list(space.stats.image_shape[1:]):
+            raise EvalError(f"the model generates {shape} images but the reference statistics "
+                            f"{space.stats.location or space.stats.name} are of {space.stats.image_shape} images; "
+                            "use statistics of this dataset")
+    model.to(ranks.device)
+    started = time.perf_counter()
+    spaces = reference.feature_spaces()
+    share = rank_share(reference.samples, ranks)
+    fids: list[list[float]] = [[] for _ in spaces]
+    first_set: list[np.ndarray] = []
+    count = 0
+    for seed_index in range(settings.fid_seeds):
+        features = generated_space_features(model, spaces, settings, ranks, seed_index, share)
+        for space, space_features, values in zip(spaces, features, fids):
+            moments = fid.FeatureMoments()
+            moments.add(space_features)
+            moments = reduce_moments(moments, len(space.stats.mu), ranks)
+            values.append(reference_stats.fid_against(space.stats, moments))
+            count = moments.count
+        if seed_index == 0:
+            first_set = features
+    metrics = {"eval/fid_samples": float(count), "eval/fid_seeds": float(settings.fid_seeds),
+               "eval/fid_seconds": time.perf_counter() - started}
+    started = time.perf_counter()
+    for space, values, features in zip(spaces, fids, first_set):
+        metrics.update(feature_spaces.fid_spread(space.prefix, values))
+        generated = gather_rows(features, settings.prdc_samples, ranks)
+        if ranks.is_main:
+            metrics.update(feature_spaces.neighbour_metrics(space, generated, settings))
+    metrics["eval/neighbour_seconds"] = time.perf_counter() - started
+    if settings.kid:
+        keep = gather_rows(first_set[0], MAX_KID_FEATURES, ranks)
         metrics["eval/kid"] = fid.kernel_inception_distance(keep, stats.kid_features, seed=settings.seed)
     if test_data and test_data not in GENERATED_SOURCES:
         mse, count = split_reconstruction_mse(model, test_data, ranks, settings.batch_size)
@@ -278,6 +327,10 @@ def result_record(model: Method, metrics: dict[str, float], reference: Reference
             "stats": reference.stats.location if reference.stats is not None else None,
             "stats_name": reference.stats.name if reference.stats is not None else None,
             "stats_id": reference.stats.id if reference.stats is not None else None, "samples": reference.samples,
+            "fid_floor": reference.stats.floor if reference.stats is not None else None,
+            "feature_spaces": {space.label: {"stats": space.stats.location, "stats_name": space.stats.name,
+                                             "stats_id": space.stats.id, "fid_floor": space.stats.floor}
+                               for space in reference.extra_spaces},
             "seed": settings.seed, "seconds": round(seconds, 3), "evaluator": socket.gethostname(),
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

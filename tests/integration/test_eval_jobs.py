@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import (  # 2 + 2 steps, checkpoints at steps 2 and 4
@@ -30,7 +31,7 @@ from pipeline import cli
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
 from pipeline.data.storage import create_exclusive
-from pipeline.eval import fid, reference_stats
+from pipeline.eval import fid, neighbours, reference_stats
 from pipeline.eval.claims import ClaimStore
 from pipeline.eval.features import (
     DomainClassifier,
@@ -298,15 +299,24 @@ def test_eval_with_two_processes_splits_the_samples_and_reduces_the_features(tmp
         env={**os.environ, "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING"})
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads(out.read_text())
-    # the same numbers from one process: rank r draws its share of 41 with seed (seed, r)
+    # the same numbers from one process: rank r draws its share of 41 of set i with seed (i, r);
+    # eval/fid is the mean over the 3 sets (eval.fid_seeds), precision/recall come from set 0
     model, _ = checkpoints.load_model(checkpoint)
-    moments = fid.FeatureMoments()
-    for rank, share in ((0, 21), (1, 20)):
-        seed = rank_seed(0, rank)
-        moments.add(fid.generated_features(image_generator(model, torch.device("cpu"), seed), 1, share, extractor,
-                                           seed=seed))
+    fids, first_set = [], None
+    for seed_index in range(3):
+        moments, features = fid.FeatureMoments(), []
+        for rank, share in ((0, 21), (1, 20)):
+            seed = rank_seed(seed_index, rank)
+            features.append(fid.generated_features(image_generator(model, torch.device("cpu"), seed), 1, share,
+                                                   extractor, seed=seed))
+            moments.add(features[-1])
+        fids.append(reference_stats.fid_against(stats, moments))
+        first_set = first_set if first_set is not None else np.concatenate(features)
     assert record["metrics"]["eval/fid_samples"] == 41
-    assert record["metrics"]["eval/fid"] == pytest.approx(reference_stats.fid_against(stats, moments), rel=1e-3, abs=1e-9)
+    assert record["metrics"]["eval/fid"] == pytest.approx(np.mean(fids), rel=1e-3, abs=1e-9)
+    assert record["metrics"]["eval/fid_std"] == pytest.approx(np.std(fids, ddof=1), rel=1e-3, abs=1e-9)
+    expected = neighbours.precision_recall_density_coverage(stats.real_features[:41], first_set)
+    assert {key: record["metrics"][f"eval/{key}"] for key in expected} == pytest.approx(expected)
     mse, images = split_reconstruction_mse(model, str(tmp_path / "fm/test"), Ranks(), 250)
     assert record["metrics"]["eval/test_reconstruction_mse"] == pytest.approx(mse, rel=1e-6)
     assert record["metrics"]["eval/test_images"] == images == 100
@@ -324,3 +334,53 @@ def test_eval_watch_names_missing_statistics_and_an_unreachable_server(trained, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert cli.main([*arguments, "--stats", trained["stats"]]) == 2
     assert "cannot list runs in MLflow" in capsys.readouterr().err
+
+
+def test_eval_logs_the_failure_mode_metrics_in_two_feature_spaces_and_report_shows_them(trained, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Statistics with a floor in two feature spaces (the fixture's CNN and an independent
+    ResNet): `gapm eval` logs FID ± its spread over seeds, the floor, precision, recall, density,
+    coverage and the memorisation ratio of each space to the run, and `gapm report` shows them."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["server"].url)
+    work, run_id = trained["work"], trained["run_id"]
+    torch.manual_seed(1)
+    resnet_file = tmp_path / "resnet.safetensors"
+    save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=12, architecture="resnet")),
+                          str(resnet_file))
+    for name, extractor in (("fm-cnn", work / "extractor.safetensors"), ("fm-resnet", resnet_file)):
+        assert cli.main(["fid-stats", str(work / "fm/train"), "--name", name, "--test-data", str(work / "fm/test"),
+                         "--feature-extractor", str(extractor), "--out", str(tmp_path), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "result.json"
+    assert cli.main(["eval", f"runs:/{run_id}/checkpoints/step-00000004", "--stats", str(tmp_path / "fm-cnn.npz"),
+                     "--stats", f"resnet={tmp_path / 'fm-resnet.npz'}", "-n", "30", "--fid-seeds", "2",
+                     "--prdc-samples", "30", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())["metrics"]
+    floors = {label: reference_stats.load_reference_stats(str(tmp_path / f"{name}.npz")).floor
+              for label, name in (("", "fm-cnn"), ("resnet/", "fm-resnet"))}
+    for prefix in ("eval/", "eval/resnet/"):
+        assert metrics[f"{prefix}fid_floor"] == pytest.approx(floors[prefix[5:]]["fid"])
+        assert metrics[f"{prefix}fid_std"] >= 0 and metrics[f"{prefix}fid"] > metrics[f"{prefix}fid_floor"]
+        for key in ("precision", "recall", "density", "coverage"):
+            assert 0 <= metrics[prefix + key] <= (10 if key == "density" else 1), key
+        assert metrics[f"{prefix}test_train_distance"] == pytest.approx(floors[prefix[5:]]["test_train_distance"])
+        assert metrics[f"{prefix}memorisation_ratio"] == pytest.approx(
+            metrics[f"{prefix}generated_train_distance"] / metrics[f"{prefix}test_train_distance"])
+    assert metrics["eval/fid"] != metrics["eval/resnet/fid"]  # two spaces, two numbers
+    assert "eval/resnet/precision=" in printed and "eval/memorisation_ratio=" in printed
+    client = MlflowClient(trained["server"].url)
+    for key in ("eval/fid_std", "eval/fid_floor", "eval/precision", "eval/recall", "eval/density", "eval/coverage",
+                "eval/memorisation_ratio", "eval/resnet/fid", "eval/resnet/fid_floor", "eval/resnet/recall"):
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)][-1] == (
+            4, pytest.approx(metrics[key])), key
+
+    assert cli.main(["report", "--experiment", trained["name"], "--out", str(tmp_path / "reports")]) == 0
+    shown = capsys.readouterr().out
+    header = next(line for line in shown.splitlines() if line.startswith("| run |"))
+    for column in ("FID", "FID floor", "precision", "recall", "density", "coverage", "memorisation"):
+        assert f"| {column} |" in header, column
+    row = next(line for line in shown.splitlines() if line.startswith(f"| {trained['name']} |"))
+    assert f"{metrics['eval/fid']:.1f} ± {metrics['eval/fid_std']:.1f}" in row
+    assert f"| {metrics['eval/recall']:.3f} |" in row and f"| {metrics['eval/memorisation_ratio']:.2f} |" in row
+    assert "## Feature space resnet" in shown and f"| {metrics['eval/resnet/fid_floor']:.2f} |" in shown

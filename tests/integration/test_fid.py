@@ -348,3 +348,90 @@ def test_domain_feature_extractor_tells_real_from_blurred_and_noise(fashion_shar
     assert 50 * real_vs_real < distance(noise, train)
     images, labels = labelled_images(str(fashion_shards / "test"), limit=10)
     assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8 and labels.shape == (10,)
+
+
+def test_a_second_feature_space_from_a_resnet_with_another_seed(fashion_shards, tmp_path, capsys):
+    """`train-feature-extractor --architecture resnet --seed 1` builds another network than the
+    default CNN; its features are its own (another identity, other statistics), it separates real
+    from noise too, and files written before the choice existed still load as the CNN."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "resnet.safetensors"
+    assert cli.main(["train-feature-extractor", str(fashion_shards / "train"), "--out", str(out), "--architecture",
+                     "resnet", "--seed", "1", "--epochs", "1", "--feature-dim", "24", "--limit", "300",
+                     "--test-data", str(fashion_shards / "test"), "--test-limit", "100"]) == 0
+    assert "resnet, seed 1" in capsys.readouterr().out
+    loaded = load_domain_extractor(str(out))
+    assert loaded.network.shape.architecture == "resnet" and loaded.network.shape.widths == [32, 64]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.network.modules())
+    resnet = fid.load_extractor(str(out), device=torch.device("cpu"))
+    images = torch.cat(list(batches(str(fashion_shards / "test"), 200)))
+    assert fid.real_image_features(images[:4], resnet).shape == (4, 24)
+    train = reference_stats.compute_reference_stats(str(fashion_shards / "train"), resnet, "train")
+    test = reference_stats.compute_reference_stats("test", resnet, "test", images=iter([images]))
+    noise = reference_stats.compute_reference_stats("noise", resnet, "n", images=iter([
+        torch.rand(200, 1, 28, 28, generator=torch.Generator().manual_seed(0))]))
+    assert 10 * distance(test, train) < distance(noise, train)
+
+    torch.manual_seed(0)
+    cnn_file = tmp_path / "cnn.safetensors"
+    save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=24)), str(cnn_file))
+    cnn = fid.load_extractor(str(cnn_file), device=torch.device("cpu"))
+    assert cnn.id != resnet.id and load_domain_extractor(str(cnn_file)).network.shape.architecture == "cnn"
+    # a file from before the architecture choice (no "architecture" in its shape) is the CNN
+    with safe_open(str(cnn_file), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    shape = json.loads(metadata["shape"])
+    del shape["architecture"]
+    save_file(load_file(str(cnn_file)), str(tmp_path / "old.safetensors"), metadata={**metadata, "shape": json.dumps(shape)})
+    old = fid.load_extractor(str(tmp_path / "old.safetensors"), device=torch.device("cpu"))
+    np.testing.assert_array_equal(fid.real_image_features(images[:8], old), fid.real_image_features(images[:8], cnn))
+    with pytest.raises(SystemExit) as stopped:  # argparse: one usage line naming the choices, exit 2
+        cli.main(["train-feature-extractor", str(fashion_shards / "train"), "--out", str(out), "--architecture", "vit"])
+    assert stopped.value.code == 2 and "choose from 'cnn', 'resnet'" in capsys.readouterr().err
+
+
+def test_fid_stats_with_held_out_images_records_the_floor_and_the_training_feature_sample(
+        fashion_shards, tmp_path, isolated_cache, capsys):
+    """`gapm fid-stats --test-data`: the real-vs-real FID floor, the memorisation reference and
+    real-vs-real precision/recall go into the .npz and NAME.json; the floor of the training
+    images against their own statistics is 0."""
+    import json
+
+    extractor_file = tmp_path / "extractor.safetensors"
+    torch.manual_seed(0)
+    save_domain_extractor(DomainClassifier(DomainNetShape(widths=[4, 8], feature_dim=16)), str(extractor_file))
+    common = ["--feature-extractor", str(extractor_file), "--device", "cpu", "--real-features", "200",
+              "--out", str(tmp_path / "stats")]
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "fm", "--test-data",
+                     str(fashion_shards / "test"), "--test-limit", "300", *common]) == 0
+    printed = capsys.readouterr().out
+    stats = reference_stats.load_reference_stats(str(tmp_path / "stats" / "fm.npz"))
+    floor = stats.floor
+    assert stats.count == 600 and stats.real_features.shape == (200, 16)
+    assert floor["samples"] == 300 and floor["data"] == str(fashion_shards / "test") and floor["prdc_samples"] == 200
+    assert 0 < floor["fid"] and 0 < floor["test_train_distance"]
+    assert 0.3 < floor["precision"] <= 1 and 0.3 < floor["recall"] <= 1 and 0.3 < floor["coverage"] <= 1
+    assert f"FID floor {floor['fid']:.4g} (300 images of {fashion_shards / 'test'}" in printed
+    described = json.loads((tmp_path / "stats" / "fm.json").read_text())
+    assert described["floor"] == pytest.approx(floor) and described["id"] == stats.id
+    # the training images against their own statistics, every one in the sample: floor 0, the
+    # real-vs-real metrics at 1 (the held-out side is the same 600 images)
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "self", "--test-data",
+                     str(fashion_shards / "train"), *common, "--real-features", "1000"]) == 0
+    itself = reference_stats.load_reference_stats(str(tmp_path / "stats" / "self.npz")).floor
+    assert itself["fid"] == pytest.approx(0.0, abs=1e-6) and itself["test_train_distance"] == pytest.approx(0, abs=1e-5)
+    assert (itself["precision"], itself["recall"], itself["coverage"]) == (1.0, 1.0, 1.0)
+    assert itself["fid"] < floor["fid"]
+    # without held-out images: no floor, and the command says how to get one
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "plain", *common]) == 0
+    assert "no floor (pass --test-data" in capsys.readouterr().out
+    assert reference_stats.load_reference_stats(str(tmp_path / "stats" / "plain.npz")).floor is None
+    # a wrong held-out URL is named before the training statistics are computed
+    assert cli.main(["fid-stats", str(fashion_shards / "train"), "--name", "typo", "--test-data",
+                     str(tmp_path / "no-such-test"), *common]) == 2
+    captured = capsys.readouterr()
+    assert "no-such-test" in captured.err and "reference statistics of" not in captured.err

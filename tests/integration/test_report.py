@@ -87,3 +87,43 @@ def test_report_picks_named_runs_in_the_given_order_and_names_a_missing_one():
     assert experiment_runs(client, "e", ["roll-vae"])[0] is newest_first[0]  # the newest run of that name
     with pytest.raises(ReportError, match="no finished run named roll-aae; its runs: roll-gapm, roll-vae"):
         experiment_runs(client, "e", ["roll-aae"])
+
+
+def test_report_shows_fid_with_its_spread_and_floor_the_failure_mode_metrics_and_each_feature_space(
+        tmp_path, monkeypatch):
+    from pipeline.eval import report
+
+    spaces = {"eval/fid": 20.0, "eval/fid_std": 0.25, "eval/fid_floor": 2.5, "eval/precision": 0.71,
+              "eval/recall": 0.42, "eval/density": 0.9, "eval/coverage": 0.66, "eval/memorisation_ratio": 1.02}
+    runs = [run_record("fm-gapm", "gapm", "1", {**spaces, "eval/resnet/fid": 9.0, "eval/resnet/fid_std": 0.5,
+                                                "eval/resnet/fid_floor": 1.0, "eval/resnet/precision": 0.8}),
+            run_record("fm-vae", "vae", "1", {**spaces, "eval/fid": 30.0, "eval/fid_std": 1.5, "eval/recall": 0.9,
+                                              "eval/resnet/fid": 7.0, "eval/resnet/fid_floor": 1.0})]
+    header, rows = table_rows(runs)
+    assert header[5:] == ["FID", "FID floor", "precision", "recall", "density", "coverage", "memorisation"]
+    assert rows[0][5:] == ["20.0 ± 0.2", "2.50", "0.710", "0.420", "0.900", "0.660", "1.02"]
+    assert rows[1][5:7] == ["30.0 ± 1.5", "2.50"] and rows[1][8] == "0.900"
+    legend = column_legend(runs)
+    assert "- **recall** (`eval/recall`): fraction of real samples" in legend and "higher is better" in legend
+    assert "about 1 is healthy; well below 1: copies" in legend and "[LABEL]** (`eval/LABEL/…`)" in legend
+    assert "| fm-gapm | 9.0 ± 0.5 | 1.00 | 0.800 |" in report.space_table(runs, "resnet")
+    assert "| fm-vae | 7.0 | 1.00 |  |" in report.space_table(runs, "resnet")  # no std: one seed
+    # the two spaces rank the runs differently: the report says so
+    assert report.ranking_note(runs) == ("- The FID rankings disagree between the feature spaces: by FID fm-gapm < "
+                                         "fm-vae; by FID [resnet] fm-vae < fm-gapm.\n")
+    runs[1].data.metrics["eval/resnet/fid"] = 12.0
+    assert report.ranking_note(runs) == "- FID and FID [resnet] rank the runs alike: fm-gapm < fm-vae.\n"
+
+    # write_report: the space's own table in the Markdown, every column in the CSV
+    client = SimpleNamespace(list_artifacts=lambda run_id: [])
+    for run in runs:
+        run.info.run_id = run.info.run_name
+    monkeypatch.setattr(report, "MlflowClient", lambda: client)
+    monkeypatch.setattr(report, "experiment_runs", lambda client, experiment, names: runs)
+    written = report.write_report("fm", tmp_path)
+    markdown = written["markdown"].read_text()
+    assert "## Feature space resnet\n\n| run | FID [resnet] | FID floor [resnet] | precision [resnet] |" in markdown
+    assert "rank the runs alike" in markdown
+    rows = list(csv.reader(written["csv"].read_text().splitlines()))
+    assert rows[0][-3:] == ["FID [resnet]", "FID floor [resnet]", "precision [resnet]"]
+    assert rows[1][-3:] == ["9.0 ± 0.5", "1.00", "0.800"]
