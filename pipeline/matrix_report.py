@@ -174,9 +174,11 @@ def write_matrix_figures(matrix: MatrixConfig, path: Path) -> Path | None:
     """The paper's panels (pipeline/eval/paper_figures.py) for the first trained seed of each row."""
     models, config = {}, None
     for element in expand(matrix):
-        if element.row in models or not (run_dir(matrix, element) / "metrics.json").is_file():
+        directory = run_dir(matrix, element)
+        if element.row in models or not (directory / "metrics.json").is_file() \
+                or not checkpoints.list_checkpoints(directory / "checkpoints"):
             continue
-        model, _ = checkpoints.load_model(final_checkpoint(run_dir(matrix, element)))
+        model, _ = checkpoints.load_model(final_checkpoint(directory))
         models[element.row] = model
         config = config or element_config(element)
     if not models:
