@@ -125,10 +125,11 @@ def format_mean_std(values: list[float], digits: int) -> str:
 
 
 def _digits(values: list[float]) -> int:
-    """Enough decimals for the spread: 3 significant digits of the mean, at least 1 of the std."""
+    """Decimals that show two significant digits of the spread (three of the mean without one)."""
     mean, std = mean_std(values)
-    scale = std if std > 0 else abs(mean)
-    return max(0, min(6, 2 - math.floor(math.log10(scale)))) if scale > 0 else 1
+    if std > 0:
+        return max(0, min(6, 1 - math.floor(math.log10(std))))
+    return max(0, min(6, 2 - math.floor(math.log10(abs(mean))))) if mean else 1
 
 
 def write_matrix_report(matrix: MatrixConfig, metric_keys: list[str] | None, out: Path) -> dict[str, Path]:

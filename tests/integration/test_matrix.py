@@ -112,7 +112,7 @@ def test_the_report_gives_mean_and_sample_std_over_seeds(tmp_path):
     rows = list(csv.reader(written["csv"].read_text().splitlines()))
     header, row = rows[0], rows[1]
     assert row[header.index("eval/fid")] == "12.0 ± 2.8"  # sample std of (10, 14): 2.83
-    assert row[header.index("eval/reconstruction_mse")] == "0.5 ± 0.0"
+    assert row[header.index("eval/reconstruction_mse")] == "0.500 ± 0.000"
     assert row[header.index("train seconds")] == "110 ± 14"
     assert row[header.index("seeds")] == "0,1"
 
