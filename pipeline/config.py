@@ -6,7 +6,9 @@ each component owns.
               typed by the method's `Hyperparameters` dataclass and checked at load time
     stage1    gapm.Stage1Hyperparameters (Eq. 9 / 10) + steps and the Adam settings of its networks
     stage2    gapm.Stage2Hyperparameters + steps and the Adam settings of its networks
-    train     pipeline.train.settings.TrainConfig
+    train     pipeline.train.settings.TrainConfig; its checkpoint keys (checkpoint_dir,
+              checkpoint_every, keep_last_checkpoints) assemble the checkpoint component's
+              pipeline.checkpoints.CheckpointConfig (`checkpoint_config`)
     eval      pipeline.eval.settings.EvalConfig
     tracking  pipeline.tracking.tracker.TrackingConfig
 
@@ -33,15 +35,16 @@ from gapm import (
     Stage1Hyperparameters,
     Stage2Hyperparameters,
 )
+from pipeline.checkpoints.settings import STAGING, CheckpointConfig
 from pipeline.data.sources import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.eval.settings import EvalConfig
 from pipeline.tracking.tracker import TrackingConfig
 from pipeline.train.settings import OptimizerConfig, TrainConfig
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig",
-           "Stage1Config", "Stage2Config", "TrackingConfig", "TrainConfig", "dump_config", "load_config",
-           "method_hyperparameters", "to_dict"]
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
+           "OptimizerConfig", "Stage1Config", "Stage2Config", "TrackingConfig", "TrainConfig", "checkpoint_config",
+           "dump_config", "load_config", "method_hyperparameters", "to_dict"]
 
 
 @dataclass
@@ -87,6 +90,14 @@ class ExperimentConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def checkpoint_config(config: ExperimentConfig) -> CheckpointConfig:
+    """The checkpoint component's settings. Its keys stay under `train:` (stable YAML, --set
+    and MLflow params), next to the storage retry budget they share with the data reader."""
+    return CheckpointConfig(directory=config.train.checkpoint_dir or config.run_dir / "checkpoints",
+                            every=config.train.checkpoint_every, keep_last=config.train.keep_last_checkpoints,
+                            staging=config.run_dir / STAGING)
 
 
 def method_hyperparameters(config: ExperimentConfig) -> dict[str, Any]:

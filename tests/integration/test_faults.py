@@ -19,7 +19,7 @@ from pipeline.data.shards import convert_dataset
 from pipeline.errors import DataError, GapmError
 from pipeline.stopping import TrainingInterrupted
 from pipeline.tracking.tracker import RunDirectoryTracker
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 from pipeline.train.loop import train
 
 IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=16", "model.prior_dim=16",
@@ -228,7 +228,7 @@ def test_a_checkpoint_is_never_deleted_before_its_replacement_is_complete(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_local(directory, model, {}, {}, meta)  # the same step again
     monkeypatch.undo()
-    checkpoints.prune_checkpoints(directory, keep_last=3)  # what the next save does first
+    checkpoints.Checkpointer.at(directory).prune()  # what the next save does first (keeps 3)
     assert checkpoints.latest_checkpoint(directory).name == result.final_checkpoint.name
     assert (result.final_checkpoint / checkpoints.MODEL_FILE).read_bytes() == before
 
