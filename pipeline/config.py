@@ -20,6 +20,7 @@ Unknown keys, wrong types and impossible values are errors that name the key, e.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,14 +171,17 @@ def _convert(value: Any, expected: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if expected is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # nan passes every `<` check after this one
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return float(number)
     if expected is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")

@@ -58,10 +58,10 @@ def disk_failure(error: OSError, directory: Path, writing: str, *, setting: str 
     where = error.filename or directory
     reason = (error.strerror or str(error)).rstrip(".")
     if error.errno in NO_SPACE:
-        free = _free_mib(directory)
+        free = _free_bytes(directory)
         limit = (" (the file-size limit, `ulimit -f`, of this process)" if error.errno == errno.EFBIG else "")
-        room = f"{free:.1f} MiB free" if free is not None else "free space unknown"
-        needs = f", it needs about {needed_bytes / 2**20:.1f} MiB" if needed_bytes else ""
+        room = f"{_size(free)} free" if free is not None else "free space unknown"
+        needs = f", it needs about {_size(needed_bytes)}" if needed_bytes else ""
         return NoSpaceLeft(
             f"no space left on the device of {directory} while writing {writing}: {reason}{limit}; {room}{needs}; "
             "nothing complete was lost: free space there (or raise the limit, lower train.keep_last_checkpoints, "
@@ -77,10 +77,14 @@ def disk_failure(error: OSError, directory: Path, writing: str, *, setting: str 
     return None
 
 
-def _free_mib(directory: Path) -> float | None:
+def _free_bytes(directory: Path) -> int | None:
     for candidate in (Path(directory), *Path(directory).parents):
         try:
-            return shutil.disk_usage(candidate).free / 2**20
+            return shutil.disk_usage(candidate).free
         except OSError:
             continue
     return None
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.0f} KiB"

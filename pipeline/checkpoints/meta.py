@@ -87,7 +87,7 @@ def _validated(values: Any) -> CheckpointMeta:
         raise _Invalid(f"missing field(s) {', '.join(missing)}")
     for key, value in values.items():
         check_type(value, hints[key], key)
-    meta = CheckpointMeta(**values)
+    meta = CheckpointMeta(**{**values, "format_version": version})
     for key in ("step", "stage_step", "data_epoch", "data_batch_in_epoch"):
         if getattr(meta, key) < 0:
             raise _Invalid(f"{key} is negative ({getattr(meta, key)})")
