@@ -4,6 +4,7 @@ there is room goes on from the last complete checkpoint; a place that cannot be 
 a regular file, read-only) is bad input — exit 2, before anything is trained. A non-finite
 learning rate is a config error naming the key."""
 
+import os
 import resource
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, tiny_overrides
+from helpers import ROOT, free_port, tiny_overrides
 
 from pipeline import checkpoints, cli
 from pipeline.config import load_config
@@ -131,3 +132,28 @@ def test_the_file_size_limit_stops_resumably_in_one_line(tmp_path):
     relaunched = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert relaunched.returncode == 0, relaunched.stderr[-3000:]
     assert checkpoints.read_meta(checkpoints.latest_checkpoint(directory)).step == 50
+
+
+@pytest.mark.slow  # two 2-process launches over gloo
+def test_on_two_ranks_a_checkpoint_rank_0_cannot_write_stops_both_and_the_relaunch_finishes(tmp_path):
+    """Rank 0 hits the file-size limit while rank 1 waits at the next collective: both stop
+    with 75 (none hangs), and a relaunch without the limit trains to the end."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "pipeline.cli", "train", "--config",
+               str(ROOT / "configs/swissroll.yaml"), *[a for o in overrides(tmp_path, "data.batch_size=32")
+                                                         for a in ("--set", o)]]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GAPM_LOG_LEVEL": "WARNING"}
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    limited = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600,
+                             preexec_fn=limit_file_size)
+    assert limited.returncode != 0
+    assert limited.stderr.count("exitcode  : 75") == 2, limited.stderr[-4000:]
+    assert len([line for line in limited.stderr.splitlines() if "no space left" in line]) == 1, limited.stderr[-4000:]
+    command[command.index("--master_port") + 1] = str(free_port())
+    relaunched = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    final = checkpoints.latest_checkpoint(tmp_path / "swissroll/checkpoints")
+    assert checkpoints.read_meta(final).step == 50
