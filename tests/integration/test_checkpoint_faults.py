@@ -4,6 +4,7 @@ the one meta.json records, counts as damaged — `--resume auto` falls back, an 
 --resume is one line and exit 2."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -153,6 +154,7 @@ def test_an_invalid_meta_json_falls_back_to_the_checkpoint_before_it(tmp_path, c
     """The newest checkpoint's meta.json is edited into nonsense: `--resume auto` warns once and
     resumes from the one before, ending exactly as an uninterrupted run; never does it take the
     nonsense for a finished run."""
+    caplog.set_level(logging.INFO, logger="pipeline")
     uninterrupted = train(run_config(tmp_path / "a"), resume="never")
     partial = run_config(tmp_path / "b", "stage2.steps=10")  # stops at step 40
     train(partial, resume="never")
@@ -195,4 +197,23 @@ def test_a_weights_file_swapped_for_another_checkpoints_is_found_by_its_digest(t
         checkpoints.load_model(directory / "step-00000040")
     resumed = train(run_config(tmp_path / "b"), resume="auto")
     assert any("not resuming from" in r.message and "step-00000040" in r.message for r in caplog.records)
+    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+
+
+def test_a_checkpoint_written_before_file_records_still_loads_and_resumes(tmp_path, caplog):
+    """Format 1 (no sizes or digests in meta.json) is read as before: nothing to check the
+    files against, and nothing refused for lacking it."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    uninterrupted = train(run_config(tmp_path / "a"), resume="never")
+    partial = run_config(tmp_path / "b", "stage2.steps=0")  # stage 2's length sets its learning rates
+    train(partial, resume="never")
+    latest = checkpoints.latest_checkpoint(partial.run_dir / "checkpoints")
+    assert latest.name == "step-00000030"
+    values = json.loads((latest / checkpoints.META_FILE).read_text())
+    del values["files"]
+    values["format_version"] = 1
+    (latest / checkpoints.META_FILE).write_text(json.dumps(values))
+    assert checkpoints.read_meta(latest).files == {}
+    resumed = train(run_config(tmp_path / "b"), resume="auto")
+    assert "not resuming from" not in caplog.text and f"resuming from {latest}" in caplog.text
     assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
