@@ -114,7 +114,7 @@ class Checkpointer:
         """Writes one checkpoint (rank 0) and returns where it is — for s3://, where it will be
         once its background upload is done. Older ones beyond keep_last are pruned."""
         if self._writer is not None:
-            staged = save_local(self.config.staging, model, optimizers, extra_state, meta)
+            staged = save_local(self.config.staging, model, optimizers, extra_state, meta, setting="output_dir")
             return self._writer.submit(staged)
         if is_remote(self.directory):  # no staging directory: built in a temporary one, uploaded now
             with tempfile.TemporaryDirectory() as scratch:
