@@ -4,7 +4,9 @@ naming the problem and the fix, and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipeline import console
@@ -182,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A write beyond the file-size limit (`ulimit -f`) then fails with EFBIG — one line, resumable
+    # — instead of killing the process (CPython ignores SIGXFSZ too; an embedding may not).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Training's stop signals are caught from here on, before the imports of torch & co. (seconds):
     # a stop during start-up also ends with the resumable status.
     stop = StopRequest().__enter__() if args.command == "train" else None
@@ -199,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     except (GapmError, FileNotFoundError) as error:
         print(f"gapm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk or an unwritable place outside the checkpoints: one line too
+        # imported here, not at the top: it loads torch, which must come after the stop handler
+        from pipeline.checkpoints import disk_failure
+
+        failure = disk_failure(error, Path(error.filename or "."), "files", setting="the output location")
+        if failure is None:
+            raise
+        print(f"gapm {args.command}: error: {failure}", file=sys.stderr)
+        return EXIT_RESUMABLE if isinstance(failure, TrainingInterrupted) else 2
     finally:
         if stop is not None:
             stop.__exit__(None, None, None)

@@ -9,7 +9,9 @@ each component owns.
                 every network without an entry of its own)
     stage1      steps of stage 1 (GAPM: autoencoder + critic; a baseline: its only stage)
     stage2      steps of stage 2 (GAPM: latent generator + discriminator)
-    train       pipeline.train.settings.TrainConfig
+    train       pipeline.train.settings.TrainConfig; its checkpoint keys (checkpoint_dir,
+                checkpoint_every, keep_last_checkpoints) assemble the checkpoint component's
+                pipeline.checkpoints.CheckpointConfig (`checkpoint_config`)
     eval      pipeline.eval.settings.EvalConfig
     tracking  pipeline.tracking.tracker.TrackingConfig
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from gapm import METHODS, GAPMHyperparameters, ModelShape
+from pipeline.checkpoints.settings import STAGING, CheckpointConfig
 from pipeline.data.sources import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.eval.settings import EvalConfig
@@ -41,9 +45,9 @@ from pipeline.train.settings import OptimizerConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig",
-           "StageConfig", "TrackingConfig", "TrainConfig", "dump_config", "load_config",
-           "method_hyperparameters", "to_dict"]
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
+           "OptimizerConfig", "StageConfig", "TrackingConfig", "TrainConfig", "checkpoint_config", "dump_config",
+           "load_config", "method_hyperparameters", "optimizer_settings", "to_dict"]
 
 
 @dataclass
@@ -94,6 +98,14 @@ class ExperimentConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def checkpoint_config(config: ExperimentConfig) -> CheckpointConfig:
+    """The checkpoint component's settings. Its keys stay under `train:` (stable YAML, --set
+    and MLflow params), next to the storage retry budget they share with the data reader."""
+    return CheckpointConfig(directory=config.train.checkpoint_dir or config.run_dir / "checkpoints",
+                            every=config.train.checkpoint_every, keep_last=config.train.keep_last_checkpoints,
+                            staging=config.run_dir / STAGING)
 
 
 def method_hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
@@ -176,14 +188,17 @@ def _convert(value: Any, expected: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if expected is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # nan passes every `<` check after this one
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return float(number)
     if expected is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")

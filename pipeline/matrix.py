@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import console
+from pipeline import checkpoints, console
 from pipeline.config import from_dict, load_config
 from pipeline.errors import ConfigError, GapmError
 from pipeline.stopping import EXIT_RESUMABLE
@@ -168,10 +168,11 @@ def is_evaluated(matrix: MatrixConfig, element: Element) -> bool:
 
 
 def final_checkpoint(directory: Path) -> Path:
-    found = sorted(p for p in (directory / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
-    if not found:
+    """The run's newest complete checkpoint (the checkpoint component decides what is complete)."""
+    found = checkpoints.latest_checkpoint(directory / "checkpoints")
+    if found is None:
         raise GapmError(f"{directory} finished training but holds no checkpoint; delete the folder and rerun the element")
-    return found[-1]
+    return Path(found)
 
 
 def _environment(matrix: MatrixConfig) -> dict[str, str]:

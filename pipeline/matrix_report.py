@@ -34,7 +34,7 @@ from pipeline.matrix import (
     final_checkpoint,
     run_dir,
 )
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 
 
 @dataclass
@@ -177,7 +177,7 @@ def write_matrix_figures(matrix: MatrixConfig, path: Path) -> Path | None:
     for element in expand(matrix):
         directory = run_dir(matrix, element)
         if element.row in models or not (directory / "metrics.json").is_file() \
-                or not checkpoints.list_checkpoints(directory / "checkpoints"):
+                or checkpoints.latest_checkpoint(directory / "checkpoints") is None:
             continue
         model, _ = checkpoints.load_model(final_checkpoint(directory))
         models[element.row] = model

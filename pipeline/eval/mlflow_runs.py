@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from gapm import Method
+from pipeline import checkpoints
 from pipeline.data import storage
 from pipeline.data.sources import DataConfig
-from pipeline.train import checkpoints
 
 log = logging.getLogger(__name__)
 

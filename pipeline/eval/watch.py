@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from gapm import Method
+from pipeline import checkpoints
 from pipeline.data import sources, storage
 from pipeline.data.sources import DataConfig
 from pipeline.eval import fid
 from pipeline.eval.claims import DEFAULT_TTL_S, ClaimStore
 from pipeline.eval.settings import EvalConfig, EvalSettings
-from pipeline.train import checkpoints
 
 log = logging.getLogger(__name__)
 from pipeline.eval.mlflow_runs import (
@@ -137,7 +137,7 @@ def checkpoints_of_run(client: Any, run: Any) -> dict[int, list[str]]:
         directory = latest.rstrip("/").rsplit("/", 1)[0]
         try:
             if checkpoints.is_remote(directory) or Path(directory).is_dir():
-                for location in checkpoints.list_checkpoints(directory):
+                for location in checkpoints.Checkpointer.at(directory).list():
                     step = _step_of(checkpoints.checkpoint_basename(location))
                     if step is not None:
                         found.setdefault(step, []).append(str(location))
@@ -356,11 +356,9 @@ class Watcher:
             sources = ([record["checkpoint"]] if record.get("checkpoint") else []) + found.get(step, [])
             with tempfile.TemporaryDirectory() as scratch:
                 _, _, local = load_candidate(self.client, Candidate(run, step, sources), scratch)
-                if local is None:  # an s3:// checkpoint: fetch the two files
-                    local = Path(scratch) / "checkpoint"
+                if local is None:  # an s3:// checkpoint: its two files, verified against meta.json
                     remote = next(s for s in sources if checkpoints.is_remote(s))
-                    for file_name in (checkpoints.META_FILE, checkpoints.MODEL_FILE):
-                        storage.download_file(checkpoints.child(remote, file_name), str(local / file_name))
+                    local = checkpoints.local_copy(remote, str(Path(scratch) / "checkpoint"))
                 logged = registry.log_model(self.client, run_id, local)
         return registry.register_logged_model(self.client, name, logged)
 

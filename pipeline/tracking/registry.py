@@ -38,11 +38,11 @@ from mlflow.tracking import MlflowClient
 
 import gapm
 from gapm import Method
+from pipeline import checkpoints
 from pipeline.data import sources
 from pipeline.errors import GapmError
 from pipeline.tracking import served_model
 from pipeline.tracking.served_model import META, WEIGHTS
-from pipeline.train import checkpoints
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
 CHECKPOINT_STEP_TAG = "gapm.checkpoint_step"
@@ -149,9 +149,9 @@ def log_model(client: MlflowClient, run_id: str, checkpoint: checkpoints.Checkpo
     try:
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "model"
+            files = checkpoints.local_copy(checkpoint, scratch)  # verified against meta.json
             save_pyfunc_model(
-                local, checkpoints.local_file(checkpoint, checkpoints.MODEL_FILE, scratch),
-                checkpoints.local_file(checkpoint, checkpoints.META_FILE, scratch), meta,
+                local, str(files / checkpoints.MODEL_FILE), str(files / checkpoints.META_FILE), meta,
                 mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
                                    run_id=run_id, model_id=logged.model_id))
             client.log_model_artifacts(logged.model_id, str(local))

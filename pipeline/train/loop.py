@@ -27,12 +27,20 @@ from tqdm.auto import tqdm
 
 from gapm import Method, build_model
 from pipeline import console
-from pipeline.config import ExperimentConfig, method_hyperparameters, optimizer_settings, to_dict
+from pipeline.checkpoints import (
+    Checkpoint,
+    CheckpointMeta,
+    Checkpointer,
+    NoSpaceLeft,
+    UnwritableLocation,
+    disk_failure,
+)
+from pipeline.config import ExperimentConfig, checkpoint_config, method_hyperparameters, optimizer_settings, to_dict
 from pipeline.data import sources, storage
+from pipeline.errors import GapmError
 from pipeline.stopping import StopRequest, TrainingInterrupted
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
-from pipeline.train import checkpoint_uploads, checkpoints, outputs
-from pipeline.train.checkpoint_uploads import RemoteCheckpointWriter
+from pipeline.train import outputs
 from pipeline.train.distributed import (
     average_batchnorm_statistics,
     check_world_size,
@@ -63,15 +71,14 @@ class Run:
     accelerator: Accelerator
     tracker: Tracker
     model: Method
-    checkpoints_dir: checkpoints.Checkpoint
+    checkpointer: Checkpointer
     engines: Engines | None = None
-    uploads: RemoteCheckpointWriter | None = None  # rank 0, s3:// checkpoints only
     source: Any = None  # a sources.*Batches: this rank's batches, epoch by epoch
     batches: Any = None  # endless iterator over `source` from `position`
     position: sources.StreamPosition = field(default_factory=sources.StreamPosition)
-    resumed_from: checkpoints.CheckpointMeta | None = None
+    resumed_from: CheckpointMeta | None = None
     step: int = 0  # iterations completed over all stages
-    last_saved: checkpoints.Checkpoint | None = None
+    last_saved: Checkpoint | None = None
 
     @property
     def is_main(self) -> bool:
@@ -108,62 +115,29 @@ def prepare(config: ExperimentConfig, tracker: Tracker | None) -> Run:
     sources.check_sources(config.data, config.model.data_shape)
     # Every storage call of this process and its loader workers retries outages this long.
     os.environ[storage.RETRY_BUDGET_ENV] = str(config.train.storage_retry_seconds)
-    run_dir = config.run_dir
-    checkpoints_dir = config.train.checkpoint_dir or run_dir / "checkpoints"
-    if not checkpoints.is_remote(checkpoints_dir):
-        checkpoints_dir = Path(checkpoints_dir)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        write_run_directory(config)
     # Only rank 0 tracks: the run directory record, plus MLflow unless tracking.enabled is false.
-    tracker = (tracker or default_tracker(config, run_dir)) if accelerator.is_main_process else NullTracker()
+    tracker = (tracker or default_tracker(config, config.run_dir)) if accelerator.is_main_process else NullTracker()
     set_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model.kind, config.model.shape(), **method_hyperparameters(config))
-    run = Run(config, accelerator, tracker, model, checkpoints_dir)
-    if checkpoints.is_remote(checkpoints_dir) and run.is_main:
-        staging = run_dir / checkpoint_uploads.STAGING
-        checkpoint_uploads.upload_staged(staging, checkpoints_dir, config.train.keep_last_checkpoints)
-        run.uploads = RemoteCheckpointWriter(checkpoints_dir, staging, config.train.keep_last_checkpoints,
-                                             uploaded=tracker.log_checkpoint)
+    run = Run(config, accelerator, tracker, model, Checkpointer(checkpoint_config(config), tracker.log_checkpoint))
+    if run.is_main:  # checks the directory; s3://: uploads what an earlier launch left staged
+        run.checkpointer.start()
     accelerator.wait_for_everyone()  # the other ranks resume from what rank 0 has uploaded
     return run
 
 
-def resume_candidates(resume: str, checkpoints_dir: checkpoints.Checkpoint) -> list[checkpoints.Checkpoint]:
-    """'auto': the complete checkpoints, newest first; 'never': none; else that one path."""
-    if resume == "never":
-        return []
-    if resume == "auto":
-        return list(reversed(checkpoints.list_checkpoints(checkpoints_dir)))
-    path = resume if checkpoints.is_remote(resume) else Path(resume)
-    checkpoints.read_meta(path)  # raises a clear error if it is not a complete checkpoint
-    return [path]
-
-
-def load_resume_state(run: Run, resume: str) -> tuple[checkpoints.Checkpoint | None, dict[str, Any]]:
-    """Loads the weights of the checkpoint to resume from into the model and returns it with
-    its training state. With 'auto', a damaged newest checkpoint (truncated, corrupt, refused)
-    is skipped with a warning naming it, for the newest one that loads."""
-    model = run.model
-    candidates = resume_candidates(resume, run.checkpoints_dir)
-    for index, checkpoint in enumerate(candidates):
-        try:
-            meta = checkpoints.read_meta(checkpoint)
-            checkpoints.check_compatible(meta, model.shape, checkpoint, model.kind)
-            checkpoints.load_model_weights(model, checkpoint)
-            state = checkpoints.load_training_state(checkpoint)
-        except checkpoints.DamagedCheckpoint as error:
-            if resume != "auto" or index == len(candidates) - 1:
-                raise
-            if run.is_main:
-                log.warning("not resuming from %s: %s; trying the checkpoint before it", checkpoint, error)
-            continue
-        run.resumed_from, run.step, run.last_saved = meta, meta.step, checkpoint
-        run.position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
-        if run.is_main:
-            log.info("resuming from %s (stage %d, step %d)", checkpoint, meta.stage, meta.step)
-        return checkpoint, state
-    return None, {}
+def write_run_directory(config: ExperimentConfig) -> None:
+    """The run directory and its config.yaml; a place that cannot be written is one line."""
+    try:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    except OSError as error:
+        failure = disk_failure(error, config.run_dir, "the run directory", setting="output_dir")
+        if failure is None:
+            raise
+        raise failure from None
 
 
 # --------------------------------------------------------------------------- restore
@@ -174,15 +148,19 @@ def restore(run: Run, resume: str) -> None:
     from (if any); then the distributed wrappers and this rank's data stream."""
     config, model = run.config, run.model
     optimizers = build_optimizers(model, config)
-    checkpoint, state = load_resume_state(run, resume)
-    for name, optimizer in optimizers.items():
-        if checkpoint is None:
-            break
-        if name in state["optimizers"]:
-            optimizer.load_state_dict(state["optimizers"][name])
-        elif run.is_main:
-            log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
-                        "its Adam moments restart", checkpoint, name)
+    stage_steps = [stage_length(config, stage) for stage in range(1, len(model.stages) + 1)]
+    restored = run.checkpointer.restore(resume, model, stage_steps, announce=run.is_main)
+    state: dict[str, Any] = {}
+    if restored is not None:
+        meta, state = restored.meta, restored.state
+        run.resumed_from, run.step, run.last_saved = meta, meta.step, restored.checkpoint
+        run.position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
+        for name, optimizer in optimizers.items():
+            if name in state["optimizers"]:
+                optimizer.load_state_dict(state["optimizers"][name])
+            elif run.is_main:
+                log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
+                            "its Adam moments restart", restored.checkpoint, name)
     run.engines = prepare_engines(run.accelerator, model, optimizers, config)
     scaler = run.accelerator.scaler
     if scaler is not None and "grad_scaler" in state and not run.engines.deepspeed:
@@ -261,7 +239,7 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
             wait_for_uploads(run, STOP_UPLOAD_WAIT_S)
             run.tracker.finish("KILLED")
             raise TrainingInterrupted(stop.signal_name, saved)
-        if done % config.train.checkpoint_every == 0 and done < total:
+        if done % run.checkpointer.config.every == 0 and done < total:
             save(run, stage, done)
     progress.close()
     save(run, stage, total)
@@ -303,40 +281,47 @@ class MetricWindow:
         return losses
 
 
-def save(run: Run, stage: int, stage_step: int) -> checkpoints.Checkpoint | None:
-    """A checkpoint of every rank's agreed state, written by rank 0 (None on other ranks)."""
+def save(run: Run, stage: int, stage_step: int) -> Checkpoint | None:
+    """A checkpoint of every rank's agreed state, written by rank 0 (None on other ranks).
+    Every rank stops if rank 0 could not write it, or could not upload an earlier one."""
     accelerator, model, config = run.accelerator, run.model, run.config
     average_batchnorm_statistics(model, accelerator)
     accelerator.wait_for_everyone()
-    saved = None
+    saved, failure = None, None
     if run.is_main:
         extra = {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
-        meta = checkpoints.CheckpointMeta(
+        meta = CheckpointMeta(
             stage=stage, step=run.step, stage_step=stage_step, data_epoch=run.position.epoch,
             data_batch_in_epoch=run.position.batch_in_epoch, model_shape=dataclasses.asdict(model.shape),
             experiment=config.name, model_kind=model.kind, hyperparameters=model.hyperparameters)
-        optimizers = run.engines.checkpointed_optimizers()
-        if run.uploads is not None:  # s3://: written locally now, uploaded in the background
-            staged = checkpoints.save_local(run.uploads.staging, model, optimizers, extra, meta)
-            saved = run.uploads.submit(staged)
-        else:
-            saved = checkpoints.save_checkpoint(run.checkpoints_dir, model, optimizers, extra, meta)
-            checkpoints.prune_checkpoints(run.checkpoints_dir, config.train.keep_last_checkpoints)
-            run.tracker.log_checkpoint(saved)
-        run.last_saved = saved
-    raise_if_an_upload_failed(run)
+        try:
+            saved = run.checkpointer.save(model, run.engines.checkpointed_optimizers(), extra, meta)
+            run.last_saved = saved
+        except (NoSpaceLeft, UnwritableLocation) as error:  # the earlier checkpoints stay
+            failure = error
+    stop_if_a_checkpoint_failed(run, failure)
     return saved
 
 
-def raise_if_an_upload_failed(run: Run) -> None:
-    """Every rank stops, resumably, once rank 0 could not upload a checkpoint for good."""
-    failed = run.uploads is not None and run.uploads.failure is not None
-    flag = torch.tensor([1.0 if failed else 0.0], device=run.accelerator.device)
-    if run.accelerator.reduce(flag, reduction="sum").item() > 0:
-        run.tracker.finish("KILLED")
-        if run.uploads is not None:
-            run.uploads.raise_if_failed()
-        raise TrainingInterrupted("a checkpoint upload that failed on rank 0", run.last_saved)
+def stop_if_a_checkpoint_failed(run: Run, write_failure: Exception | None = None) -> None:
+    """Every rank stops once rank 0 could not write a checkpoint (`write_failure`) or upload
+    one for good: with rank 0's error there (exit 2 or 75), a matching one elsewhere."""
+    failure = write_failure or run.checkpointer.upload_failure
+    bad_input = isinstance(failure, GapmError)
+    flags = torch.tensor([float(bad_input), float(failure is not None and not bad_input)],
+                         device=run.accelerator.device)
+    bad_input_anywhere, resumable_anywhere = run.accelerator.reduce(flags, reduction="sum").tolist()
+    if not (bad_input_anywhere or resumable_anywhere):
+        return
+    try:
+        run.tracker.finish("FAILED" if bad_input_anywhere else "KILLED")
+    except OSError as error:  # a full disk may refuse the tracker's last record too
+        log.warning("could not close the run's record: %s", error)
+    if failure is not None:
+        raise failure
+    if bad_input_anywhere:
+        raise UnwritableLocation("rank 0 could not write a checkpoint (its message says why)")
+    raise TrainingInterrupted("a checkpoint that rank 0 could not write or upload", run.last_saved)
 
 
 STOP_UPLOAD_WAIT_S = 60.0  # after a stop signal: the rest stays staged and goes up at the next launch
@@ -345,11 +330,9 @@ STOP_UPLOAD_WAIT_S = 60.0  # after a stop signal: the rest stays staged and goes
 def wait_for_uploads(run: Run, timeout_s: float | None = None) -> None:
     """Blocks until rank 0's background uploads are done (or `timeout_s` passed); all ranks
     learn if one failed for good."""
-    if run.uploads is not None and not run.uploads.drain(timeout_s):
-        log.warning("checkpoint uploads to %s still running after %.0f s; what is left stays in %s and is "
-                    "uploaded at the next launch", run.checkpoints_dir, timeout_s, run.uploads.staging)
+    run.checkpointer.wait_for_uploads(timeout_s)
     run.accelerator.wait_for_everyone()
-    raise_if_an_upload_failed(run)
+    stop_if_a_checkpoint_failed(run)
 
 
 # --------------------------------------------------------------------------- finish
@@ -380,7 +363,6 @@ def finish(run: Run) -> TrainResult:
         if last_stage_trained and run.last_saved is not None:  # a usable generator
             run.tracker.log_model(run.last_saved)  # MLflow: logged as the run's model and registered
         run.tracker.finish("FINISHED")
-        if run.uploads is not None:
-            run.uploads.close()
+        run.checkpointer.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=config.run_dir, final_checkpoint=run.last_saved, metrics=metrics)

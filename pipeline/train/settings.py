@@ -28,7 +28,7 @@ class OptimizerConfig:
     final_lr_fraction: float = 0.0  # the learning rate at the end of the stage, as a fraction of `lr`
 
     def validate(self, key: str) -> None:
-        if self.lr <= 0:
+        if not self.lr > 0:  # also nan
             raise ConfigError(f"config key '{key}.lr' must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"config key '{key}.betas' must be two numbers in [0, 1), got {self.betas}")

@@ -20,7 +20,7 @@ from helpers import (
     tiny_overrides,  # noqa: E402
 )
 
-from pipeline.train import checkpoints  # noqa: E402
+from pipeline import checkpoints  # noqa: E402
 
 TINY = tiny_overrides(stage1_steps=10, stage2_steps=6, batch_size=32, samples=256, test_samples=64, width=16,
                       checkpoint_every=5, log_every=5, eval_samples=64, discriminator_steps=1)

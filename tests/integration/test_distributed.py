@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import ROOT, free_port, tiny_overrides
 
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 
 TINY = tiny_overrides(stage1_steps=20, stage2_steps=10, batch_size=None, log_every=5)
 

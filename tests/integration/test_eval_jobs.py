@@ -42,7 +42,7 @@ from pipeline.eval.mlflow_runs import parse_result_tag
 from pipeline.eval.settings import EvalSettings
 from pipeline.eval.watch import WatchOptions, watch
 from pipeline.tracking import registry
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 from pipeline.train.loop import train
 
 SAMPLES = "120"
@@ -270,7 +270,7 @@ def random_image_checkpoint(directory: Path, step: int = 7) -> Path:
                        latent_discriminator_widths=[16])
     meta = checkpoints.CheckpointMeta(stage=2, step=step, stage_step=step, data_epoch=0, data_batch_in_epoch=0,
                                       model_shape=dataclasses.asdict(shape), experiment="random")
-    return Path(checkpoints.save_checkpoint(directory, GAPM(shape).eval(), {}, {}, meta))
+    return Path(checkpoints.Checkpointer.at(directory).save(GAPM(shape).eval(), {}, {}, meta))
 
 
 @pytest.mark.slow  # two processes over gloo: ~20 s on a small CPU

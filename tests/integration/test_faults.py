@@ -1,6 +1,7 @@
 """Faults injected into training — a kill between checkpoints, a damaged checkpoint, a storage
 outage, a full disk, bad input — and what must hold: nothing lost, exact resume, one clear line."""
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,8 @@ from pipeline.data.shards import convert_dataset
 from pipeline.errors import DataError, GapmError
 from pipeline.stopping import TrainingInterrupted
 from pipeline.tracking.tracker import RunDirectoryTracker
-from pipeline.train import checkpoints
+from pipeline import checkpoints
+from pipeline.checkpoints.meta import file_record
 from pipeline.train.loop import train
 
 IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=16", "model.prior_dim=16",
@@ -172,8 +174,16 @@ def test_a_malicious_training_state_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"optimizers": {}, "payload": RunsCode()}, checkpoint / checkpoints.STATE_FILE)
     from pipeline import cli
 
-    status = cli.main(["train", "--config", str(ROOT / "configs/swissroll.yaml"), "--resume", str(checkpoint),
-                       *[a for o in [f"output_dir={tmp_path}", *tiny_overrides(stage1_steps=20)] for a in ("--set", o)]])
+    arguments = ["train", "--config", str(ROOT / "configs/swissroll.yaml"), "--resume", str(checkpoint),
+                 *[a for o in [f"output_dir={tmp_path}", *tiny_overrides(stage1_steps=20)] for a in ("--set", o)]]
+    assert cli.main(arguments) == 2  # the file no longer matches the size and digest meta.json records
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training_state.pt is truncated or replaced" in err, err
+    # Whoever swapped the file also rewrote meta.json's record of it: weights_only still refuses it.
+    meta = json.loads((checkpoint / checkpoints.META_FILE).read_text())
+    meta["files"][checkpoints.STATE_FILE] = file_record((checkpoint / checkpoints.STATE_FILE).read_bytes())
+    (checkpoint / checkpoints.META_FILE).write_text(json.dumps(meta))
+    status = cli.main(arguments)
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.count("\n") == 0, err
     assert "refused" in err and "could run code" in err and "weights_only" not in err
@@ -228,30 +238,12 @@ def test_a_checkpoint_is_never_deleted_before_its_replacement_is_complete(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_local(directory, model, {}, {}, meta)  # the same step again
     monkeypatch.undo()
-    checkpoints.prune_checkpoints(directory, keep_last=3)  # what the next save does first
+    checkpoints.Checkpointer.at(directory).prune()  # what the next save does first (keeps 3)
     assert checkpoints.latest_checkpoint(directory).name == result.final_checkpoint.name
     assert (result.final_checkpoint / checkpoints.MODEL_FILE).read_bytes() == before
 
 
-def test_a_full_disk_while_checkpointing_is_one_line_naming_the_place_and_the_space(tmp_path, capsys):
-    full = tmp_path / "small-disk"
-    full.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip("a small tmpfs cannot be mounted here (needs root); the ENOSPC path is untested")
-    try:
-        from pipeline import cli
-
-        overrides = [f"output_dir={tmp_path}", f"train.checkpoint_dir={full}", *tiny_overrides(stage1_steps=20)]
-        status = cli.main(["train", "--config", str(ROOT / "configs/swissroll.yaml"),
-                           *[a for o in overrides for a in ("--set", o)]])
-        err = capsys.readouterr().err.strip()
-        assert status == 2 and err.count("\n") == 0, err
-        assert "no space left" in err and str(full) in err and "MiB free" in err
-        assert not [p for p in full.iterdir() if p.name.startswith(".tmp")]  # no half-written leftovers
-    finally:
-        subprocess.run(["umount", str(full)], capture_output=True)
+# A full disk, `ulimit -f`, read-only and blocked directories: tests/integration/test_disk_faults.py
 
 
 # --------------------------------------------------------------------------- bad input, start-up

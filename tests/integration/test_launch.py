@@ -30,7 +30,7 @@ from helpers import ROOT, clean_environment, free_port, tiny_overrides
 
 from pipeline.cli import build_parser
 from pipeline.config import ExperimentConfig, load_config
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 
 LAUNCH = ROOT / "launch"
 K8S = LAUNCH / "k8s"

@@ -19,7 +19,7 @@ import pytest
 from helpers import ROOT, clean_environment, tiny_overrides
 from slurm_cluster import SlurmCluster
 
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 
 # The README's local recipe (Running on clusters > Local multi-node runs): the emulated nodes
 # have no GPUs and two CPUs each, so the scripts' GPU and CPU requests are overridden.

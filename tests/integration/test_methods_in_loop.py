@@ -5,7 +5,7 @@ from helpers import tiny_overrides
 
 from gapm import GAPM, METHODS
 from pipeline.config import ConfigError, load_config
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 from pipeline.train.loop import train
 
 def tiny(kind):

@@ -35,7 +35,7 @@ from pipeline.tracking.tracker import (
     git_commit,
     mask_secrets,
 )
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 from pipeline.train.loop import train
 
 REPO = ROOT

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline import cli
 from pipeline.config import load_config
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 from pipeline.train.loop import train
 
 TINY = tiny_overrides()

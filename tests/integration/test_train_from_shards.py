@@ -12,7 +12,7 @@ from helpers import ROOT, tiny_overrides
 from pipeline.config import load_config
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset
-from pipeline.train import checkpoints
+from pipeline import checkpoints
 from pipeline.train.loop import train
 
 TINY = tiny_overrides(stage1_steps=12, stage2_steps=6, batch_size=32, samples=None, test_samples=None, width=16,

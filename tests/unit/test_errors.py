@@ -9,7 +9,7 @@ from pipeline.errors import DataError, GapmError
 from pipeline.eval.fid import FidError
 from pipeline.eval.scoring import EvalError
 from pipeline.tracking.registry import RegistryError
-from pipeline.train.checkpoints import CheckpointError
+from pipeline.checkpoints import CheckpointError
 
 
 def test_every_user_facing_error_shares_one_base():

@@ -7,6 +7,11 @@ goes on meanwhile.
 If an upload still fails, training stops with the resumable status (exit 75) at the next
 checkpoint or at the end; the staged checkpoints stay on local disk, and the next launch uploads
 them before it resumes — nothing is lost and nothing is reported as an input error.
+
+A staged checkpoint is removed only after its upload, and whole (renamed away first). One that
+is nonetheless partial at the next launch — a file missing or truncated, e.g. a kill while an
+older version deleted it — is never uploaded: it is set aside as `.incomplete-step-...` with a
+warning, and the remote checkpoints stay as they are.
 """
 
 from __future__ import annotations
@@ -15,16 +20,18 @@ import logging
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.checkpoints.errors import DamagedCheckpoint
+from pipeline.checkpoints.local import discard
+from pipeline.checkpoints.locations import step_of
+from pipeline.checkpoints.remote import prune_remote, upload_checkpoint
 from pipeline.data import storage
 from pipeline.stopping import TrainingInterrupted
-from pipeline.train import checkpoints
 
 log = logging.getLogger(__name__)
-
-STAGING = ".checkpoint-uploads"
 
 
 class CheckpointUploadFailed(TrainingInterrupted):
@@ -37,17 +44,34 @@ class CheckpointUploadFailed(TrainingInterrupted):
 
 
 def staged_checkpoints(staging: Path) -> list[Path]:
-    """Complete checkpoints waiting in `staging`, oldest first."""
-    return checkpoints.list_checkpoints(staging) if staging.is_dir() else []
+    """Every `step-*` directory waiting in `staging`, complete or not, oldest first."""
+    if not staging.is_dir():
+        return []
+    return sorted((p for p in staging.iterdir() if step_of(p.name) is not None), key=lambda p: step_of(p.name))
+
+
+def set_aside(staged: Path, why: DamagedCheckpoint) -> Path:
+    aside = staged.with_name(f".incomplete-{staged.name}-{time.time_ns()}")
+    staged.rename(aside)
+    log.warning("staged checkpoint %s is incomplete (%s): not uploaded, set aside as %s; the uploaded checkpoints "
+                "are untouched", staged.name, why, aside)
+    return aside
 
 
 def upload_staged(staging: Path, destination: str, keep_last: int) -> None:
-    """At start-up: uploads what an earlier launch could not (oldest first), then prunes."""
+    """At start-up: uploads what an earlier launch could not (oldest first), then prunes. A
+    partial staged checkpoint is set aside, never uploaded."""
+    for leftover in (*staging.glob(".tmp-step-*"), *staging.glob(".discarded-step-*")):
+        shutil.rmtree(leftover, ignore_errors=True)  # never complete: a write or a removal cut short
     for staged in staged_checkpoints(staging):
-        log.warning("uploading checkpoint %s left by an earlier launch to %s", staged.name, destination)
-        checkpoints.upload_checkpoint(staged, destination)
-        shutil.rmtree(staged, ignore_errors=True)
-        checkpoints.prune_checkpoints(destination, keep_last)
+        try:
+            log.warning("uploading checkpoint %s left by an earlier launch to %s", staged.name, destination)
+            upload_checkpoint(staged, destination)
+        except DamagedCheckpoint as why:
+            set_aside(staged, why)
+            continue
+        discard(staged)
+        prune_remote(destination, keep_last)
 
 
 class RemoteCheckpointWriter:
@@ -64,7 +88,7 @@ class RemoteCheckpointWriter:
     def submit(self, staged: Path) -> str:
         """Queues a complete local checkpoint; returns the URL it will have."""
         self._queue.put(staged)
-        return checkpoints.child(self.destination, staged.name)
+        return storage.join_url(self.destination, staged.name)
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Waits until every queued checkpoint is up (or one failed for good); False if
@@ -72,10 +96,6 @@ class RemoteCheckpointWriter:
         done = threading.Event()
         threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
         return done.wait(timeout_s)
-
-    def raise_if_failed(self) -> None:
-        if self.failure is not None:
-            raise self.failure
 
     def close(self) -> None:
         self._queue.put(None)
@@ -94,11 +114,11 @@ class RemoteCheckpointWriter:
 
     def _upload(self, staged: Path) -> None:
         try:
-            url = checkpoints.upload_checkpoint(staged, self.destination)
-            checkpoints.prune_checkpoints(self.destination, self.keep_last)
-        except storage.StorageError as error:
+            url = upload_checkpoint(staged, self.destination)
+            prune_remote(self.destination, self.keep_last)
+        except (storage.StorageError, DamagedCheckpoint, OSError) as error:
             log.error("checkpoint %s: upload to %s failed: %s", staged.name, self.destination, error)
             self.failure = CheckpointUploadFailed(staged, self.destination, error)
             return
-        shutil.rmtree(staged, ignore_errors=True)
+        discard(staged)
         self.uploaded(url)
