@@ -16,6 +16,7 @@ from pipeline.cli_arguments import (
 from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
+from pipeline.tracking.redaction import redact
 
 
 def command_train(args: argparse.Namespace, stop=None) -> int:
@@ -185,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:
         if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
-            print(f"gapm {args.command}: {stopped}", file=sys.stderr)
+            print(redact(f"gapm {args.command}: {stopped}"), file=sys.stderr)
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
-        print(f"gapm {args.command}: error: {error}", file=sys.stderr)
+        print(redact(f"gapm {args.command}: error: {error}"), file=sys.stderr)
         return 2
     finally:
         if stop is not None:

@@ -30,6 +30,7 @@ from pipeline import console
 from pipeline.config import ExperimentConfig, method_hyperparameters, to_dict
 from pipeline.data import sources, storage
 from pipeline.stopping import StopRequest, TrainingInterrupted
+from pipeline.tracking.redaction import redact_mapping
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
 from pipeline.train import checkpoint_uploads, checkpoints, outputs
 from pipeline.train.checkpoint_uploads import RemoteCheckpointWriter
@@ -115,7 +116,8 @@ def prepare(config: ExperimentConfig, tracker: Tracker | None) -> Run:
         checkpoints_dir = Path(checkpoints_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        # The resolved config, secrets masked (a token in a URL stays out of the run directory).
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(redact_mapping(to_dict(config)), sort_keys=False))
     # Only rank 0 tracks: the run directory record, plus MLflow unless tracking.enabled is false.
     tracker = (tracker or default_tracker(config, run_dir)) if accelerator.is_main_process else NullTracker()
     set_seed(config.seed)  # identical initial weights on every rank
