@@ -5,6 +5,7 @@ and real `gapm train` processes killed with SIGKILL."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def fake_checkpoint(directory: Path, size: int = 64) -> Path:
     return directory
 
 
-def test_reconcile_sends_only_what_the_run_lacks(mlflow_server, tmp_path):
+def test_reconcile_sends_only_what_the_run_lacks(mlflow_server, tmp_path, caplog):
     """A record some of which reached the run (an acknowledgement lost in between), a torn
     last line, a step recorded twice, checkpoints local, staged, half-staged and half-uploaded:
     two starts later the run holds each recorded value exactly once per record line and every
@@ -74,19 +75,25 @@ def test_reconcile_sends_only_what_the_run_lacks(mlflow_server, tmp_path):
     rows = [{"step": s, "time": 1000.0 + s, "stage1/loss": 1.0 / s, "stage1/lr": 0.001} for s in (5, 10, 15, 20)]
     rows.append({"step": 15, "time": 2000.0, "stage1/loss": 1.0 / 15, "stage1/lr": 0.001})  # re-trained after a resume
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 25, "ti')
-    # Delivered before the trainer died, its acknowledgement lost: must not be sent again.
-    client.log_batch(run_id, metrics=[Metric("stage1/loss", 1.0 / s, int((1000.0 + s) * 1000), s) for s in (5, 10)])
+    # Delivered before the trainer died, its acknowledgement lost: must not be sent again. The
+    # outbox stamps a value with its own clock, a little after the record's (with the very same
+    # timestamp MLflow's SQL store would drop the copy itself).
+    client.log_batch(run_id, metrics=[Metric("stage1/loss", 1.0 / s, int((1000.0 + s) * 1000) + 3, s)
+                                      for s in (5, 10)])
     fake_checkpoint(run_dir / "checkpoints" / "step-00000020")
     fake_checkpoint(run_dir / UPLOAD_STAGING / "step-00000010-17")  # pruned before its upload
     fake_checkpoint(run_dir / UPLOAD_STAGING / ".step-00000015-18.partial")  # linking cut short
     half = fake_checkpoint(tmp_path / "half")  # an upload cut short: meta.json only
     client.log_artifact(run_id, str(half / "meta.json"), "checkpoints/step-00000020")
 
+    caplog.set_level(logging.INFO, logger="pipeline.tracking")
     for _ in range(2):  # the second start finds nothing to send
         tracker = MlflowTracker(run_dir, experiment, tracking_uri=mlflow_server.url, system_metrics=False)
         assert tracker.flush(timeout_s=60)
         tracker.finish()
         assert tracker.run_id == run_id
+    sent = [r.getMessage() for r in caplog.records if "earlier processes could not" in r.getMessage()]
+    assert len(sent) == 1 and "8 metric values, 2 checkpoints" in sent[0], sent
 
     assert held(client, run_id, ["stage1/loss", "stage1/lr"]) == {
         "stage1/loss": Counter({(5, 1 / 5): 1, (10, 1 / 10): 1, (15, 1 / 15): 2, (20, 1 / 20): 1}),
@@ -142,11 +149,13 @@ def test_kill_9_while_mlflow_is_down_then_relaunch_delivers_every_value_and_chec
         process.send_signal(signal.SIGSTOP)  # MLflow goes down between two steps
         server.kill()
         outage_from = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        outage_step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
         process.send_signal(signal.SIGCONT)
 
-        def checkpoints_during_outage() -> list[str]:
-            return sorted(p.name for p in (run_dir / UPLOAD_STAGING).glob("step-*"))
-        wait_for(lambda: len(checkpoints_during_outage()) >= 2, 180, "two checkpoints during the outage", process)
+        def newest_checkpoint_step() -> int:
+            return max((int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")), default=0)
+        wait_for(lambda: newest_checkpoint_step() >= outage_step + 80, 180, "two checkpoints during the outage",
+                 process)
         process.kill()  # SIGKILL: no atexit, no finish, the outbox dies with it
         process.wait(timeout=30)
     finally:
