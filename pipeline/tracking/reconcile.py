@@ -101,16 +101,30 @@ def read_record(path: Path, end: int) -> list[RecordedValue]:
     not JSON (cut by a crash while written) is skipped."""
     try:
         with open(path, "rb") as record:
-            data = record.read(end)
+            return [value for line in _lines_before(record, end) for value in _row_values(line)]
     except FileNotFoundError:
         return []
+
+
+def _lines_before(record: Any, end: int) -> Iterable[bytes]:
+    """The lines of an open file within its first `end` bytes, read as they come."""
+    remaining = end
+    for line in record:
+        if remaining <= 0:
+            return
+        yield line[:remaining]
+        remaining -= len(line)
+
+
+def _row_values(line: bytes) -> list[RecordedValue]:
+    """The metric values of one metrics.jsonl line; none for a line that is not a row."""
     values: list[RecordedValue] = []
-    for line in data.splitlines():
+    if line:
         try:
             row = json.loads(line)
             step, milliseconds = int(row["step"]), int(float(row["time"]) * 1000)
         except (ValueError, KeyError, TypeError):
-            continue
+            return values
         for key, value in row.items():
             if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 values.append((key, float(value), milliseconds, step))

@@ -83,7 +83,11 @@ class RunDirectoryTracker:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        path = self.run_dir / "metrics.jsonl"
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes()[-1:] == b"\n"
+        self.metrics_file = path.open("a")
+        if torn:  # a process died while writing its last line: the next row starts a line of its own
+            self.metrics_file.write("\n")
 
     def log_params(self, params: dict[str, Any]) -> None:
         (self.run_dir / "params.json").write_text(json.dumps(flatten(redact_mapping(params)), indent=1, default=str))

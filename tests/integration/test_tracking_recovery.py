@@ -74,6 +74,7 @@ def test_reconcile_sends_only_what_the_run_lacks(mlflow_server, tmp_path, caplog
     (run_dir / RUN_ID_FILE).write_text(run_id + "\n")
     rows = [{"step": s, "time": 1000.0 + s, "stage1/loss": 1.0 / s, "stage1/lr": 0.001} for s in (5, 10, 15, 20)]
     rows.append({"step": 15, "time": 2000.0, "stage1/loss": 1.0 / 15, "stage1/lr": 0.001})  # re-trained after a resume
+    rows.append({"step": 20, "time": 2001.0, "stage1/diverged": float("nan"), "stage1/huge": float("inf")})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 25, "ti')
     # Delivered before the trainer died, its acknowledgement lost: must not be sent again. The
     # outbox stamps a value with its own clock, a little after the record's (with the very same
@@ -93,16 +94,27 @@ def test_reconcile_sends_only_what_the_run_lacks(mlflow_server, tmp_path, caplog
         tracker.finish()
         assert tracker.run_id == run_id
     sent = [r.getMessage() for r in caplog.records if "earlier processes could not" in r.getMessage()]
-    assert len(sent) == 1 and "8 metric values, 2 checkpoints" in sent[0], sent
+    assert len(sent) == 1 and "10 metric values, 2 checkpoints" in sent[0], sent
 
     assert held(client, run_id, ["stage1/loss", "stage1/lr"]) == {
         "stage1/loss": Counter({(5, 1 / 5): 1, (10, 1 / 10): 1, (15, 1 / 15): 2, (20, 1 / 20): 1}),
         "stage1/lr": Counter({(5, 0.001): 1, (10, 0.001): 1, (15, 0.001): 2, (20, 0.001): 1})}
+    assert [m.step for m in client.get_metric_history(run_id, "stage1/diverged")] == [20]  # NaN: sent once
+    assert [m.value for m in client.get_metric_history(run_id, "stage1/huge")] == [sys.float_info.max]
     assert checkpoint_artifacts(client, run_id) == {"step-00000010": CHECKPOINT_FILES,
                                                     "step-00000020": CHECKPOINT_FILES}
     assert not list((run_dir / UPLOAD_STAGING).iterdir())  # delivered: nothing left staged
     timestamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "stage1/lr")}
     assert timestamps[20] == 1_020_000  # the record's own time, not the time of the delivery
+
+
+def test_a_line_torn_by_a_crash_does_not_swallow_the_next_row(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "time": 1.0, "a": 1.0}\n{"step": 10, "ti')
+    tracker = RunDirectoryTracker(tmp_path)
+    tracker.log_metrics({"a": 2.0}, 15)
+    tracker.finish()
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and json.loads(rows[-1])["a"] == 2.0
 
 
 def trainer(config_overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
