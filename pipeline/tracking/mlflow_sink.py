@@ -155,10 +155,9 @@ class MlflowTracker:
                               max_buffered_metrics=max_buffered_metrics, max_metrics_per_batch=MAX_METRICS_PER_BATCH,
                               thread_name="mlflow-tracker")
         # Before this process logs anything: what the earlier ones left, delivered first.
-        checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else self.run_dir / "checkpoints"
-        if "://" in str(checkpoints_dir) or not log_checkpoints:
-            checkpoints_dir = None  # s3:// checkpoints are referenced, not uploaded
-        earlier = EarlierRecord.snapshot(self.run_dir, checkpoints_dir)
+        checkpoints_dir = str(checkpoints_dir or self.run_dir / "checkpoints")
+        uploaded = log_checkpoints and "://" not in checkpoints_dir  # s3:// ones are referenced, not uploaded
+        earlier = EarlierRecord.snapshot(self.run_dir, Path(checkpoints_dir) if uploaded else None)
         if earlier:
             self._outbox.add_call("what earlier processes could not deliver", lambda: self._reconcile(earlier))
         # A training that dies with an exception never calls finish: mark its run FAILED and
