@@ -175,8 +175,9 @@ class EarlierRecord:
 
     @classmethod
     def snapshot(cls, run_dir: Path, checkpoints_dir: Path | None) -> "EarlierRecord":
-        """Notes the record before this process logs anything; stages the complete checkpoints
-        of `checkpoints_dir` (None: checkpoints are not uploaded) not staged yet."""
+        """Notes the record before this process logs anything, and stages (hard links) the
+        complete checkpoints of `checkpoints_dir` (None: checkpoints are not uploaded), so that
+        this process's pruning cannot take one away before it is found delivered or uploaded."""
         run_dir = Path(run_dir)
         try:
             metrics_end = (run_dir / METRICS_RECORD).stat().st_size

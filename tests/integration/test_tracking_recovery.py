@@ -133,7 +133,7 @@ def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen |
         time.sleep(0.05)
 
 
-@pytest.mark.slow  # two trainings in subprocesses, a server killed and restarted: ~60 s
+@pytest.mark.slow  # two trainings in subprocesses, a server killed and restarted: ~90 s
 def test_kill_9_while_mlflow_is_down_then_relaunch_delivers_every_value_and_checkpoint(
         mlflow_server_factory, tmp_path):
     """Issue 24 item 5: MLflow up at the start, down from mid stage 1; the trainer is killed
@@ -144,7 +144,9 @@ def test_kill_9_while_mlflow_is_down_then_relaunch_delivers_every_value_and_chec
     server.wait_until_healthy()
     name = f"k{uuid.uuid4().hex[:8]}"
     overrides = [f"name={name}", f"output_dir={tmp_path}", "train.keep_last_checkpoints=1",
-                 *tiny_overrides(stage1_steps=400, stage2_steps=40, checkpoint_every=40, log_every=10, tracking=True),
+                 # long enough that MLflow's first deliveries, which race the training, come well before its end
+                 *tiny_overrides(stage1_steps=2000, stage2_steps=100, checkpoint_every=100, log_every=20,
+                                 tracking=True),
                  "tracking.system_metrics=false"]
     env = clean_environment(MLFLOW_TRACKING_URI=server.url, GAPM_LOG_LEVEL="INFO")
     run_dir = tmp_path / name
@@ -166,7 +168,7 @@ def test_kill_9_while_mlflow_is_down_then_relaunch_delivers_every_value_and_chec
 
         def newest_checkpoint_step() -> int:
             return max((int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")), default=0)
-        wait_for(lambda: newest_checkpoint_step() >= outage_step + 80, 180, "two checkpoints during the outage",
+        wait_for(lambda: newest_checkpoint_step() >= outage_step + 200, 180, "two checkpoints during the outage",
                  process)
         process.kill()  # SIGKILL: no atexit, no finish, the outbox dies with it
         process.wait(timeout=30)
@@ -187,9 +189,9 @@ def test_kill_9_while_mlflow_is_down_then_relaunch_delivers_every_value_and_chec
     assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id  # the same MLflow run, continued
     record = recorded(run_dir)
     assert held(client, run_id, record) == record
-    assert sum(record["stage1/reconstruction_mse"].values()) >= 40  # every 10 steps, some logged twice
+    assert sum(record["stage1/reconstruction_mse"].values()) >= 100  # every 20 steps, some logged twice
     artifacts = checkpoint_artifacts(client, run_id)
-    assert sorted(artifacts) == [f"step-{s:08d}" for s in range(40, 441, 40)]
+    assert sorted(artifacts) == [f"step-{s:08d}" for s in range(100, 2101, 100)]
     assert all(files == CHECKPOINT_FILES for files in artifacts.values()), artifacts
     assert not list((run_dir / UPLOAD_STAGING).glob("*"))
     run = client.get_run(run_id)
