@@ -19,6 +19,7 @@ from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
 from pipeline.matrix_commands import add_matrix_commands
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
+from pipeline.tracking.redaction import redact
 
 
 def command_train(args: argparse.Namespace, stop=None) -> int:
@@ -200,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:
         if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
-            print(f"gapm {args.command}: {stopped}", file=sys.stderr)
+            print(redact(f"gapm {args.command}: {stopped}"), file=sys.stderr)
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
-        print(f"gapm {args.command}: error: {error}", file=sys.stderr)
+        print(redact(f"gapm {args.command}: error: {error}"), file=sys.stderr)
         return 2
     except OSError as error:  # a full disk or an unwritable place outside the checkpoints: one line too
         # imported here, not at the top: it loads torch, which must come after the stop handler

@@ -8,6 +8,9 @@
   warnings) show warnings and errors only, unless GAPM_LOG_LEVEL=DEBUG, which shows everything.
 * Progress bars: tqdm on stderr with counts and rates; in batch logs (no terminal: Slurm,
   Kubernetes, CI) they redraw every 30 s instead of 10 times a second. TQDM_DISABLE=1 hides them.
+* Secrets: every log record (any library's) and every line on stdout/stderr (MLflow prints its
+  "View run ... at: URL" itself) is redacted: passwords in URLs, tokens, keys
+  (pipeline.tracking.redaction).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipeline.errors import GapmError
+from pipeline.tracking.redaction import install_log_redaction, install_stdout_redaction, redact
 
 LOG_LEVEL_ENV = "GAPM_LOG_LEVEL"
 OWN_LOGGERS = ("pipeline", "gapm")
@@ -59,7 +63,7 @@ def report(*lines: str) -> None:
     """A command's result, printed to stdout by rank 0 only."""
     if is_main_process():
         for line in lines:
-            print(line, flush=True)
+            print(redact(line), flush=True)
 
 
 def log_level(value: str | None = None) -> int:
@@ -73,6 +77,8 @@ def configure_logging(level_name: str | None = None) -> None:
     """One handler on stderr; gapm's loggers at GAPM_LOG_LEVEL on rank 0 (WARNING on the other
     ranks), every library at WARNING unless the level is DEBUG."""
     level = log_level(level_name)
+    install_log_redaction()  # before any record: MLflow's and botocore's too
+    install_stdout_redaction()
     rank, ranks = process_rank(), world_size()
     own = level if rank == 0 else max(level, logging.WARNING)
     libraries = logging.DEBUG if level == logging.DEBUG else logging.WARNING

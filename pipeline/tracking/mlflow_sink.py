@@ -17,7 +17,13 @@ outages and delivers everything into the same run when the server is back. HTTP 
 inside MLflow are kept short (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=10
 unless already set) so an outage is noticed in seconds, not minutes. `finish` waits for
 delivery up to `finish_timeout_s` while MLflow is unreachable; whatever is still undelivered
-is named in a warning — the run directory keeps the full record either way.
+is named in a warning — the run directory keeps the full record either way, and the next
+start in the run directory delivers it: the first MLflow call of every start completes the
+run from the record the earlier processes left (metrics.jsonl, the checkpoints;
+pipeline.tracking.reconcile), so a process killed with deliveries pending loses nothing.
+
+Secrets never reach MLflow: params, tags and the config.yaml artifact go through
+pipeline.tracking.redaction on their way out, and the tracking URI is named redacted.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking.outbox import MetricValue, Outbox
-from pipeline.tracking.tracker import flatten, mask_secret_value, mask_secrets
+from pipeline.tracking.reconcile import UPLOAD_STAGING, EarlierRecord, RecordedValue, stage_checkpoint
+from pipeline.tracking.redaction import install_log_redaction, install_stdout_redaction, redact, redact_mapping
+from pipeline.tracking.tracker import flatten
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
@@ -45,7 +53,6 @@ EMBEDDED_DB, EMBEDDED_ARTIFACTS = "mlflow.db", "mlartifacts"
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # batch logs: no progress bars
 LATEST_CHECKPOINT_TAG = "gapm.latest_checkpoint"
-UPLOAD_STAGING = ".mlflow-upload"  # in the run directory: checkpoints waiting to be uploaded
 MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
 
 
@@ -115,7 +122,10 @@ class MlflowTracker:
                  register_model: bool = True,
                  log_checkpoints: bool = True, system_metrics: bool = True,
                  retry_interval_s: float = 5.0, max_retry_interval_s: float = 60.0,
-                 max_buffered_metrics: int = 100_000, finish_timeout_s: float = 30.0):
+                 max_buffered_metrics: int = 100_000, finish_timeout_s: float = 30.0,
+                 checkpoints_dir: Path | str | None = None):
+        """`checkpoints_dir`: the training's local checkpoint directory (default
+        <run_dir>/checkpoints), whose checkpoints an earlier process may not have delivered."""
         self.run_dir = Path(run_dir)
         self.experiment_name = experiment_name
         self.run_name = run_name or experiment_name
@@ -123,7 +133,7 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri or default_uri
         if tracking_uri and tracking_uri != default_uri:
             self.artifact_location = None
-        self.name = f"MLflow at {self.tracking_uri}"
+        self.name = f"MLflow at {redact(self.tracking_uri)}"
         self.registered_model_name = registered_model_name or f"gapm-{self.run_name}"
         self.register_model = register_model
         self.log_checkpoints = log_checkpoints
@@ -131,6 +141,10 @@ class MlflowTracker:
         self.finish_timeout_s = finish_timeout_s
         for name, value in HTTP_SETTINGS.items():
             os.environ.setdefault(name, value)
+        # Whoever started training: MLflow's log records and its "View run ... at: URL" line
+        # (written to stdout) name the tracking URI, which may hold a password.
+        install_log_redaction()
+        install_stdout_redaction()
 
         self.run_id: str | None = None
         self.resumed = False
@@ -140,6 +154,12 @@ class MlflowTracker:
         self._outbox = Outbox(self, retry_interval_s=retry_interval_s, max_retry_interval_s=max_retry_interval_s,
                               max_buffered_metrics=max_buffered_metrics, max_metrics_per_batch=MAX_METRICS_PER_BATCH,
                               thread_name="mlflow-tracker")
+        # Before this process logs anything: what the earlier ones left, delivered first.
+        checkpoints_dir = str(checkpoints_dir or self.run_dir / "checkpoints")
+        uploaded = log_checkpoints and "://" not in checkpoints_dir  # s3:// ones are referenced, not uploaded
+        earlier = EarlierRecord.snapshot(self.run_dir, Path(checkpoints_dir) if uploaded else None)
+        if earlier:
+            self._outbox.add_call("what earlier processes could not deliver", lambda: self._reconcile(earlier))
         # A training that dies with an exception never calls finish: mark its run FAILED and
         # deliver what is queued (briefly) rather than leave it RUNNING forever.
         atexit.register(self._at_exit)
@@ -149,12 +169,13 @@ class MlflowTracker:
         t = config.tracking
         return cls(run_dir, t.experiment or config.name, run_name=config.name,
                    registered_model_name=t.registered_model_name, register_model=t.register_model,
-                   log_checkpoints=t.log_checkpoints, system_metrics=t.system_metrics)
+                   log_checkpoints=t.log_checkpoints, system_metrics=t.system_metrics,
+                   checkpoints_dir=config.train.checkpoint_dir or Path(run_dir) / "checkpoints")
 
     # ---- the Tracker interface: called by the training loop, never blocks on MLflow ----
 
     def log_params(self, params: dict[str, Any]) -> None:
-        masked = mask_secrets(params)
+        masked = redact_mapping(params)
         self._outbox.add_call("params", lambda: self._send_params(masked))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -165,7 +186,7 @@ class MlflowTracker:
         self._outbox.add_call(f"artifact {path.name}", lambda: self._upload(path, artifact_dir))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        tags = {key: str(mask_secret_value(value)) for key, value in tags.items()}
+        tags = {key: redact(str(value)) for key, value in tags.items()}
         if tags.get("git_commit"):
             tags["mlflow.source.git.commit"] = tags["git_commit"].removesuffix("-dirty")
         self._outbox.add_call("tags", lambda: self._send_tags(tags))
@@ -180,12 +201,9 @@ class MlflowTracker:
             return
         path = Path(checkpoint)
         # Uploads run later, in the background; pruning (train.keep_last_checkpoints) may delete
-        # the directory first. Hard links keep the files (no copy) until they are uploaded.
-        staged = self.run_dir / UPLOAD_STAGING / f"{path.name}-{time.time_ns()}"
-        try:
-            shutil.copytree(path, staged, copy_function=os.link)
-        except OSError:
-            staged = path  # no hard links on this filesystem: upload from the original
+        # the directory first. Hard links keep the files (no copy) until they are uploaded, and
+        # the next start uploads them if this process dies first (pipeline.tracking.reconcile).
+        staged = stage_checkpoint(path, self.run_dir / UPLOAD_STAGING) or path  # else: no hard links
 
         def upload() -> None:
             self._upload(staged, f"checkpoints/{path.name}")
@@ -207,13 +225,13 @@ class MlflowTracker:
         self._outbox.add_call(f"run status {status}", lambda: self._terminate(status), final=True)
         self._outbox.close(self.finish_timeout_s)
         atexit.unregister(self._at_exit)
-        shutil.rmtree(self.run_dir / UPLOAD_STAGING, ignore_errors=True)
+        # Staged checkpoints not uploaded stay in the run directory for the next start.
         calls, metrics = self.pending()
         if calls or metrics:
-            log.warning("MLflow at %s unreachable at the end of training: not delivered to run %s: %d metric "
+            log.warning("%s unreachable at the end of training: not delivered to run %s: %d metric "
                         "values and %s. The run directory keeps the full record; once MLflow is back, "
-                        "running the same `gapm train` again (resume auto) logs and registers the model.",
-                        self.tracking_uri, self.run_id or "(never created)", metrics,
+                        "running the same `gapm train` again (resume auto) delivers it all and logs and "
+                        "registers the model.", self.name, self.run_id or "(never created)", metrics,
                         ", ".join(c.what for c in self._outbox.calls) or "no other calls")
 
     def _at_exit(self) -> None:
@@ -284,7 +302,7 @@ class MlflowTracker:
                     raise
                 experiment_id = client.get_experiment_by_name(self.experiment_name).experiment_id
         elif experiment.lifecycle_stage == "deleted":
-            raise RuntimeError(f"experiment {self.experiment_name!r} is deleted in MLflow at {self.tracking_uri}; "
+            raise RuntimeError(f"experiment {self.experiment_name!r} is deleted in {self.name}; "
                                "restore it (mlflow experiments restore) or use another config name")
         else:
             experiment_id = experiment.experiment_id
@@ -302,12 +320,12 @@ class MlflowTracker:
                 client.update_run(saved, status="RUNNING")
                 self.run_id, self.resumed = saved, True
                 log.info("MLflow: continuing run %s (experiment %s) at %s", saved, self.experiment_name,
-                         self.tracking_uri)
+                         redact(self.tracking_uri))
             else:
-                log.warning("MLflow at %s has no run %s (named in %s) in experiment %s; starting a new run",
-                            self.tracking_uri, saved, id_file, self.experiment_name)
+                log.warning("%s has no run %s (named in %s) in experiment %s; starting a new run",
+                            self.name, saved, id_file, self.experiment_name)
         if self.run_id is None:
-            tags = {"gapm.run_dir": str(self.run_dir.resolve()), "gapm.registered_model_name":
+            tags = {"gapm.run_dir": redact(str(self.run_dir.resolve())), "gapm.registered_model_name":
                     self.registered_model_name, "mlflow.source.name": "gapm train", "mlflow.source.type": "JOB"}
             try:
                 tags["mlflow.user"] = getpass.getuser()
@@ -319,7 +337,8 @@ class MlflowTracker:
             staging = id_file.with_name(f".{RUN_ID_FILE}.tmp")
             staging.write_text(self.run_id + "\n")
             os.replace(staging, id_file)
-            log.info("MLflow: run %s in experiment %s at %s", self.run_id, self.experiment_name, self.tracking_uri)
+            log.info("MLflow: run %s in experiment %s at %s", self.run_id, self.experiment_name,
+                     redact(self.tracking_uri))
         self._start_system_metrics(resume=self.resumed)
 
     def _start_system_metrics(self, resume: bool) -> None:
@@ -347,7 +366,7 @@ class MlflowTracker:
     def _send_params(self, params: dict[str, Any]) -> None:
         from mlflow.exceptions import MlflowException
 
-        flat = {key: "null" if value is None else str(value) for key, value in flatten(params).items()}
+        flat = {key: "null" if value is None else str(value) for key, value in flatten(redact_mapping(params)).items()}
         try:
             self._log_params(flat)
         except MlflowException as error:
@@ -361,19 +380,19 @@ class MlflowTracker:
                 log.warning("MLflow: run %s keeps its first values of the changed config keys %s; "
                             "config.yaml artifact and the run directory have the new ones",
                             self.run_id, ", ".join(changed))
-        self._client.log_dict(self.run_id, params, "config.yaml")
+        self._client.log_dict(self.run_id, redact_mapping(params), "config.yaml")
 
     def _log_params(self, flat: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, value) for key, value in flat.items()]
+        items = [Param(key, redact(value)) for key, value in flat.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
 
     def _send_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        self._client.log_batch(self.run_id, tags=[RunTag(key, redact(str(value))) for key, value in tags.items()])
 
     def _upload(self, path: Path, artifact_dir: str | None) -> None:
         if path.is_dir():
@@ -394,6 +413,17 @@ class MlflowTracker:
             log.info("MLflow: registered %s version %s (models:/%s/%s)", self.registered_model_name,
                      version.version, self.registered_model_name, version.version)
         self._send_tags(tags)
+
+    def _reconcile(self, earlier: EarlierRecord) -> None:
+        """Completes the run from the record of the processes before this one."""
+        def send(values: list[RecordedValue]) -> None:
+            self.send_metrics([(0, key, value, milliseconds, step) for key, value, milliseconds, step in values])
+
+        started = time.monotonic()
+        values, checkpoints = earlier.reconcile(self._client, self.run_id, send, self._upload)
+        if values or checkpoints:
+            log.info("MLflow: delivered to run %s what earlier processes could not: %d metric values, "
+                     "%d checkpoints (%.1f s)", self.run_id, values, checkpoints, time.monotonic() - started)
 
     def _terminate(self, status: str) -> None:
         if self._monitor is not None:

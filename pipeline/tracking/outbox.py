@@ -83,8 +83,8 @@ class Outbox:
                     self.metrics.popleft()
                     if self.dropped_metrics == 0:
                         log.warning("%s: more than %d metric values waiting; dropping the oldest "
-                                    "(metrics.jsonl in the run directory keeps them all)",
-                                    self.sink.name, self.max_buffered_metrics)
+                                    "(metrics.jsonl in the run directory keeps them all; the next "
+                                    "start delivers them)", self.sink.name, self.max_buffered_metrics)
                     self.dropped_metrics += 1
                 self.metrics.append((self.next_number, key, float(value), now, int(step)))
                 self.next_number += 1

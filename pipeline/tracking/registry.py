@@ -42,6 +42,7 @@ from pipeline import checkpoints
 from pipeline.data import sources
 from pipeline.errors import GapmError
 from pipeline.tracking import served_model
+from pipeline.tracking.redaction import redact
 from pipeline.tracking.served_model import META, WEIGHTS
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
@@ -241,6 +242,7 @@ def _from_model_directory(directory: Path, model_uri: str) -> Method:
 
 def _explain(error: BaseException, tracking_uri: str, thing: str) -> str:
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    tracking_uri = redact(tracking_uri)
     status = error.get_http_status_code() if isinstance(error, MlflowException) else 500
     if status >= 500:
         return (f"cannot reach MLflow at {tracking_uri} for {thing} ({first_line}); check "

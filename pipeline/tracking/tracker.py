@@ -1,15 +1,17 @@
 """Experiment tracking behind one small interface.
 
 The training loop only ever calls the methods of `Tracker`. The run directory always gets a
-plain-file record (params.json, metrics.jsonl); MLflow (pipeline/mlflow_tracking.py) plugs in
-as another Tracker through `MultiTracker`. Only rank 0 tracks: other ranks get `NullTracker`.
+plain-file record (params.json, metrics.jsonl, tags.json); MLflow (pipeline/tracking/mlflow_sink.py)
+plugs in as another Tracker through `MultiTracker`, after the run directory, so metrics.jsonl
+has every value before MLflow is asked for it (pipeline/tracking/reconcile.py relies on that).
+Only rank 0 tracks: other ranks get `NullTracker`. Params and tags are redacted
+(pipeline/tracking/redaction.py) before they are written anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.errors import ConfigError
+from pipeline.tracking.redaction import MASK, redact_mapping, redact_value  # noqa: F401 - MASK re-exported
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
@@ -75,15 +78,20 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class RunDirectoryTracker:
-    """Appends metrics as JSON lines in the run directory; artifacts already live there."""
+    """Appends metrics as JSON lines in the run directory (flushed at once, fsynced at every
+    checkpoint: the record MLflow is completed from after a crash); artifacts already live there."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        path = self.run_dir / "metrics.jsonl"
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes()[-1:] == b"\n"
+        self.metrics_file = path.open("a")
+        if torn:  # a process died while writing its last line: the next row starts a line of its own
+            self.metrics_file.write("\n")
 
     def log_params(self, params: dict[str, Any]) -> None:
-        (self.run_dir / "params.json").write_text(json.dumps(flatten(params), indent=1, default=str))
+        (self.run_dir / "params.json").write_text(json.dumps(flatten(redact_mapping(params)), indent=1, default=str))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.metrics_file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -95,10 +103,16 @@ class RunDirectoryTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         path = self.run_dir / "tags.json"
         existing = json.loads(path.read_text()) if path.exists() else {}
+        tags = {key: redact_value(value) for key, value in tags.items()}
         path.write_text(json.dumps({**existing, **tags}, indent=1))
 
     def log_checkpoint(self, checkpoint: Path | str) -> None:
-        pass  # already in the run directory
+        # The checkpoint is in the run directory already; the values logged before it reach
+        # the disk with it (os.fsync only: this may run on an upload thread).
+        try:
+            os.fsync(self.metrics_file.fileno())
+        except (OSError, ValueError):  # closed, or a filesystem without fsync
+            pass
 
     def log_model(self, checkpoint: Path | str) -> None:
         pass
@@ -155,36 +169,8 @@ def default_tracker(config: ExperimentConfig, run_dir: Path) -> Tracker:
     return MultiTracker(directory, MlflowTracker.from_config(config, run_dir))
 
 
-# Keys whose values are never sent anywhere, and values that look like credentials wherever
-# they appear (an AWS access key id, the password in scheme://user:password@host).
-SECRET_KEY = re.compile(r"secret|passw|token|credential|api_?key|access_?key|private_?key|auth",
-                        re.IGNORECASE)
-SECRET_VALUES = (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
-                 re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"))
-MASK = "***"
-
-
-def mask_secret_value(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    for pattern in SECRET_VALUES:
-        value = pattern.sub(MASK, value)
-    return value
-
-
-def mask_secrets(mapping: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a (nested) mapping with secret-looking keys' values and credentials masked."""
-    masked: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            masked[key] = mask_secrets(value)
-        elif SECRET_KEY.search(str(key)) and value not in (None, ""):
-            masked[key] = MASK
-        elif isinstance(value, list):
-            masked[key] = [mask_secret_value(item) for item in value]
-        else:
-            masked[key] = mask_secret_value(value)
-    return masked
+# Kept for callers of the earlier names: one redaction for everything (pipeline.tracking.redaction).
+mask_secret_value, mask_secrets = redact_value, redact_mapping
 
 
 def git_commit() -> str | None:

@@ -39,6 +39,7 @@ from pipeline.config import ExperimentConfig, checkpoint_config, method_hyperpar
 from pipeline.data import sources, storage
 from pipeline.errors import GapmError
 from pipeline.stopping import StopRequest, TrainingInterrupted
+from pipeline.tracking.redaction import redact_mapping
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
 from pipeline.train import outputs
 from pipeline.train.distributed import (
@@ -132,7 +133,8 @@ def write_run_directory(config: ExperimentConfig) -> None:
     """The run directory and its config.yaml; a place that cannot be written is one line."""
     try:
         config.run_dir.mkdir(parents=True, exist_ok=True)
-        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        # The resolved config, secrets masked (a token in a URL stays out of the run directory).
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(redact_mapping(to_dict(config)), sort_keys=False))
     except OSError as error:
         failure = disk_failure(error, config.run_dir, "the run directory", setting="output_dir")
         if failure is None:

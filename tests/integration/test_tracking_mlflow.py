@@ -57,7 +57,7 @@ def test_secrets_are_masked_in_params():
                                        "endpoint": "https://alice:hunter2@minio:9000/x", "token": None},
                            "data": {"train": "s3://AKIAIOSFODNN7EXAMPLE@bucket/shards"}, "lr": 0.1})
     assert masked == {"storage": {"aws_secret_access_key": MASK, "password": MASK,
-                                  "endpoint": f"https://{MASK}@minio:9000/x", "token": None},
+                                  "endpoint": f"https://alice:{MASK}@minio:9000/x", "token": None},
                       "data": {"train": f"s3://{MASK}@bucket/shards"}, "lr": 0.1}
 
 
@@ -300,7 +300,7 @@ def test_params_logged_through_the_tracker_are_masked(mlflow_server, tmp_path):
     tracker.finish()
     client = MlflowClient(mlflow_server.url)
     params = client.get_run(tracker.run_id).data.params
-    assert params == {"storage.secret_key": MASK, "storage.url": f"https://{MASK}@host/x", "seed": "3"}
+    assert params == {"storage.secret_key": MASK, "storage.url": f"https://bob:{MASK}@host/x", "seed": "3"}
     config_artifact = client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
     assert "abc123" not in Path(config_artifact).read_text() and "pw@" not in Path(config_artifact).read_text()
 
