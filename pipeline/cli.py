@@ -15,6 +15,7 @@ from pipeline.cli_arguments import (
 )
 from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
+from pipeline.exit_codes import EXIT_BAD_INPUT, record_exit_reason
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 
 
@@ -168,31 +169,54 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(handler=command_sample)
 
     add_evaluation_commands(commands)
+    # Dispatched by main() before this parser runs: accelerate's own parser reads the rest.
+    commands.add_parser("launch", add_help=False,
+                        help="`accelerate launch` (same arguments) that keeps gapm's exit codes: 2 bad input, "
+                             "75 resumable (see pipeline/launcher.py)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from pipeline.launcher import main as launch
+
+        return launch(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as invalid:
+        if invalid.code == EXIT_BAD_INPUT:  # argparse has printed the usage and the problem
+            record_exit_reason("gapm: invalid command-line arguments (the usage is printed above)")
+        raise
     # Training's stop signals are caught from here on, before the imports of torch & co. (seconds):
     # a stop during start-up also ends with the resumable status.
     stop = StopRequest().__enter__() if args.command == "train" else None
     try:
         console.configure_logging()  # GAPM_LOG_LEVEL; libraries quiet; see pipeline.console
     except GapmError as error:
-        print(f"gapm: error: {error}", file=sys.stderr)
-        return 2
+        return _bad_input(f"gapm: error: {error}")
     try:
         return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:
         if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
             print(f"gapm {args.command}: {stopped}", file=sys.stderr)
+        record_exit_reason(f"gapm {args.command}: {stopped}")
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
-        print(f"gapm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _bad_input(f"gapm {args.command}: error: {error}")
+    except Exception as error:  # a bug: it keeps its traceback; a launcher names it in one line
+        record_exit_reason(f"{type(error).__name__}: {error}")
+        raise
     finally:
         if stop is not None:
             stop.__exit__(None, None, None)
+
+
+def _bad_input(message: str) -> int:
+    """One line on stderr (and for the launcher, if any) and the bad-input status."""
+    print(message, file=sys.stderr)
+    record_exit_reason(message)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -354,7 +354,7 @@ def test_slurm_node_command_for_4_nodes_of_8_gpus(tmp_path):
     command = dry_run("slurm/launch_node.sh", "--config", "configs/swissroll.yaml", "--set", "seed=1",
                       PATH=path, SLURM_NNODES="4", SLURM_NODEID="2", SLURM_JOB_NODELIST="gpu[07-10]",
                       SLURM_JOB_ID="123456", SLURM_GPUS_ON_NODE="8")
-    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert command[:3] == [sys.executable, "-m", "pipeline.launcher"]
     assert option(command, "--config_file") == str(LAUNCH / "accelerate/multi_node.yaml")
     assert option(command, "--num_machines") == "4"
     assert option(command, "--machine_rank") == "2"

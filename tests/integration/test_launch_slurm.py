@@ -62,7 +62,7 @@ def wait_for_job(cluster: SlurmCluster, job_id: str, log: Path) -> dict[str, str
 
 
 def node_commands(log: Path) -> list[list[str]]:
-    return [shlex.split(line) for line in job_log(log).splitlines() if "accelerate.commands.launch" in line]
+    return [shlex.split(line) for line in job_log(log).splitlines() if "pipeline.launcher" in line]
 
 
 def option(command: list[str], name: str) -> str:
