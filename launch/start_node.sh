@@ -138,11 +138,10 @@ forward() {  # SIGNAL_RECEIVED SIGNAL_TO_SEND
     stop_signal=$1
     interrupted=1
     local workers
-    workers=$(launcher_children "$launcher")
-    if [[ -n ${workers// /} ]]; then
-        echo "start_node.sh: received SIG$1: asking the training processes (${workers//$'\n'/ }) to checkpoint and stop" >&2
-        # shellcheck disable=SC2086  # one pid per word
-        kill -s "$2" $workers 2>/dev/null || true
+    read -r -d '' -a workers < <(launcher_children "$launcher") || true
+    if ((${#workers[@]})); then
+        echo "start_node.sh: received SIG$1: asking the training processes (${workers[*]}) to checkpoint and stop" >&2
+        kill -s "$2" "${workers[@]}" 2>/dev/null || true
     else
         echo "start_node.sh: received SIG$1 before the training processes started: stopping the launcher" >&2
         kill -s TERM "$launcher" 2>/dev/null || true

@@ -4,6 +4,7 @@ naming the problem and the fix, and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -200,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stopped:
         if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
             print(f"gapm {args.command}: {stopped}", file=sys.stderr)
-        record_exit_reason(f"gapm {args.command}: {stopped}")
+            record_exit_reason(f"gapm {args.command}: {stopped}")
+        else:  # its message would say "nothing to save": only rank 0 saves
+            record_exit_reason(f"gapm {args.command}: stopped with every rank, resumably "
+                               "(rank 0's line names the checkpoint)")
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
         return _bad_input(f"gapm {args.command}: error: {error}")
@@ -210,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stop is not None:
             stop.__exit__(None, None, None)
+            # The outcome is decided: a stop signal from now on (torch's agent stops a rank's
+            # peers with SIGTERM as soon as that rank exits) must not turn it into "killed".
+            for signum in StopRequest.SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
 
 
 def _bad_input(message: str) -> int:

@@ -38,16 +38,6 @@ AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 WATCH_INTERVAL_S = 0.2
 
 
-class StoppedBeforeStart(BaseException):
-    """A stop signal arrived before any training process existed: nothing to save. A
-    BaseException, like KeyboardInterrupt: the agent's `except Exception` retry loops must
-    not swallow it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def child_pids() -> list[int]:
     """This process's children: the training processes (torch's agent starts them directly)."""
     import psutil  # accelerate's dependency
@@ -58,38 +48,73 @@ def child_pids() -> list[int]:
         return []
 
 
-class StopForwarding:
-    """SIGTERM/SIGUSR1 -> the training processes, as soon as this process exists (installed
-    before the imports of accelerate and torch, seconds). Before any training process has
-    started, a stop ends the launch (StoppedBeforeStart); once they ran and are gone (the
-    agent is finishing), it changes nothing: their own exit codes stand."""
+def _do_nothing(signum: int, frame) -> None:
+    """The main thread's handler: StopForwarding's thread acts (see there)."""
 
-    def __init__(self) -> None:
+
+class StopForwarding:
+    """SIGTERM/SIGUSR1 -> the training processes, installed before the imports of accelerate
+    and torch. The main thread may sit in torch's C++ for minutes (the rendezvous retries its
+    connection, the exit barrier) where no Python signal handler runs, so a thread does the
+    work, woken through the signal wakeup fd. Before any training process has started, a stop
+    ends the launch at once with 75 (nothing to save); once they ran and are gone (the agent is
+    finishing), it changes nothing: their own exit codes stand."""
+
+    def __init__(self, on_exit=lambda: None) -> None:
         self.received: int | None = None
         self.workers_started = False
+        self._on_exit = on_exit
+        self._signals: set[int] = set()
         self._previous: dict[int, object] = {}
+        self._previous_wakeup = -1
+        self._pipe: tuple[int, int] | None = None
         self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "StopForwarding":
         for sig in STOP_SIGNALS:
             # Inherited "ignore" stays (start_node.sh ignores SIGUSR1): the training processes
             # inherit it too, and so cannot die of a SIGUSR1 before they install their handler.
             if signal.getsignal(sig) is not signal.SIG_IGN:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        threading.Thread(target=self._watch_for_workers, daemon=True, name="gapm-launch-watch").start()
+                self._previous[sig] = signal.signal(sig, _do_nothing)
+                self._signals.add(int(sig))
+        self._pipe = os.pipe()
+        for fd in self._pipe:
+            os.set_blocking(fd, False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="gapm-launch-stop")
+        self._thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._done.set()
+        signal.set_wakeup_fd(self._previous_wakeup)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._thread is not None:
+            self._thread.join(timeout=2 * WATCH_INTERVAL_S + 1)
+        for fd in self._pipe or ():
+            os.close(fd)
 
-    def _watch_for_workers(self) -> None:
-        while not self.workers_started and not self._done.wait(WATCH_INTERVAL_S):
-            if child_pids():
+    def _serve(self) -> None:
+        import select
+
+        read_fd = self._pipe[0]
+        while not self._done.is_set():
+            ready, _, _ = select.select([read_fd], [], [], WATCH_INTERVAL_S)
+            if not self.workers_started and child_pids():
                 self.workers_started = True
+            if not ready:
+                continue
+            try:
+                received = os.read(read_fd, 256)
+            except BlockingIOError:
+                continue
+            for signum in received:  # one byte per signal, its number
+                if signum in self._signals:
+                    self._stop(signum)
 
-    def _handle(self, signum: int, frame) -> None:
+    def _stop(self, signum: int) -> None:
         self.received = signum
         workers = child_pids()
         if workers:
@@ -100,7 +125,11 @@ class StopForwarding:
                 except ProcessLookupError:
                     pass
         elif not self.workers_started:
-            raise StoppedBeforeStart(signum)
+            print(f"{PROG}: stopped by {signal.Signals(signum).name} before the training processes started, "
+                  f"nothing to save; exiting {exit_codes.EXIT_RESUMABLE}: "
+                  f"{exit_codes.meaning(exit_codes.EXIT_RESUMABLE)}", file=sys.stderr, flush=True)
+            self._on_exit()
+            os._exit(exit_codes.EXIT_RESUMABLE)  # the main thread may be deep in torch's C++
 
 
 def _one_process_launcher(args) -> None:
@@ -157,7 +186,10 @@ def summary(failures: Sequence[tuple[int, int]], reasons: Mapping[int, str]) -> 
     that says why: the deciding rank, its code and its reason, then the other ranks' codes."""
     codes = [(rank, exit_codes.normalized(code)) for rank, code in failures]
     code = exit_codes.combined(code for _, code in codes)
-    decisive = next(rank for rank, rank_code in codes if rank_code == code)
+    deciding = [rank for rank, rank_code in codes if rank_code == code]
+    # A crash: the first to fail is the cause. 2 or 75: every rank says the same; rank 0's
+    # line names the checkpoint.
+    decisive = min(deciding) if code in (exit_codes.EXIT_BAD_INPUT, exit_codes.EXIT_RESUMABLE) else deciding[0]
     reason = reasons.get(decisive) or (exit_codes.meaning(code) if code > 128 else "see its output above")
     others = [f"rank {rank} exited {rank_code}" for rank, rank_code in codes if rank != decisive]
     line = (f"{PROG}: rank {decisive} exited {code}: {reason}" + (f" ({'; '.join(others)})" if others else "")
@@ -167,8 +199,8 @@ def summary(failures: Sequence[tuple[int, int]], reasons: Mapping[int, str]) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    with StopForwarding() as stop:
-        reasons_dir = tempfile.mkdtemp(prefix="gapm-launch-")
+    reasons_dir = tempfile.mkdtemp(prefix="gapm-launch-")
+    with StopForwarding(on_exit=lambda: shutil.rmtree(reasons_dir, ignore_errors=True)):
         try:
             from accelerate.commands.launch import launch_command_parser
 
@@ -177,11 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)
             os.environ[exit_codes.REASONS_DIR_ENV] = reasons_dir  # inherited by the workers
             failures = launch(args)
-        except StoppedBeforeStart as stopped:
-            print(f"{PROG}: stopped by {stopped} before the training processes started, nothing to save; "
-                  f"exiting {exit_codes.EXIT_RESUMABLE}: {exit_codes.meaning(exit_codes.EXIT_RESUMABLE)}",
-                  file=sys.stderr)
-            return exit_codes.EXIT_RESUMABLE
         except SystemExit as stopped:  # accelerate: SIGINT/SIGHUP/SIGQUIT reached the agent; argparse
             if not isinstance(stopped.code, int) or stopped.code in (0, exit_codes.EXIT_BAD_INPUT):
                 raise
