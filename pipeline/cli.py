@@ -16,7 +16,7 @@ from pipeline.cli_arguments import (
 )
 from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
-from pipeline.exit_codes import EXIT_BAD_INPUT, record_exit_reason
+from pipeline.exit_codes import EXIT_BAD_INPUT, launched, record_exit_reason
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 
 
@@ -214,10 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stop is not None:
             stop.__exit__(None, None, None)
-            # The outcome is decided: a stop signal from now on (torch's agent stops a rank's
-            # peers with SIGTERM as soon as that rank exits) must not turn it into "killed".
-            for signum in StopRequest.SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
+            if launched():  # the outcome is decided: torch's agent stops a rank's peers with
+                for signum in StopRequest.SIGNALS:  # SIGTERM once that rank exits; not "killed"
+                    signal.signal(signum, signal.SIG_IGN)
 
 
 def _bad_input(message: str) -> int:

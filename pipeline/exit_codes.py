@@ -65,6 +65,11 @@ def meaning(code: int) -> str:
     return "failed"
 
 
+def launched() -> bool:
+    """True in a process that a launcher started: `gapm launch`, torchrun, accelerate launch."""
+    return REASONS_DIR_ENV in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def _reason_path(rank: int | str, directory: str | None = None) -> Path | None:
     directory = directory if directory is not None else os.environ.get(REASONS_DIR_ENV)
     return Path(directory) / f"rank-{rank}" if directory else None
