@@ -98,7 +98,9 @@ def readme_section() -> str:
 
 def test_readme_documents_every_accelerate_config_with_a_working_command():
     lines = re.sub(r"\\\n\s*", " ", readme_section()).splitlines()
-    commands = [line for line in lines if "accelerate launch --config_file" in line]
+    # `gapm launch`, not `accelerate launch`: that one turns exit 2 and 75 into 1
+    assert not [line for line in lines if re.match(r"\s*accelerate launch ", line)]
+    commands = [line for line in lines if "gapm launch --config_file" in line]
     documented = set()
     for command in commands:
         config_file = re.search(r"--config_file (\S+)", command).group(1)
