@@ -139,6 +139,22 @@ def test_train_sbatch_with_a_missing_config_fails_with_status_2_and_is_not_reque
     assert "train.sbatch: error: config 'configs/no-such-experiment.yaml' not found" in job_log(log)
 
 
+def test_eval_sbatch_with_a_config_typo_fails_with_2_and_ends_its_cycle(slurm_cluster, tmp_path):
+    """GAPM_EVAL_EVERY queues the next evaluation first; bad input would fail it the same way,
+    so the failing one cancels it."""
+    log = tmp_path / "eval.out"
+    job_id = submit(slurm_cluster, "eval.sbatch", "configs/swissroll.yaml",
+                    *set_arguments(tmp_path, "stage1.stepz=1"), log=log,
+                    env=job_environment(GAPM_EVAL_EVERY="now+1hour"))
+    job = wait_for_job(slurm_cluster, job_id, log)
+    output = job_log(log)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), output
+    assert "unknown config key 'stage1.stepz'" in output and "Traceback" not in output
+    next_id = output.split("next evaluation queued as job ", 1)[1].split()[0]
+    assert f"cancelling the next evaluation, job {next_id}" in output
+    assert slurm_cluster.job(next_id)["JobState"] == "CANCELLED"
+
+
 # --------------------------------------------------------------------------- slow: real trainings
 
 @pytest.mark.slow  # a 2-node training with MLflow, then an evaluation of 3 checkpoints: 40-90 s on 2 cores
