@@ -24,12 +24,21 @@
 #   GAPM_PYTHON           interpreter with gapm installed (default: python3)
 #   GAPM_DRY_RUN=1        print the launch command (shell-quoted, one line) instead of running it
 #
+#   GAPM_EXIT_RESUMABLE   the status this script exits with for "resumable" (default 75); for
+#                         schedulers that only restart other codes (the Kubeflow PyTorchJob's
+#                         restartPolicy ExitCode restarts 128-255 only: pytorchjob.yaml sets 203)
+#
+# The launcher is `gapm launch` (pipeline/launcher.py): accelerate launch, but it exits with
+# gapm's codes — 2 if a training process exited 2 (bad input, never retry), else 75 if one
+# exited 75 (resumable: checkpointed and stopped), else the failure's code — and says why in
+# one line instead of torch's ChildFailedError traceback. This script exits with that status.
+#
 # Stopping: SIGTERM, SIGUSR1 and SIGINT sent to this script are passed on to the training
-# processes, which write a checkpoint and exit. The launcher itself is started with SIGUSR1
-# ignored, so a signal sent to the whole process tree (Slurm signals every process of a step)
-# cannot kill it before its workers have saved. Exit status: the launcher's, except 75
-# (EX_TEMPFAIL, gapm's "resumable" status) when a stop signal arrived and training did not
-# finish, so that the scheduler restarts the node and --resume auto carries on.
+# processes as SIGTERM/SIGUSR1 (SIGINT as SIGTERM): they write a checkpoint and exit 75. Before
+# they exist (rendezvous), the launcher gets SIGTERM and ends the start with 75 at once. The
+# launcher itself is started with SIGUSR1 ignored, so a signal sent to the whole process tree
+# (Slurm signals every process of a step) cannot kill it or, inherited, a training process that
+# has not installed its handler yet.
 set -euo pipefail
 
 readonly EXIT_RESUMABLE=75
@@ -62,6 +71,9 @@ require_int GAPM_MASTER_PORT "$master_port" 1
 [[ $rdzv_backend == static || $rdzv_backend == c10d ]] ||
     fail "GAPM_RDZV_BACKEND must be 'static' or 'c10d', got '$rdzv_backend'"
 require_int GAPM_RDZV_TIMEOUT "$rdzv_timeout" 1
+exit_resumable=${GAPM_EXIT_RESUMABLE:-$EXIT_RESUMABLE}
+require_int GAPM_EXIT_RESUMABLE "$exit_resumable" 1
+((exit_resumable <= 255)) || fail "GAPM_EXIT_RESUMABLE must be an exit status 1-255, got '$exit_resumable'"
 [[ -f $config ]] || fail "accelerate config '$config' not found (GAPM_ACCELERATE_CONFIG)"
 
 if [[ ${GAPM_CPU:-0} == 1 ]]; then
@@ -90,7 +102,7 @@ else  # read_timeout also bounds how long a client retries connecting to node 0'
 fi
 
 command=(
-    "$python" -m accelerate.commands.launch
+    "$python" -m pipeline.launcher
     --config_file "$config"
     --num_machines "$nnodes" --machine_rank "$node_rank"
     --num_processes "$((nnodes * procs))"
@@ -122,24 +134,26 @@ launcher_children() {  # the training processes are the launcher's direct childr
 stop_signal=""
 interrupted=0
 # shellcheck disable=SC2317  # called from the traps below
-forward() {
+forward() {  # SIGNAL_RECEIVED SIGNAL_TO_SEND
     stop_signal=$1
     interrupted=1
     local workers
-    workers=$(launcher_children "$launcher")
-    echo "start_node.sh: received SIG$1: asking the training processes (${workers//$'\n'/ }) to checkpoint and stop" >&2
-    if [[ -n ${workers// /} ]]; then
-        # shellcheck disable=SC2086  # one pid per word
-        kill -s "$1" $workers 2>/dev/null || true
+    read -r -d '' -a workers < <(launcher_children "$launcher") || true
+    if ((${#workers[@]})); then
+        echo "start_node.sh: received SIG$1: asking the training processes (${workers[*]}) to checkpoint and stop" >&2
+        kill -s "$2" "${workers[@]}" 2>/dev/null || true
+    else
+        echo "start_node.sh: received SIG$1 before the training processes started: stopping the launcher" >&2
+        kill -s TERM "$launcher" 2>/dev/null || true
     fi
 }
 
 trap '' USR1 # inherited by the launcher as "ignore"; gapm installs its own handler
 "${command[@]}" &
 launcher=$!
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+trap 'forward USR1 USR1' USR1
+trap 'forward TERM TERM' TERM
+trap 'forward INT TERM' INT
 
 status=0
 while :; do
@@ -150,9 +164,15 @@ while :; do
     ((interrupted)) || break
 done
 
-if [[ -n $stop_signal && $status -ne 0 ]]; then
-    echo "start_node.sh: stopped by SIG$stop_signal (launcher status $status); exiting $EXIT_RESUMABLE:" \
-        "relaunch to continue from the latest checkpoint" >&2
-    exit "$EXIT_RESUMABLE"
+if [[ -n $stop_signal ]] && ((status == 128 + $(kill -l TERM))); then
+    # SIGTERM ended the launcher before it could pass it on: no training process had started.
+    echo "start_node.sh: stopped by SIG$stop_signal before training started, nothing to save" >&2
+    status=$EXIT_RESUMABLE
 fi
+if ((status == EXIT_RESUMABLE)); then
+    echo "start_node.sh: node $node_rank of $nnodes exits $exit_resumable (resumable): relaunch to continue" \
+        "from the latest checkpoint" >&2
+    exit "$exit_resumable"
+fi
+echo "start_node.sh: node $node_rank of $nnodes exits $status" >&2
 exit "$status"

@@ -17,6 +17,7 @@ from pipeline.cli_arguments import (
 )
 from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
+from pipeline.exit_codes import EXIT_BAD_INPUT, launched, record_exit_reason
 from pipeline.matrix_commands import add_matrix_commands
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 from pipeline.tracking.redaction import redact
@@ -180,11 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluation_commands(commands)
     add_matrix_commands(commands)
+    # Dispatched by main() before this parser runs: accelerate's own parser reads the rest.
+    commands.add_parser("launch", add_help=False,
+                        help="`accelerate launch` (same arguments) that keeps gapm's exit codes: 2 bad input, "
+                             "75 resumable (see pipeline/launcher.py)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from pipeline.launcher import main as launch
+
+        return launch(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as invalid:
+        if invalid.code == EXIT_BAD_INPUT:  # argparse has printed the usage and the problem
+            record_exit_reason("gapm: invalid command-line arguments (the usage is printed above)")
+        raise
     # A write beyond the file-size limit (`ulimit -f`) then fails with EFBIG — one line, resumable
     # — instead of killing the process (CPython ignores SIGXFSZ too; an embedding may not).
     if threading.current_thread() is threading.main_thread():
@@ -195,29 +210,48 @@ def main(argv: list[str] | None = None) -> int:
     try:
         console.configure_logging()  # GAPM_LOG_LEVEL; libraries quiet; see pipeline.console
     except GapmError as error:
-        print(f"gapm: error: {error}", file=sys.stderr)
-        return 2
+        return _bad_input(f"gapm: error: {error}")
     try:
         return args.handler(args, stop) if stop is not None else args.handler(args)
     except TrainingInterrupted as stopped:
         if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
             print(redact(f"gapm {args.command}: {stopped}"), file=sys.stderr)
+            record_exit_reason(redact(f"gapm {args.command}: {stopped}"))
+        else:  # its message would say "nothing to save": only rank 0 saves
+            record_exit_reason(f"gapm {args.command}: stopped with every rank, resumably "
+                               "(rank 0's line names the checkpoint)")
         return EXIT_RESUMABLE
     except (GapmError, FileNotFoundError) as error:
-        print(redact(f"gapm {args.command}: error: {error}"), file=sys.stderr)
-        return 2
+        return _bad_input(f"gapm {args.command}: error: {error}")
     except OSError as error:  # a full disk or an unwritable place outside the checkpoints: one line too
         # imported here, not at the top: it loads torch, which must come after the stop handler
         from pipeline.checkpoints import disk_failure
 
         failure = disk_failure(error, Path(error.filename or "."), "files", setting="the output location")
         if failure is None:
+            record_exit_reason(redact(f"{type(error).__name__}: {error}"))
             raise
-        print(f"gapm {args.command}: error: {failure}", file=sys.stderr)
-        return EXIT_RESUMABLE if isinstance(failure, TrainingInterrupted) else 2
+        message = f"gapm {args.command}: error: {failure}"
+        print(message, file=sys.stderr)
+        record_exit_reason(message)
+        return EXIT_RESUMABLE if isinstance(failure, TrainingInterrupted) else EXIT_BAD_INPUT
+    except Exception as error:  # a bug: it keeps its traceback; a launcher names it in one line
+        record_exit_reason(redact(f"{type(error).__name__}: {error}"))
+        raise
     finally:
         if stop is not None:
             stop.__exit__(None, None, None)
+            if launched():  # the outcome is decided: torch's agent stops a rank's peers with
+                for signum in StopRequest.SIGNALS:  # SIGTERM once that rank exits; not "killed"
+                    signal.signal(signum, signal.SIG_IGN)
+
+
+def _bad_input(message: str) -> int:
+    """One line on stderr (and for the launcher, if any) and the bad-input status."""
+    message = redact(message)
+    print(message, file=sys.stderr)
+    record_exit_reason(message)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

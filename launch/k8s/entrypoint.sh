@@ -18,7 +18,9 @@
 # GAPM_PROCS_PER_NODE always win. Processes per node default to PET_NPROC_PER_NODE when it
 # is a number, else to the visible GPUs. The rendezvous is static (node rank = pod index).
 # Kubernetes sends SIGTERM to this process (PID 1) on eviction or deletion: start_node.sh
-# passes it to the trainers, which checkpoint, and the pod exits 75 ("resumable").
+# passes it to the trainers, which checkpoint, and the pod exits 75 ("resumable"; with
+# GAPM_EXIT_RESUMABLE set, that code instead: pytorchjob.yaml sets 203, which its ExitCode
+# restart policy restarts). A bad config exits 2, which both manifests treat as final.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -96,7 +96,9 @@ def readme_section() -> str:
 
 def test_readme_documents_every_accelerate_config_with_a_working_command():
     lines = re.sub(r"\\\n\s*", " ", readme_section()).splitlines()
-    commands = [line for line in lines if "accelerate launch --config_file" in line]
+    # `gapm launch`, not `accelerate launch`: that one turns exit 2 and 75 into 1
+    assert not [line for line in lines if re.match(r"\s*accelerate launch ", line)]
+    commands = [line for line in lines if "gapm launch --config_file" in line]
     documented = set()
     for command in commands:
         config_file = re.search(r"--config_file (\S+)", command).group(1)
@@ -352,7 +354,7 @@ def test_slurm_node_command_for_4_nodes_of_8_gpus(tmp_path):
     command = dry_run("slurm/launch_node.sh", "--config", "configs/swissroll.yaml", "--set", "seed=1",
                       PATH=path, SLURM_NNODES="4", SLURM_NODEID="2", SLURM_JOB_NODELIST="gpu[07-10]",
                       SLURM_JOB_ID="123456", SLURM_GPUS_ON_NODE="8")
-    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert command[:3] == [sys.executable, "-m", "pipeline.launcher"]
     assert option(command, "--config_file") == str(LAUNCH / "accelerate/multi_node.yaml")
     assert option(command, "--num_machines") == "4"
     assert option(command, "--machine_rank") == "2"

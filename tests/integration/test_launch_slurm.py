@@ -4,17 +4,22 @@ as the README's local recipe does, on CPU over gloo.
 
 Fast: the cluster places one task on each node; train.sbatch's node commands (dry run) meet
 at node 0's address; a missing config fails the job with status 2 and no requeue. Slow: a real
-2-node training followed by eval.sbatch through --dependency=afterok, and the time-limit path
-(SIGUSR1 to the batch script -> checkpoint -> requeue -> the same job resumes and finishes).
+2-node training followed by eval.sbatch through --dependency=afterok, the time-limit path
+(SIGUSR1 to the batch script -> checkpoint -> requeue -> the same job resumes and finishes),
+and the exit-code cells of tests/integration/test_launch_exit_codes.py under Slurm: a config
+typo fails the job with 2 and no requeue; a worker's own 75 (SIGTERM to one training process,
+no signal to any script) requeues it and the requeued job finishes; a killed worker fails it.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import ROOT, clean_environment, tiny_overrides
 from slurm_cluster import SlurmCluster
@@ -62,7 +67,7 @@ def wait_for_job(cluster: SlurmCluster, job_id: str, log: Path) -> dict[str, str
 
 
 def node_commands(log: Path) -> list[list[str]]:
-    return [shlex.split(line) for line in job_log(log).splitlines() if "accelerate.commands.launch" in line]
+    return [shlex.split(line) for line in job_log(log).splitlines() if "pipeline.launcher" in line]
 
 
 def option(command: list[str], name: str) -> str:
@@ -132,6 +137,22 @@ def test_train_sbatch_with_a_missing_config_fails_with_status_2_and_is_not_reque
     job = wait_for_job(slurm_cluster, job_id, log)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), job_log(log)
     assert "train.sbatch: error: config 'configs/no-such-experiment.yaml' not found" in job_log(log)
+
+
+def test_eval_sbatch_with_a_config_typo_fails_with_2_and_ends_its_cycle(slurm_cluster, tmp_path):
+    """GAPM_EVAL_EVERY queues the next evaluation first; bad input would fail it the same way,
+    so the failing one cancels it."""
+    log = tmp_path / "eval.out"
+    job_id = submit(slurm_cluster, "eval.sbatch", "configs/swissroll.yaml",
+                    *set_arguments(tmp_path, "stage1.stepz=1"), log=log,
+                    env=job_environment(GAPM_EVAL_EVERY="now+1hour"))
+    job = wait_for_job(slurm_cluster, job_id, log)
+    output = job_log(log)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), output
+    assert "unknown config key 'stage1.stepz'" in output and "Traceback" not in output
+    next_id = output.split("next evaluation queued as job ", 1)[1].split()[0]
+    assert f"cancelling the next evaluation, job {next_id}" in output
+    assert slurm_cluster.job(next_id)["JobState"] == "CANCELLED"
 
 
 # --------------------------------------------------------------------------- slow: real trainings
@@ -205,7 +226,9 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_same_job_finishes
     assert second_start, f"no second start of job {job_id}:\n{output[-4000:]}"
     assert "SIGUSR1 (time limit near)" in first_start and f"exiting {EXIT_RESUMABLE}" in first_start
     assert f"requeueing job {job_id}" in first_start
-    assert first_start.count("gapm train: stopped by") == 1 and "checkpoint None" not in output  # rank 0 speaks
+    # rank 0 speaks (node 0's launcher repeats its line in its own, which starts "gapm launch:")
+    assert sum(line.startswith("gapm train: stopped by") for line in first_start.splitlines()) == 1
+    assert "checkpoint None" not in output
 
     run_dir = tmp_path / "swissroll"
     saved = [checkpoints.read_meta(path) for path in checkpoints.list_checkpoints(run_dir / "checkpoints")]
@@ -216,3 +239,87 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_same_job_finishes
     assert json.loads((run_dir / "metrics.json").read_text())["distributed/max_parameter_divergence"] == 0
     after = wait_for_job(slurm_cluster, after_id, after_log)
     assert after["JobState"] == "COMPLETED" and after["StartTime"] >= job["EndTime"]
+
+
+# --------------------------------------------------------------------------- slow: exit codes
+
+# Long enough a stage 1 to be signalled while it trains (as in test_launch_exit_codes.py).
+LONG_STAGE1 = 400
+LONG = tiny_overrides(stage1_steps=LONG_STAGE1, stage2_steps=4, batch_size=32, samples=256, test_samples=64,
+                      width=16, checkpoint_every=1000, log_every=5, eval_samples=64, discriminator_steps=1)
+TRACEBACKS = ("Traceback", "ChildFailedError", "torch.distributed.elastic.multiprocessing.errors")
+
+
+def training_processes(output_dir: Path) -> list[psutil.Process]:
+    """The `gapm train` workers of the job writing to `output_dir` (not their launchers)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if ("pipeline.cli" in cmdline and "train" in cmdline and "pipeline.launcher" not in cmdline
+                and f"output_dir={output_dir}" in cmdline):
+            found.append(process)
+    return found
+
+
+def signal_one_worker_once_training(cluster: SlurmCluster, job_id: str, log: Path, output_dir: Path,
+                                    signum: int) -> None:
+    metrics = output_dir / "swissroll" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), job_log(log)[-4000:]
+        assert time.monotonic() < deadline, f"training did not start:\n{job_log(log)[-4000:]}"
+        time.sleep(0.2)
+    workers = sorted(training_processes(output_dir), key=lambda process: process.pid)
+    assert len(workers) == 2, f"{workers}:\n{job_log(log)[-4000:]}"
+    workers[-1].send_signal(signum)
+
+
+@pytest.mark.slow  # two nodes that read the config and stop: 20-40 s
+def test_a_config_typo_fails_the_job_with_2_and_one_line_and_no_requeue(slurm_cluster, tmp_path):
+    log = tmp_path / "train.out"
+    job_id = submit(slurm_cluster, "train.sbatch", "configs/swissroll.yaml",
+                    *set_arguments(tmp_path, *LONG, "stage1.stepz=1"), log=log, env=job_environment())
+    job = wait_for_job(slurm_cluster, job_id, log)
+    output = job_log(log)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "2:0", "0"), output[-4000:]
+    assert "train.sbatch: nodes exited 2 2 " in output
+    launcher_lines = [line for line in output.splitlines() if line.startswith("gapm launch: rank ")]
+    assert len(launcher_lines) == 2 and all("unknown config key 'stage1.stepz'" in line and
+                                            line.endswith("exiting 2: bad input: fix it, retrying cannot help")
+                                            for line in launcher_lines), output[-4000:]
+    for marker in TRACEBACKS:
+        assert marker not in output
+
+
+@pytest.mark.slow  # trains, stops with a worker's 75, requeued after Slurm's hold (20 s), finishes: 90-180 s
+def test_a_workers_own_75_requeues_the_job_which_then_finishes(slurm_cluster, tmp_path):
+    log = tmp_path / "train.out"
+    job_id = submit(slurm_cluster, "train.sbatch", "configs/swissroll.yaml", *set_arguments(tmp_path, *LONG),
+                    log=log, env=job_environment(GAPM_LOG_LEVEL="INFO"))
+    signal_one_worker_once_training(slurm_cluster, job_id, log, tmp_path, signal.SIGTERM)
+    job = wait_for_job(slurm_cluster, job_id, log)
+    output = job_log(log)
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), output[-4000:]
+    first_start, _, second_start = output.partition(f"train.sbatch: job {job_id} start 1 ")
+    assert "train.sbatch: nodes exited 75 75 " in first_start, first_start[-4000:]
+    assert f"requeueing job {job_id} (a node exited 75, resumable)" in first_start
+    assert "SIGUSR1" not in first_start and "start_node.sh: received SIG" not in first_start  # nobody signalled
+    for marker in TRACEBACKS:
+        assert marker not in first_start
+    saved = [checkpoints.read_meta(path) for path in checkpoints.list_checkpoints(tmp_path / "swissroll" / "checkpoints")]
+    stopped = [meta for meta in saved if meta.stage == 1 and meta.stage_step < LONG_STAGE1]
+    assert len(stopped) == 1 and f"(stage 1, step {stopped[0].step})" in second_start, second_start[-4000:]
+    assert max(meta.step for meta in saved) == LONG_STAGE1 + 4
+
+
+@pytest.mark.slow  # trains until one worker is killed: 40-90 s
+def test_a_killed_worker_fails_the_job_without_requeue(slurm_cluster, tmp_path):
+    log = tmp_path / "train.out"
+    job_id = submit(slurm_cluster, "train.sbatch", "configs/swissroll.yaml", *set_arguments(tmp_path, *LONG),
+                    log=log, env=job_environment())
+    signal_one_worker_once_training(slurm_cluster, job_id, log, tmp_path, signal.SIGKILL)
+    job = wait_for_job(slurm_cluster, job_id, log)
+    output = job_log(log)
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", output[-4000:]
+    assert job["ExitCode"] not in ("0:0", "2:0", f"{EXIT_RESUMABLE}:0"), output[-4000:]
+    assert "exited 137: failed: killed by SIGKILL" in output and "requeueing" not in output
