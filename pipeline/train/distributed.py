@@ -1,6 +1,7 @@
-"""What multi-process training needs beyond Accelerate: averaging BatchNorm statistics across
-ranks, checking that ranks hold the same model, and refusing launches whose processes would
-each train alone. (Stopping on a signal: pipeline.stopping.)"""
+"""What multi-process training needs beyond Accelerate: one gradient-reduction order for the
+whole run (exact resume at any world size), averaging BatchNorm statistics across ranks,
+checking that ranks hold the same model, and refusing launches whose processes would each
+train alone. (Stopping on a signal: pipeline.stopping.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,50 @@ import os
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
+
+
+def fix_gradient_buckets(network: nn.Module) -> None:
+    """Gives a DistributedDataParallel-wrapped network the gradient-bucket layout it keeps for
+    the whole process now, before its first step, so that a resumed process sums each
+    gradient over the ranks in the same order as the uninterrupted run did (issue 24).
+
+    Why: DDP's first backward in a process reduces every gradient in one bucket in parameter
+    order; it then rebuilds the buckets in the order the gradients arrived and keeps those.
+    gloo's and NCCL's ring allreduce add the ranks' values in an order that depends on an
+    element's offset in its bucket. With 2 ranks that cannot matter (a + b == b + a); with 3 or
+    more, (a + b) + c and (b + c) + a can differ in the last bit. So the first step after a
+    resume was reduced in another order than the same step of the uninterrupted run: 1-ulp
+    differences that Adam and the GAN games then amplify (20 of 63 tensors differed by up to
+    2e-3 at 4 ranks, 50 steps after resuming).
+
+    How: a backward of zero gradients, one parameter at a time in reverse registration order,
+    makes DDP record that as its arrival order; it then rebuilds its buckets right here, and
+    never again. Every process, fresh or resumed, therefore reduces every step in the same
+    layout. Reverse registration order is DDP's own estimate of the arrival order (what it uses
+    before it has measured one) and what a network whose modules are registered in forward
+    order produces, and the buckets keep DDP's size caps, so reduction still overlaps the
+    backward pass on GPUs. Cost: one allreduce of zeros per network at start-up, nothing per step.
+    """
+    if not isinstance(network, DistributedDataParallel) or network._has_rebuilt_buckets:
+        return
+    reducer = network.reducer
+    trained = [parameter for parameter in network.module.parameters() if parameter.requires_grad]
+    held_gradients = [parameter.grad for parameter in trained]
+    with torch.enable_grad():
+        # What DDP's forward does before a backward it reduces; the graph is one leaf at a time.
+        reducer.prepare_for_forward()
+        reducer.prepare_for_backward([])
+        for parameter in reversed(trained):
+            parameter.grad = None
+            parameter.backward(torch.zeros_like(parameter))
+    for parameter, gradient in zip(trained, held_gradients):
+        parameter.grad = gradient  # the zeros DDP averaged are no step's gradients
+    if reducer._rebuild_buckets():
+        network._has_rebuilt_buckets = True
+
 
 def average_batchnorm_statistics(model: nn.Module, accelerator: Accelerator) -> None:
     """Replaces every BatchNorm running mean/var by its average over ranks.
