@@ -56,19 +56,69 @@ def fix_gradient_buckets(network: nn.Module) -> None:
         network._has_rebuilt_buckets = True
 
 
+def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The running mean and variance of every BatchNorm that tracks them, in module order."""
+    return [buffer for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            for buffer in (module.running_mean, module.running_var)]
+
+
+def _set_batchnorm_statistics(buffers: list[torch.Tensor], values: torch.Tensor) -> None:
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(values[offset:offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+
+
+@torch.no_grad()
 def average_batchnorm_statistics(model: nn.Module, accelerator: Accelerator) -> None:
     """Replaces every BatchNorm running mean/var by its average over ranks.
 
-    DDP runs with broadcast_buffers=False (see train.py), so each rank's running statistics
+    DDP runs with broadcast_buffers=False (see loop.prepare), so each rank's running statistics
     come from its own data. Averaging them before stage 2 and before each checkpoint gives
     every rank, and the saved model, one shared latent normalisation.
+
+    Values on which all ranks agree already are kept as they are: the float mean of equal
+    numbers is not always that number (with 6 ranks, 29% of values change, and 8% even of
+    values that are themselves such a mean), so averaging again at a resume would move a
+    resumed run off the uninterrupted one.
     """
     if accelerator.num_processes == 1:
         return
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                buffer.copy_(accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+    buffers = batchnorm_statistics(model)
+    if not buffers:
+        return
+    own = torch.cat([buffer.detach().flatten() for buffer in buffers])
+    mean = own.clone()
+    torch.distributed.all_reduce(mean)
+    mean /= accelerator.num_processes
+    extremes = torch.cat([own, -own])  # the largest and (negated) smallest value in one reduction
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    agreed = extremes[: len(own)] == -extremes[len(own):]
+    _set_batchnorm_statistics(buffers, torch.where(agreed, own, mean))
+
+
+@torch.no_grad()
+def gather_batchnorm_statistics(model: nn.Module, accelerator: Accelerator) -> torch.Tensor | None:
+    """Every rank's own BatchNorm running statistics, one row per rank, on the CPU (None with
+    one process or no BatchNorm): what a checkpoint written between two averagings keeps so
+    that a resume continues each rank from its own statistics."""
+    buffers = batchnorm_statistics(model)
+    if accelerator.num_processes == 1 or not buffers:
+        return None
+    own = torch.cat([buffer.detach().flatten() for buffer in buffers])
+    return accelerator.gather(own.unsqueeze(0)).cpu()
+
+
+@torch.no_grad()
+def restore_rank_batchnorm_statistics(model: nn.Module, per_rank: torch.Tensor, rank: int, world_size: int) -> bool:
+    """Loads this rank's row of `gather_batchnorm_statistics`; False (nothing changed) when the
+    checkpoint was written by another number of ranks or another model."""
+    buffers = batchnorm_statistics(model)
+    if tuple(per_rank.shape) != (world_size, sum(buffer.numel() for buffer in buffers)):
+        return False
+    _set_batchnorm_statistics(buffers, per_rank[rank].to(buffers[0].device))
+    return True
 
 
 @torch.no_grad()

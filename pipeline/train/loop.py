@@ -36,7 +36,9 @@ from pipeline.train.checkpoint_uploads import RemoteCheckpointWriter
 from pipeline.train.distributed import (
     average_batchnorm_statistics,
     check_world_size,
+    gather_batchnorm_statistics,
     max_parameter_divergence,
+    restore_rank_batchnorm_statistics,
 )
 from pipeline.train.engines import (
     Engines,
@@ -188,6 +190,12 @@ def restore(run: Run, resume: str) -> None:
     scaler = run.accelerator.scaler
     if scaler is not None and "grad_scaler" in state and not run.engines.deepspeed:
         scaler.load_state_dict(state["grad_scaler"])
+    if RANK_BATCHNORM_STATE in state:  # stopped between two averagings: each rank's own statistics
+        rank, world_size = run.accelerator.process_index, run.accelerator.num_processes
+        restored = restore_rank_batchnorm_statistics(model, state[RANK_BATCHNORM_STATE], rank, world_size)
+        if not restored and run.is_main:
+            log.warning("%s was written by %d ranks; the %d ranks start from their averaged BatchNorm statistics",
+                        checkpoint, len(state[RANK_BATCHNORM_STATE]), world_size)
     run.source = sources.training_source(config.data, rank=run.accelerator.process_index,
                                          world_size=run.accelerator.num_processes, seed=config.seed,
                                          data_shape=model.shape.data_shape)
@@ -304,14 +312,28 @@ class MetricWindow:
         return losses
 
 
+RANK_BATCHNORM_STATE = "rank_batchnorm_statistics"  # training-state key: one row per rank
+
+
 def save(run: Run, stage: int, stage_step: int) -> checkpoints.Checkpoint | None:
-    """A checkpoint of every rank's agreed state, written by rank 0 (None on other ranks)."""
+    """A checkpoint of every rank's agreed state, written by rank 0 (None on other ranks).
+
+    The uninterrupted run averages the ranks' BatchNorm statistics at every `checkpoint_every`
+    steps and at the end of a stage. A checkpoint at another step (a stop signal) also keeps
+    each rank's own statistics, which the resume restores: it continues as the run would have.
+    """
     accelerator, model, config = run.accelerator, run.model, run.config
+    extra: dict[str, Any] = {}
+    if stage_step % config.train.checkpoint_every and stage_step != stage_length(config, stage):
+        per_rank = gather_batchnorm_statistics(model, accelerator)
+        if per_rank is not None:
+            extra[RANK_BATCHNORM_STATE] = per_rank
     average_batchnorm_statistics(model, accelerator)
     accelerator.wait_for_everyone()
     saved = None
     if run.is_main:
-        extra = {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+        if accelerator.scaler is not None:
+            extra["grad_scaler"] = accelerator.scaler.state_dict()
         meta = checkpoints.CheckpointMeta(
             stage=stage, step=run.step, stage_step=stage_step, data_epoch=run.position.epoch,
             data_batch_in_epoch=run.position.batch_in_epoch, model_shape=dataclasses.asdict(model.shape),
