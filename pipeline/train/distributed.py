@@ -23,8 +23,9 @@ def fix_gradient_buckets(network: nn.Module) -> None:
 
     Why: DDP's first backward in a process reduces every gradient in one bucket in parameter
     order; it then rebuilds the buckets in the order the gradients arrived and keeps those.
-    gloo's and NCCL's ring allreduce add the ranks' values in an order that depends on an
-    element's offset in its bucket. With 2 ranks that cannot matter (a + b == b + a); with 3 or
+    A ring allreduce (gloo's, measured in tests/integration/rank_probes.py; NCCL's ring follows
+    the same design) adds the ranks' values in an order that depends on an element's offset in
+    its bucket. With 2 ranks that cannot matter (a + b == b + a); with 3 or
     more, (a + b) + c and (b + c) + a can differ in the last bit. So the first step after a
     resume was reduced in another order than the same step of the uninterrupted run: 1-ulp
     differences that Adam and the GAN games then amplify (20 of 63 tensors differed by up to
@@ -79,9 +80,9 @@ def average_batchnorm_statistics(model: nn.Module, accelerator: Accelerator) -> 
     every rank, and the saved model, one shared latent normalisation.
 
     Values on which all ranks agree already are kept as they are: the float mean of equal
-    numbers is not always that number (with 6 ranks, 29% of values change, and 8% even of
-    values that are themselves such a mean), so averaging again at a resume would move a
-    resumed run off the uninterrupted one.
+    numbers is not always that number (((a + a) + a) / 3 != a for 15% of random float32 a;
+    summed over 6 ranks, even a value that is itself such a mean changes in 8% of cases), so
+    averaging again at a resume would move a resumed run off the uninterrupted one.
     """
     if accelerator.num_processes == 1:
         return
@@ -115,7 +116,7 @@ def restore_rank_batchnorm_statistics(model: nn.Module, per_rank: torch.Tensor, 
     """Loads this rank's row of `gather_batchnorm_statistics`; False (nothing changed) when the
     checkpoint was written by another number of ranks or another model."""
     buffers = batchnorm_statistics(model)
-    if tuple(per_rank.shape) != (world_size, sum(buffer.numel() for buffer in buffers)):
+    if not buffers or tuple(per_rank.shape) != (world_size, sum(buffer.numel() for buffer in buffers)):
         return False
     _set_batchnorm_statistics(buffers, per_rank[rank].to(buffers[0].device))
     return True
