@@ -19,6 +19,7 @@ from torch import nn
 from gapm import Method
 from pipeline.config import ExperimentConfig, optimizer_settings
 from pipeline.train import deepspeed_engines
+from pipeline.train.distributed import fix_gradient_buckets
 from pipeline.train.settings import OptimizerConfig
 
 Update = Callable[[str, torch.Tensor], None]
@@ -103,6 +104,8 @@ def prepare_engines(accelerator: Accelerator, model: Method, optimizers: dict[st
         names = list(optimizers)
         prepared = accelerator.prepare(*(getattr(model, n) for n in names), *(optimizers[n] for n in names))
         networks = dict(zip(names, prepared[: len(names)]))
+        for network in networks.values():  # one reduction order for fresh and resumed processes
+            fix_gradient_buckets(network)
         prepared_optimizers = dict(zip(names, prepared[len(names):]))
         update = AccelerateUpdate(accelerator, networks, prepared_optimizers,
                                   config.train.gradient_accumulation_steps, config.train.grad_clip_norm)

@@ -29,13 +29,19 @@ from gapm import Method, build_model
 from pipeline import console
 from pipeline.checkpoints import (
     Checkpoint,
-    CheckpointMeta,
     Checkpointer,
+    CheckpointMeta,
     NoSpaceLeft,
     UnwritableLocation,
     disk_failure,
 )
-from pipeline.config import ExperimentConfig, checkpoint_config, method_hyperparameters, optimizer_settings, to_dict
+from pipeline.config import (
+    ExperimentConfig,
+    checkpoint_config,
+    method_hyperparameters,
+    optimizer_settings,
+    to_dict,
+)
 from pipeline.data import sources, storage
 from pipeline.errors import GapmError
 from pipeline.stopping import StopRequest, TrainingInterrupted
@@ -45,7 +51,9 @@ from pipeline.train import outputs
 from pipeline.train.distributed import (
     average_batchnorm_statistics,
     check_world_size,
+    gather_batchnorm_statistics,
     max_parameter_divergence,
+    restore_rank_batchnorm_statistics,
 )
 from pipeline.train.engines import (
     Engines,
@@ -167,6 +175,12 @@ def restore(run: Run, resume: str) -> None:
     scaler = run.accelerator.scaler
     if scaler is not None and "grad_scaler" in state and not run.engines.deepspeed:
         scaler.load_state_dict(state["grad_scaler"])
+    if RANK_BATCHNORM_STATE in state:  # stopped between two averagings: each rank's own statistics
+        rank, world_size = run.accelerator.process_index, run.accelerator.num_processes
+        own_statistics = restore_rank_batchnorm_statistics(model, state[RANK_BATCHNORM_STATE], rank, world_size)
+        if not own_statistics and run.is_main:
+            log.warning("%s was written by %d ranks; the %d ranks start from their averaged BatchNorm statistics",
+                        run.last_saved, len(state[RANK_BATCHNORM_STATE]), world_size)
     run.source = sources.training_source(config.data, rank=run.accelerator.process_index,
                                          world_size=run.accelerator.num_processes, seed=config.seed,
                                          data_shape=model.shape.data_shape)
@@ -283,15 +297,29 @@ class MetricWindow:
         return losses
 
 
+RANK_BATCHNORM_STATE = "rank_batchnorm_statistics"  # training-state key: one row per rank
+
+
 def save(run: Run, stage: int, stage_step: int) -> Checkpoint | None:
     """A checkpoint of every rank's agreed state, written by rank 0 (None on other ranks).
-    Every rank stops if rank 0 could not write it, or could not upload an earlier one."""
+    Every rank stops if rank 0 could not write it, or could not upload an earlier one.
+
+    The uninterrupted run averages the ranks' BatchNorm statistics at every `checkpoint_every`
+    steps and at the end of a stage. A checkpoint at another step (a stop signal) also keeps
+    each rank's own statistics, which the resume restores: it continues as the run would have.
+    """
     accelerator, model, config = run.accelerator, run.model, run.config
+    extra: dict[str, Any] = {}
+    if stage_step % config.train.checkpoint_every and stage_step != stage_length(config, stage):
+        per_rank = gather_batchnorm_statistics(model, accelerator)
+        if per_rank is not None:
+            extra[RANK_BATCHNORM_STATE] = per_rank
     average_batchnorm_statistics(model, accelerator)
     accelerator.wait_for_everyone()
     saved, failure = None, None
     if run.is_main:
-        extra = {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+        if accelerator.scaler is not None:
+            extra["grad_scaler"] = accelerator.scaler.state_dict()
         meta = CheckpointMeta(
             stage=stage, step=run.step, stage_step=stage_step, data_epoch=run.position.epoch,
             data_batch_in_epoch=run.position.batch_in_epoch, model_shape=dataclasses.asdict(model.shape),
