@@ -187,7 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         if console.is_main_process():  # rank 0 wrote the checkpoint; the others have nothing to add
             print(f"gapm {args.command}: {stopped}", file=sys.stderr)
         return EXIT_RESUMABLE
-    except (GapmError, FileNotFoundError) as error:
+    except GapmError as error:
+        if getattr(error, "transient", False):  # storage away for the whole retry budget: not bad input
+            if console.is_main_process():
+                print(f"gapm {args.command}: {error}; storage is unavailable, start again later (exit 75, "
+                      "resumable)", file=sys.stderr)
+            return EXIT_RESUMABLE
+        print(f"gapm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
         print(f"gapm {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:

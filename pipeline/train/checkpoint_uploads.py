@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.data import storage
+from pipeline.data import outages, storage
 from pipeline.stopping import TrainingInterrupted
 from pipeline.train import checkpoints
 
@@ -94,8 +94,11 @@ class RemoteCheckpointWriter:
 
     def _upload(self, staged: Path) -> None:
         try:
-            url = checkpoints.upload_checkpoint(staged, self.destination)
-            checkpoints.prune_checkpoints(self.destination, self.keep_last)
+            with outages.consequence("training goes on, the checkpoint waits in " + str(staged),
+                                     "then the run stops resumably (exit 75) and the checkpoint is uploaded at the "
+                                     "next launch"):
+                url = checkpoints.upload_checkpoint(staged, self.destination)
+                checkpoints.prune_checkpoints(self.destination, self.keep_last)
         except storage.StorageError as error:
             log.error("checkpoint %s: upload to %s failed: %s", staged.name, self.destination, error)
             self.failure = CheckpointUploadFailed(staged, self.destination, error)

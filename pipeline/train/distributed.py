@@ -13,6 +13,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one (one all-reduce of one number)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([1.0 if flag else 0.0], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
+
+
 def average_batchnorm_statistics(model: nn.Module, accelerator: Accelerator) -> None:
     """Replaces every BatchNorm running mean/var by its average over ranks.
 

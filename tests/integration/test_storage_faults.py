@@ -1,0 +1,242 @@
+"""Storage faults (issue 24, items 1, 6 and 7): a fault-injecting proxy in front of the moto S3
+server stops (for seconds, or for good), throttles or trickles while shards stream. What must
+hold: nothing is skipped, a run that waited an outage out is bit-identical to an undisturbed
+one, a spent retry budget (or a stop signal during a stuck read) checkpoints and exits 75 and
+the resumed run is bit-identical too, and the outage says what it is doing.
+
+Cells of the fault matrix (faults x layers) kept here: one process (in-process `train`, and
+`gapm train` subprocesses) and 2 ranks (torchrun over gloo). Long cells are marked slow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, PausableProxy, free_port, tiny_overrides
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.data import outages, storage
+from pipeline.data.s3_stream import ResumableObjectStream
+from pipeline.data.shards import convert_dataset
+from pipeline.data.streaming import make_batch_stream
+from pipeline.errors import GapmError
+from pipeline.stopping import StopRequest, TrainingInterrupted
+from pipeline.train import checkpoints
+from pipeline.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture()
+def proxy(s3_bucket, monkeypatch):
+    """The test S3 endpoint reached through a fault-injecting proxy; (proxy, bucket)."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    proxy = PausableProxy(int(endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy, s3_bucket
+    proxy.up()  # ends a trickle or throttling, so abandoned reads finish
+    proxy.down()
+
+
+def outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "storage" in r.getMessage() and r.levelno >= logging.WARNING]
+
+
+# --------------------------------------------------------------------------- one S3 object
+
+
+def put_random_object(bucket: str, size: int) -> tuple[str, bytes]:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    url = f"s3://{bucket}/objects/blob-{size}"
+    storage.write_bytes(url, data)
+    return url, data
+
+
+def read_slowly(url: str, **kwargs) -> bytes:
+    """Reads like the tar reader, with a pause per read so that the proxy sees the client's
+    buffers fill: a fault scheduled after N bytes then falls inside the object."""
+    parts = []
+    with ResumableObjectStream(url, **kwargs) as stream:
+        while part := stream.read(256 * 1024):
+            parts.append(part)
+            time.sleep(0.003)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("fault", ["outage", "throttled", "connection cut"])
+def test_a_blip_mid_object_continues_at_the_same_byte(proxy, caplog, fault):
+    proxy, bucket = proxy
+    url, data = put_random_object(bucket, 24 << 20)
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    actions = {"outage": lambda: proxy.outage(2.0), "connection cut": proxy.cut_connections,
+               "throttled": lambda: (proxy.throttle(), threading.Timer(2.0, proxy.up).start())}
+    proxy.after_bytes(3 << 20, actions[fault])
+    assert read_slowly(url, budget_s=60) == data
+    assert proxy.faults_fired == 1
+    lines = outage_lines(caplog)
+    assert any("storage unavailable" in line and "retrying for up to 60 s" in line for line in lines), lines
+    resumed = [line for line in lines if "reachable again" in line]
+    assert len(resumed) == 1 and "nothing skipped" in resumed[0], lines
+    offset = int(re.search(r"reading on from byte ([\d,]+)", resumed[0]).group(1).replace(",", ""))
+    assert 0 < offset < len(data)  # inside the object: the rest came by a Range request
+
+
+def test_storage_gone_for_good_gives_up_after_the_budget(proxy, caplog):
+    proxy, bucket = proxy
+    url, _ = put_random_object(bucket, 24 << 20)
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    proxy.after_bytes(3 << 20, lambda: proxy.outage(None))
+    started = time.monotonic()
+    with pytest.raises(storage.StorageUnavailable) as error:
+        read_slowly(url, budget_s=3)
+    assert 2.5 < time.monotonic() - started < 15
+    assert "the whole retry budget" in str(error.value) and url in str(error.value)
+    assert not isinstance(error.value, GapmError) or error.value.transient  # the CLI's exit 75, not 2
+
+
+def test_a_trickle_is_a_stall_cut_within_the_budget(proxy, caplog):
+    """An endpoint sending a byte every half second never lets a socket read time out; the
+    reader still gives up within about its budget (not after minutes)."""
+    proxy, bucket = proxy
+    url, _ = put_random_object(bucket, 24 << 20)
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    proxy.after_bytes(3 << 20, lambda: proxy.trickle(0.5))
+    started = time.monotonic()
+    with pytest.raises(storage.StorageUnavailable, match="the read stalled"):
+        read_slowly(url, budget_s=4)
+    assert time.monotonic() - started < 12
+    assert any("no data for" in line for line in outage_lines(caplog))
+
+
+def test_a_stop_signal_ends_a_stuck_read_at_once(proxy):
+    proxy, bucket = proxy
+    url, _ = put_random_object(bucket, 24 << 20)
+    proxy.after_bytes(3 << 20, lambda: proxy.trickle(0.5))
+    with StopRequest():
+        stream = ResumableObjectStream(url, budget_s=600)
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable, match="a stop was requested"):
+            while stream.read(256 * 1024):
+                time.sleep(0.003)
+        stream.close()
+    assert time.monotonic() - started < 6  # the signal came after 2 s; the budget was 600 s
+
+
+def test_an_outage_reports_at_once_about_every_interval_and_at_its_end(proxy, caplog, monkeypatch):
+    proxy, bucket = proxy
+    monkeypatch.setattr(outages, "REPORT_EVERY_S", 1.0)  # "about once a minute", a minute shortened
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    storage.write_bytes(f"s3://{bucket}/small", b"x")
+    proxy.outage(4.0)
+    assert storage.with_retries(lambda: storage.read_bytes(f"s3://{bucket}/small"), "reading the manifest",
+                                budget_s=60) == b"x"
+    lines = outage_lines(caplog)
+    first, *middle, last = lines
+    assert first.startswith("reading the manifest: storage unavailable (") and "retrying for up to 60 s" in first
+    assert "training checkpoints and exits 75" in first
+    assert middle and all("still unavailable after" in line and "retrying for another" in line for line in middle)
+    assert "reachable again after" in last
+
+
+# --------------------------------------------------------------------------- training, one process
+
+
+def roll_shards(bucket: str) -> str:
+    """1000 swiss-roll points in 20 shards of 50, in S3."""
+    convert_dataset("swissroll", "-", f"s3://{bucket}/roll", split="train", samples_per_shard=50,
+                    swissroll_samples=1000)
+    return f"s3://{bucket}/roll/train"
+
+
+def roll_overrides(output_dir, shards: str, *extra: str) -> list[str]:
+    """80 steps of tiny networks over 25-point batches (two passes over the 20 shards)."""
+    return [f"output_dir={output_dir}", f"data.train={shards}", "data.test=swissroll", "data.shuffle_buffer=100",
+            *tiny_overrides(stage1_steps=60, stage2_steps=20, batch_size=25, samples=None, test_samples=200,
+                            width=16, checkpoint_every=20, log_every=10, eval_samples=64, discriminator_steps=1),
+            "train.keep_last_checkpoints=10", *extra]
+
+
+def roll_run(output_dir, shards: str, *extra: str):
+    return load_config(ROOT / "configs/swissroll.yaml", roll_overrides(output_dir, shards, *extra))
+
+
+def differing_tensors(first: checkpoints.Checkpoint, second: checkpoints.Checkpoint) -> list[str]:
+    """Names of the tensors (weights, buffers, optimizer moments) that differ between two checkpoints."""
+    a, b = checkpoints.load_model(first)[0].state_dict(), checkpoints.load_model(second)[0].state_dict()
+    differ = [name for name in a if not torch.equal(a[name], b[name])]
+    state_a, state_b = checkpoints.load_training_state(first), checkpoints.load_training_state(second)
+    for network, optimizer in state_a["optimizers"].items():
+        for index, moments in optimizer["state"].items():
+            for key, value in moments.items():
+                if not torch.equal(torch.as_tensor(value), torch.as_tensor(state_b["optimizers"][network]["state"][index][key])):
+                    differ.append(f"{network}.state.{index}.{key}")
+    return differ
+
+
+@pytest.fixture()
+def undisturbed(proxy, tmp_path_factory):
+    """A run through the proxy that no fault touches: its final checkpoint, and how many bytes
+    it read through the proxy (so that a fault can be placed in the middle of a run)."""
+    proxy, bucket = proxy
+    shards = roll_shards(bucket)
+    before = proxy.relayed
+    result = train(roll_run(tmp_path_factory.mktemp("undisturbed"), shards), resume="never")
+    assert result.metrics["data/failed_shards"] == 0
+    return shards, result.final_checkpoint, proxy.relayed - before
+
+
+def test_a_two_second_outage_mid_training_changes_nothing(proxy, undisturbed, tmp_path, caplog):
+    proxy, _ = proxy
+    shards, reference, relayed = undisturbed
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    proxy.after_bytes(relayed * 3 // 10, lambda: proxy.outage(2.0))  # inside the first epoch
+    result = train(roll_run(tmp_path, shards), resume="never")
+    assert proxy.faults_fired == 1
+    assert any("storage unavailable" in line for line in outage_lines(caplog)), "the outage must have been felt"
+    assert any("reachable again" in line for line in outage_lines(caplog))
+    assert result.metrics["data/failed_shards"] == 0 and result.metrics["data/corrupt_samples"] == 0
+    assert differing_tensors(reference, result.final_checkpoint) == []
+
+
+def test_storage_gone_for_good_checkpoints_exits_resumably_and_resumes_exactly(proxy, undisturbed, tmp_path):
+    proxy, _ = proxy
+    shards, reference, relayed = undisturbed
+    proxy.after_bytes(relayed * 7 // 10, lambda: proxy.outage(None))  # inside the second epoch
+    config = roll_run(tmp_path, shards, "train.storage_retry_seconds=2")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, resume="never")
+    message = str(stopped.value)
+    assert "storage outage" in message and "the whole retry budget" in message and "relaunch with --resume auto" in message
+    assert not isinstance(stopped.value, GapmError)  # exit 75, never 2
+    saved = checkpoints.latest_checkpoint(config.run_dir / "checkpoints")
+    step = checkpoints.read_meta(saved).step
+    assert step % 20 != 0, "the run checkpoints where it stopped, not only at its last periodic checkpoint"
+    proxy.up()
+    resumed = train(roll_run(tmp_path, shards), resume="auto")
+    assert checkpoints.read_meta(resumed.final_checkpoint).step == 80
+    assert differing_tensors(reference, resumed.final_checkpoint) == []
+
+
+def test_storage_unreachable_at_launch_is_waited_for(proxy, tmp_path, caplog):
+    proxy, bucket = proxy
+    shards = roll_shards(bucket)
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    proxy.outage(3.0)
+    result = train(roll_run(tmp_path, shards, "stage1.steps=10", "stage2.steps=0"), resume="never")
+    assert checkpoints.read_meta(result.final_checkpoint).step == 10
+    assert any(line.startswith("checking data.train") and "storage unavailable" in line
+               for line in outage_lines(caplog)), outage_lines(caplog)
