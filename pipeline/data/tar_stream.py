@@ -45,8 +45,9 @@ _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguo
 _PAX_HEADER, _PAX_GLOBAL_HEADER, _GNU_LONG_NAME, _GNU_LONG_LINK = b"x", b"g", b"L", b"K"
 _COMPRESSED = ((b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream, mode="rb")),
                (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
-# Deflate cannot pass about 1030:1; bzip2 and xz can reach millions. Real shards (images,
-# small points with their headers and padding) stay far below this.
+# Real shards (images; small points with their tar headers and padding) stay far below this.
+# bzip2 and xz bombs (millions to one) stop within megabytes; deflate tops out near 1030:1, so
+# a gzip bomb stops after a few hundred MiB (its memory is bounded all along: 1 MiB pieces).
 MAX_DECOMPRESSION_RATIO = 1000
 RATIO_FREE_BYTES = 64 << 20
 # webdataset's rules (tariterators.base_plus_ext and skip_meta): the key is the name up to the
