@@ -69,8 +69,9 @@ class PausableProxy:
     None: for good), `trickle(interval)` (the server's bytes reach the client one per
     `interval` seconds, as from a stalled link, until `full_speed()`), `throttle()` (every new
     request is answered 503 SlowDown until `up()`), and `after_bytes(n, fault)`: run `fault()`
-    once `n` more bytes have gone from the server to the clients — mid-response, at a point
-    that does not depend on the machine's speed."""
+    once `n` more bytes have come from the server, before they go on to the client — mid-
+    response, at a point that does not depend on the machine's speed, and felt by every byte
+    after it."""
 
     def __init__(self, target_port: int):
         import threading
@@ -150,17 +151,16 @@ class PausableProxy:
         with self._lock:
             self._trigger = (self.relayed + count, fault)
 
-    def _count(self, size: int) -> None:
-        import threading
-
+    def _count(self, size: int):
+        """Counts bytes from the server; the fault to run now, if they complete its count."""
         with self._lock:
             self.relayed += size
             trigger = self._trigger
             if trigger is None or self.relayed < trigger[0]:
-                return
+                return None
             self._trigger = None
             self.faults_fired += 1
-        threading.Thread(target=trigger[1], daemon=True).start()
+            return trigger[1]
 
     def _accept(self, listener) -> None:
         import threading
@@ -208,7 +208,9 @@ class PausableProxy:
         try:
             while data := source.recv(65536):
                 if from_server:
-                    self._count(len(data))
+                    fault = self._count(len(data))
+                    if fault is not None:
+                        fault()  # before these bytes go on: every byte after the count meets the fault
                     while data and self.trickle_interval is not None:
                         target.sendall(data[:1])
                         data = data[1:]

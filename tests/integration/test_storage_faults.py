@@ -141,7 +141,7 @@ def test_an_outage_reports_at_once_about_every_interval_and_at_its_end(proxy, ca
     monkeypatch.setattr(outages, "REPORT_EVERY_S", 1.0)  # "about once a minute", a minute shortened
     caplog.set_level(logging.WARNING, logger="pipeline.data")
     storage.write_bytes(f"s3://{bucket}/small", b"x")
-    proxy.outage(4.0)
+    proxy.outage(2.5)
     assert storage.with_retries(lambda: storage.read_bytes(f"s3://{bucket}/small"), "reading the manifest",
                                 budget_s=60) == b"x"
     lines = outage_lines(caplog)
@@ -187,16 +187,23 @@ def differing_tensors(first: checkpoints.Checkpoint, second: checkpoints.Checkpo
     return differ
 
 
-@pytest.fixture()
-def undisturbed(proxy, tmp_path_factory):
-    """A run through the proxy that no fault touches: its final checkpoint, and how many bytes
-    it read through the proxy (so that a fault can be placed in the middle of a run)."""
-    proxy, bucket = proxy
+@pytest.fixture(scope="module")
+def undisturbed(one_torch_thread, s3_endpoint, _s3_admin_client, tmp_path_factory):
+    """Roll shards in a bucket of their own, and a run through a proxy that no fault touches:
+    (shards, its final checkpoint, how many bytes it read through the proxy), so that a fault
+    can be placed inside a run. Shared by the module's runs; each test brings its own proxy."""
+    import uuid
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    _s3_admin_client.create_bucket(Bucket=bucket)
     shards = roll_shards(bucket)
-    before = proxy.relayed
-    result = train(roll_run(tmp_path_factory.mktemp("undisturbed"), shards), resume="never")
+    proxy = PausableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        result = train(roll_run(tmp_path_factory.mktemp("undisturbed"), shards), resume="never")
+    proxy.down()
     assert result.metrics["data/failed_shards"] == 0
-    return shards, result.final_checkpoint, proxy.relayed - before
+    return shards, result.final_checkpoint, proxy.relayed
 
 
 def test_a_two_second_outage_mid_training_changes_nothing(proxy, undisturbed, tmp_path, caplog):
@@ -240,3 +247,231 @@ def test_storage_unreachable_at_launch_is_waited_for(proxy, tmp_path, caplog):
     assert checkpoints.read_meta(result.final_checkpoint).step == 10
     assert any(line.startswith("checking data.train") and "storage unavailable" in line
                for line in outage_lines(caplog)), outage_lines(caplog)
+
+
+# --------------------------------------------------------------------------- loader workers
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                children += [int(child) for child in listing.read().split()]
+        except OSError:
+            pass
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def test_loader_workers_die_with_a_killed_training_process(cifar10_source, tmp_path):
+    src, _ = cifar10_source
+    convert_dataset("cifar10", src, str(tmp_path / "cifar"), split="train", samples_per_shard=50)
+    overrides = [f"output_dir={tmp_path}", f"data.train={tmp_path}/cifar/train", "data.test=synthetic",
+                 "data.num_workers=2", "model.data_shape=[3, 32, 32]", "model.latent_dim=8", "model.prior_dim=8",
+                 "model.width=8", "model.latent_generator_widths=[16]", "model.latent_discriminator_widths=[16]",
+                 "stage1.steps=100000", "data.batch_size=64", "train.progress_bar=false", "tracking.enabled=false"]
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config",
+                                str(ROOT / "configs/swissroll.yaml"), *[a for o in overrides for a in ("--set", o)]],
+                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while len(workers := child_pids(process.pid)) < 2:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no loader workers appeared"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers are streaming batches
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers), "loader workers outlived their training process"
+    finally:
+        process.kill()
+        for pid in workers:  # ours, started by the process above: left behind only if the test failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture()
+def data_warnings_file(tmp_path):
+    """The data layer's warnings, also from forked loader workers (caplog sees this process only)."""
+    path = tmp_path / "data-warnings.log"
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("pipeline.data")
+    logger.addHandler(handler)
+    yield path
+    logger.removeHandler(handler)
+    handler.close()
+
+
+def test_loader_workers_ride_out_an_outage_with_the_same_batches(proxy, cifar10_source, data_warnings_file):
+    """Reads in DataLoader worker processes: the same batches, in the same order, nothing counted."""
+    proxy, bucket = proxy
+    src, _ = cifar10_source
+    convert_dataset("cifar10", src, f"s3://{bucket}/cifar", split="train", samples_per_shard=25)
+    spec = f"s3://{bucket}/cifar/train"
+    before = proxy.relayed
+    undisturbed = list(make_batch_stream(spec, batch_size=20, num_workers=2, seed=4))
+    relayed = proxy.relayed - before
+    proxy.after_bytes(relayed // 2, lambda: proxy.outage(2.0))
+    stream = make_batch_stream(spec, batch_size=20, num_workers=2, seed=4)
+    disturbed = list(stream)
+    assert proxy.faults_fired == 1
+    assert len(disturbed) == len(undisturbed) == 10
+    assert all(torch.equal(a, b) for a, b in zip(undisturbed, disturbed))
+    assert stream.stats.failed_shards == 0 and stream.stats.corrupt_samples == 0
+    said = data_warnings_file.read_text()  # by the workers
+    assert "storage unavailable" in said and "reachable again" in said, said
+
+
+# --------------------------------------------------------------------------- slow cells
+
+
+@pytest.mark.slow  # two runs with an 8 s outage, ~40 s
+def test_an_eight_second_outage_mid_training_changes_nothing(proxy, undisturbed, tmp_path, caplog):
+    proxy, _ = proxy
+    shards, reference, relayed = undisturbed
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    proxy.after_bytes(relayed * 6 // 10, lambda: proxy.outage(8.0))
+    result = train(roll_run(tmp_path, shards), resume="never")
+    assert proxy.faults_fired == 1 and any("reachable again" in line for line in outage_lines(caplog))
+    assert result.metrics["data/failed_shards"] == 0
+    assert differing_tensors(reference, result.final_checkpoint) == []
+
+
+@pytest.mark.slow  # ~20 s
+def test_data_and_checkpoints_in_the_same_lost_storage(proxy, undisturbed, tmp_path):
+    """The checkpoint written when the data's storage is gone cannot go to that storage either:
+    it stays staged on local disk, and the next launch uploads it and resumes exactly."""
+    proxy, bucket = proxy
+    shards, reference, relayed = undisturbed
+    remote = f"s3://{bucket}/runs/lost"
+    proxy.after_bytes(relayed * 7 // 10, lambda: proxy.outage(None))
+    config = roll_run(tmp_path, shards, "train.storage_retry_seconds=2", f"train.checkpoint_dir={remote}")
+    with pytest.raises(TrainingInterrupted):
+        train(config, resume="never")
+    staged = sorted((config.run_dir / ".checkpoint-uploads").glob("step-*"))
+    assert staged, "the checkpoint written at the stop must wait on local disk"
+    proxy.up()
+    resumed = train(roll_run(tmp_path, shards, f"train.checkpoint_dir={remote}"), resume="auto")
+    assert checkpoints.read_meta(resumed.final_checkpoint).step == 80
+    assert differing_tensors(reference, resumed.final_checkpoint) == []
+
+
+def gapm_train(overrides: list[str], *, processes: int = 1, env: dict | None = None) -> subprocess.Popen:
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    cli = ["-m", "pipeline.cli", "train", "--config", str(ROOT / "configs/swissroll.yaml"), *sets]
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                                          "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return subprocess.Popen([sys.executable, *launcher, *cli], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+                                 "GAPM_LOG_LEVEL": "WARNING", **(env or {})})
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def assert_resumable_exit(process: subprocess.Popen, stderr: str, reason: str) -> None:
+    """Exit 75 from gapm (through torchrun: every rank's exit code 75), one line from rank 0."""
+    if process.args[1:3] == ["-m", "torch.distributed.run"]:
+        codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)
+        assert process.returncode != 0 and set(codes) <= {"75"}, stderr[-3000:]
+    else:
+        assert process.returncode == 75, stderr[-3000:]
+    assert f"gapm train: stopped by {reason}" in stderr and "relaunch with --resume auto" in stderr, stderr[-3000:]
+    assert "gapm train: error:" not in stderr
+
+
+@pytest.mark.slow  # a trickle after half a run: ~40 s
+def test_a_trickling_endpoint_stops_the_run_within_its_budget(proxy, tmp_path):
+    proxy, bucket = proxy
+    shards = roll_shards(bucket)
+    fired = []
+    proxy.after_bytes(40_000, lambda: (proxy.trickle(0.5), fired.append(time.monotonic())))
+    process = gapm_train(roll_overrides(tmp_path, shards, "train.storage_retry_seconds=8"))
+    stderr = finish(process)
+    assert fired, stderr[-3000:]
+    assert time.monotonic() - fired[0] < 8 + 30, "the budget (8 s) bounds the wait, not a 300 s socket timeout"
+    assert_resumable_exit(process, stderr, "a storage outage")
+    assert "the read stalled" in stderr
+    assert checkpoints.list_checkpoints(tmp_path / "swissroll" / "checkpoints")
+
+
+@pytest.mark.slow  # three runs, one of them 2 processes: ~90 s
+@pytest.mark.parametrize("workers", [2])
+def test_sigterm_during_a_stuck_read_checkpoints_and_resumes_exactly(proxy, undisturbed, tmp_path, workers):
+    """The stall would last the whole 600 s budget; SIGTERM ends it at once — also when the read
+    is stuck in a DataLoader worker, which the signal does not reach."""
+    proxy, _ = proxy
+    shards, reference, relayed = undisturbed
+    fired = []
+    proxy.after_bytes(relayed * 7 // 10, lambda: (proxy.trickle(0.5), fired.append(time.monotonic())))
+    overrides = roll_overrides(tmp_path, shards, f"data.num_workers={workers}")
+    process = gapm_train(overrides)
+    while not fired:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.1)
+    time.sleep(3.0)  # the read is stuck now
+    signalled = time.monotonic()
+    os.kill(process.pid, signal.SIGTERM)
+    stderr = finish(process)
+    assert time.monotonic() - signalled < 30
+    assert_resumable_exit(process, stderr, "SIGTERM")
+    proxy.full_speed()
+    resumed = gapm_train(overrides)
+    assert finish(resumed) is not None and resumed.returncode == 0
+    final = checkpoints.latest_checkpoint(tmp_path / "swissroll" / "checkpoints")
+    assert checkpoints.read_meta(final).step == 80
+    assert differing_tensors(reference, final) == []
+
+
+@pytest.mark.slow  # four 2-process launches, ~3 min on 2 cores
+def test_two_ranks_ride_out_an_outage_and_stop_together_for_good(proxy, tmp_path):
+    proxy, bucket = proxy
+    shards = roll_shards(bucket)
+
+    def run(name: str, *extra: str) -> tuple[subprocess.Popen, str]:
+        process = gapm_train(roll_overrides(tmp_path / name, shards, *extra), processes=2)
+        return process, finish(process)
+
+    before = proxy.relayed
+    process, stderr = run("undisturbed")
+    assert process.returncode == 0, stderr[-3000:]
+    relayed = proxy.relayed - before
+    reference = checkpoints.latest_checkpoint(tmp_path / "undisturbed/swissroll/checkpoints")
+
+    proxy.after_bytes(relayed * 3 // 10, lambda: proxy.outage(2.0))
+    process, stderr = run("blip")
+    assert process.returncode == 0 and proxy.faults_fired == 1, stderr[-3000:]
+    assert "storage unavailable" in stderr
+    assert differing_tensors(reference, checkpoints.latest_checkpoint(tmp_path / "blip/swissroll/checkpoints")) == []
+
+    proxy.after_bytes(relayed * 7 // 10, lambda: proxy.outage(None))
+    process, stderr = run("lost", "train.storage_retry_seconds=3")
+    assert_resumable_exit(process, stderr, "a storage outage")
+    stopped = checkpoints.read_meta(checkpoints.latest_checkpoint(tmp_path / "lost/swissroll/checkpoints"))
+    assert 0 < stopped.step < 80
+    proxy.up()
+    process, stderr = run("lost")
+    assert process.returncode == 0, stderr[-3000:]
+    final = checkpoints.latest_checkpoint(tmp_path / "lost/swissroll/checkpoints")
+    assert checkpoints.read_meta(final).step == 80
+    assert differing_tensors(reference, final) == []
