@@ -12,8 +12,8 @@ tried again until it works or the retry budget is spent, and then the caller get
   pending, for how long, what happens next), and one line when storage answers again.
 * A stop request (SIGTERM / SIGUSR1, `pipeline.stopping`) ends every wait at once: waits poll
   `stop_requested()` every `POLL_S`. DataLoader workers are separate processes that the signal
-  does not reach, so the training process hands each of its workers an event
-  (`worker_stop_event`) that its stop handler sets.
+  does not reach, so the training process hands its workers a shared flag
+  (`worker_stop_flag`) that its stop handler sets.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextvars
 import logging
 import multiprocessing
 import os
-import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -69,41 +68,38 @@ def consequence(meanwhile: str, then: str) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- stop requests
 
-_worker_stop_event: Any = None  # in a DataLoader worker: the event its training process sets on a stop
-_events_to_set: "weakref.WeakSet[Any]" = weakref.WeakSet()  # in the training process: its workers' events
-_events_lock = threading.Lock()
+# In a DataLoader worker: the flag its training process sets on a stop. A byte in shared memory,
+# read and written without a lock: setting it is safe inside a signal handler.
+_worker_stop_flag: Any = None
+_flags_to_set: list[weakref.ref] = []  # in the training process: its workers' flags
 
 
 def stop_requested() -> bool:
     """True once this process, or (in a DataLoader worker) its training process, was asked to stop."""
-    event = _worker_stop_event
-    return (event is not None and event.is_set()) or stopping.stop_requested()
+    flag = _worker_stop_flag
+    return (flag is not None and flag.value != 0) or stopping.stop_requested()
 
 
-def worker_stop_event() -> Any:
-    """A new event for the workers of one DataLoader: set by this process's stop handler, read
-    by `stop_requested()` in the workers (after `use_worker_stop_event`)."""
-    event = multiprocessing.Event()
-    with _events_lock:
-        _events_to_set.add(event)
-    stopping.on_stop_request(_set_worker_events)
-    if stopping.stop_requested():
-        event.set()
-    return event
+def worker_stop_flag() -> Any:
+    """A new flag for the workers of one DataLoader: set by this process's stop handler, read by
+    `stop_requested()` in the workers (after `use_worker_stop_flag`)."""
+    flag = multiprocessing.RawValue("b", 1 if stopping.stop_requested() else 0)
+    _flags_to_set[:] = [ref for ref in _flags_to_set if ref() is not None] + [weakref.ref(flag)]
+    stopping.on_stop_request(_set_worker_flags)
+    return flag
 
 
-def use_worker_stop_event(event: Any) -> None:
-    """In a DataLoader worker: take stop requests from `event` (see worker_stop_event)."""
-    global _worker_stop_event
-    _worker_stop_event = event
+def use_worker_stop_flag(flag: Any) -> None:
+    """In a DataLoader worker: take stop requests from `flag` (see worker_stop_flag)."""
+    global _worker_stop_flag
+    _worker_stop_flag = flag
 
 
-def _set_worker_events() -> None:
-    # Runs in the signal handler: a lock held by the interrupted main thread would deadlock it.
-    for event in list(_events_to_set.data):
-        target = event()
-        if target is not None:
-            target.set()
+def _set_worker_flags() -> None:
+    for ref in list(_flags_to_set):  # runs in the signal handler: no locks
+        flag = ref()
+        if flag is not None:
+            flag.value = 1
 
 
 def wait(seconds: float) -> bool:

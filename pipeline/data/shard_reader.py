@@ -94,7 +94,7 @@ class ShardSamples(IterableDataset):
     DataLoader worker processes reach the parent with the batches; an error ``(kind, message)``
     ends the reader (BatchStream raises it: DATA_ERROR as DataError, STORAGE_UNAVAILABLE as
     StorageUnavailable); image batches are uint8 (B, C, H, W), points float32 (B, D). Holds only
-    plain configuration (and, in workers, the stop event BatchStream gives it), so it pickles
+    plain configuration (and, in workers, the stop flag BatchStream gives it), so it pickles
     into workers under any start method.
     """
 
@@ -131,7 +131,7 @@ class ShardSamples(IterableDataset):
         self.shard_counts = shard_counts
         self.shard_sha256 = shard_sha256  # None: do not verify (data.verify_checksums: false)
         self.max_member_bytes = max_member_bytes  # tar members over this are refused unread
-        self.stop_event: Any = None  # set by BatchStream for worker processes: see outages.worker_stop_event
+        self.stop_flag: Any = None  # set by BatchStream for worker processes: see outages.worker_stop_flag
 
     def reader_urls(self, worker: int, num_workers: int) -> list[str]:
         """The shards one reader (rank, worker) owns this epoch (all shards when resampled)."""
@@ -143,8 +143,8 @@ class ShardSamples(IterableDataset):
     def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int, str | None]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None and self.stop_event is not None:
-            outages.use_worker_stop_event(self.stop_event)
+        if info is not None and self.stop_flag is not None:
+            outages.use_worker_stop_flag(self.stop_flag)
         counters = Counters()
         arrays = self._decoded(self.reader_urls(worker, num_workers), worker, counters)
         batch: list[np.ndarray] = []

@@ -232,8 +232,8 @@ class BatchStream:
         # one: a stream created at a resume step must not shift that step's random draws.
         loader_seed = torch.Generator().manual_seed(
             hash((samples.seed, samples.epoch, samples.rank)) % 2**63)
-        # Workers hear of a stop request through this event (the signal reaches this process only).
-        samples.stop_event = outages.worker_stop_event() if self.num_workers else None
+        # Workers hear of a stop request through this flag (the signal reaches this process only).
+        samples.stop_flag = outages.worker_stop_flag() if self.num_workers else None
         loader = wds.WebLoader(
             samples,
             batch_size=None,  # batching happens in the pipeline, before crossing the worker boundary
