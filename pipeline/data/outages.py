@@ -23,20 +23,24 @@ import contextvars
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from pipeline import stopping
-from pipeline.data.s3 import StorageUnavailable
+from pipeline.data.s3 import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRY_BUDGET_ENV = "GAPM_STORAGE_RETRY_SECONDS"
 DEFAULT_RETRY_BUDGET_S = 600.0  # an object store restarting or a network blip: minutes, not seconds
 REPORT_EVERY_S = 60.0  # an ongoing outage says so about once a minute
 POLL_S = 0.2  # how often a wait looks for a stop request
+STALL_S = 60.0  # the longest wait for a read to answer before it counts as stalled ...
+MIN_STALL_S = 2.0  # ... or the retry budget, when that is shorter, but never less than this
 # What an outage message says happens meanwhile and once the budget is spent, unless the thread
 # says otherwise (`consequence`): the defaults speak of a training's data reads.
 DEFAULT_MEANWHILE = "training waits"
@@ -100,6 +104,34 @@ def _set_worker_flags() -> None:
         flag = ref()
         if flag is not None:
             flag.value = 1
+
+
+def call_with_deadline(operation: Callable[[], T], seconds: float, what: str) -> T:
+    """Runs `operation` on a daemon thread and waits for it at most `seconds`: a request to an
+    endpoint that answers a byte at a time never times out by itself. Past the deadline it
+    raises a transient StorageError (the thread is left to finish on its own); a stop request
+    raises StorageUnavailable at once."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = operation()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="storage-call", daemon=True).start()
+    deadline = time.monotonic() + seconds
+    while not done.wait(POLL_S):
+        if stop_requested():
+            raise StorageUnavailable(f"{what}: a stop was requested while it waited for storage")
+        if time.monotonic() >= deadline:
+            raise StorageError(f"{what}: no answer within {seconds:.0f} s: the request stalled", transient=True)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def wait(seconds: float) -> bool:

@@ -35,8 +35,8 @@ from pipeline.data.s3 import StorageError, StorageUnavailable, s3_client, split_
 
 CHUNK = 1 << 20
 READ_AHEAD = 2  # chunks a connection reads ahead of its reader
-STALL_S = 60.0  # the longest wait for one chunk before the connection counts as stalled
-MIN_STALL_S = 2.0  # ... however small the retry budget
+STALL_S = outages.STALL_S  # the longest wait for one chunk before the connection counts as stalled
+MIN_STALL_S = outages.MIN_STALL_S  # ... however small the retry budget
 
 
 class _Stalled(Exception):
@@ -123,7 +123,7 @@ class ResumableObjectStream:
     def __init__(self, url: str, *, budget_s: float | None = None):
         self.url = url
         self._bucket, self._key = split_s3_url(url)
-        self._client = s3_client(max_attempts=1)  # retries are this reader's, so they see stops and the budget
+        self._client = s3_client()  # one client per process: creating one costs ~50 ms of CPU
         self._budget = outages.retry_budget_s() if budget_s is None else budget_s
         self._stall = min(STALL_S, max(self._budget, MIN_STALL_S))
         self._received = 0  # bytes taken from connections: handed out, or waiting in _pending

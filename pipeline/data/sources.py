@@ -134,7 +134,7 @@ class ShardBatches:
             num_workers=self.config.num_workers, seed=self.seed,
             shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch,
             verify_checksums=self.config.verify_checksums, max_member_bytes=self.config.max_member_bytes),
-            f"opening the shards of data.train ({self.spec}, epoch {epoch})")
+            f"opening the shards of data.train ({self.spec}, epoch {epoch})", stall_s=storage.STALL_S)
         self.epoch_stats.append(stream.stats)
         yield from stream
 
@@ -185,11 +185,12 @@ def check_sources(config: DataConfig, data_shape: list[int]) -> None:
             found = None
         else:
             # Raises StorageError naming the location; an outage is waited out (storage_retry_seconds).
-            storage.with_retries(lambda spec=spec: streaming.resolve_shard_urls(spec), f"checking {key} ({spec})")
+            storage.with_retries(lambda spec=spec: streaming.resolve_shard_urls(spec), f"checking {key} ({spec})",
+                                 stall_s=storage.STALL_S)
             is_directory = "{" not in spec and not spec.endswith(".tar")
             found = manifest_data_shape(storage.with_retries(lambda spec=spec: shards.read_manifest(spec),
-                                                             f"reading the manifest of {key} ({spec})")) \
-                if is_directory else None
+                                                             f"reading the manifest of {key} ({spec})",
+                                                             stall_s=storage.STALL_S)) if is_directory else None
         if found is not None and found != list(data_shape):
             raise ConfigError(f"config key '{key}' ({spec}) holds data of shape {found} but "
                               f"model.data_shape is {list(data_shape)}; set model.data_shape={found}")
@@ -235,7 +236,7 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
     stream = storage.with_retries(lambda: streaming.make_batch_stream(
         config.test, min(config.batch_size, limit), drop_last=False, shuffle_buffer=0, seed=seed,
         verify_checksums=config.verify_checksums, max_member_bytes=config.max_member_bytes),
-        f"opening the shards of data.test ({config.test})")
+        f"opening the shards of data.test ({config.test})", stall_s=storage.STALL_S)
     for batch in stream:
         batches.append(batch)
         total += len(batch)

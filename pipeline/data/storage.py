@@ -15,19 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import IO, TypeVar
 
 from pipeline.data import outages
-from pipeline.data.outages import DEFAULT_RETRY_BUDGET_S, RETRY_BUDGET_ENV, retry_budget_s
+from pipeline.data.outages import DEFAULT_RETRY_BUDGET_S, RETRY_BUDGET_ENV, STALL_S, retry_budget_s
 from pipeline.data.s3 import S3Storage, StorageError, StorageUnavailable, is_s3_url, s3_client, split_s3_url
 
 __all__ = [
     "StorageError", "StorageUnavailable", "is_s3_url", "split_s3_url", "local_path", "join_url", "s3_client", "read_bytes",
     "write_bytes", "create_exclusive", "upload_file", "download_file", "list_urls", "exists", "delete",
     "check_readable", "open_read_stream", "write_file_atomically", "with_retries", "retry_budget_s",
-    "RETRY_BUDGET_ENV", "DEFAULT_RETRY_BUDGET_S",
+    "RETRY_BUDGET_ENV", "DEFAULT_RETRY_BUDGET_S", "STALL_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -302,24 +303,34 @@ def open_read_stream(url: str) -> IO[bytes]:
 # --------------------------------------------------------------------------- transient outages
 
 
-def with_retries(operation: Callable[[], T], what: str, budget_s: float | None = None) -> T:
+def with_retries(operation: Callable[[], T], what: str, budget_s: float | None = None,
+                 stall_s: float | None = None) -> T:
     """Runs `operation`; a transient StorageError (unreachable endpoint, 5xx, throttling, a
     broken connection) is retried with exponential backoff (1 s doubling to 30 s) for up to
     `budget_s` (default `retry_budget_s()`), saying so at once, about once a minute and when it
     ends (pipeline.data.outages). Any other error raises at once; a spent budget, or a stop
-    request while waiting, raises StorageUnavailable (resumable, not bad input)."""
+    request while waiting, raises StorageUnavailable (resumable, not bad input).
+
+    `stall_s` (for small requests, not transfers): an attempt that has not answered by then (or
+    by the end of the budget) counts as failed, however slowly the endpoint keeps sending."""
+    budget = retry_budget_s() if budget_s is None else budget_s
     outage: outages.Outage | None = None
     while True:
+        started = time.monotonic()
         try:
-            result = operation()
+            if stall_s is None:
+                result = operation()
+            else:
+                left = budget if outage is None else outage.remaining()
+                result = outages.call_with_deadline(operation, max(min(stall_s, left), outages.MIN_STALL_S), what)
         except StorageUnavailable:
             raise
         except StorageError as error:
             if not error.transient:
                 raise
             if outage is None:
-                outage = outages.Outage(what, str(error), budget_s=budget_s, first_interval_s=1.0,
-                                    max_interval_s=MAX_RETRY_INTERVAL_S)
+                outage = outages.Outage(what, str(error), budget_s=budget, started=started, first_interval_s=1.0,
+                                        max_interval_s=MAX_RETRY_INTERVAL_S)
             else:
                 outage.failed_again(str(error))
             outage.back_off()
