@@ -122,7 +122,8 @@ class ShardBatches:
     def __init__(self, spec: str, config: DataConfig, *, rank: int, world_size: int, seed: int,
                  agree: Callable[[bool], bool] | None = None):
         self.spec, self.config, self.rank, self.world_size, self.seed = spec, config, rank, world_size, seed
-        self.agree = agree if world_size > 1 else None
+        # Only object storage has outages; local shards need no agreement (~0.4 ms a step on gloo).
+        self.agree = agree if world_size > 1 and storage.is_s3_url(spec) else None
         from pipeline.data import streaming
 
         self.streaming = streaming
