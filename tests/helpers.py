@@ -226,6 +226,13 @@ class PausableProxy:
                     pass
 
 
+def storage_warnings(caplog) -> list[str]:
+    """The warnings about storage (outages, retries, recoveries) that `caplog` caught, in order."""
+    import logging
+
+    return [r.getMessage() for r in caplog.records if "storage" in r.getMessage() and r.levelno >= logging.WARNING]
+
+
 # The variables through which a scheduler or launcher tells a process its place in a job.
 SCHEDULER_VARIABLES = re.compile(r"^(SLURM_|PET_|GAPM_|ACCELERATE_)|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|"
                                  r"MASTER_ADDR|MASTER_PORT|JOB_COMPLETION_INDEX|NODE_RANK|GROUP_RANK)$")

@@ -140,7 +140,7 @@ class ShardSamples(IterableDataset):
         rank_urls = epoch_shard_order(self.urls, self.seed, self.epoch)[self.rank :: self.world_size]
         return rank_urls[worker::num_workers]
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int, str | None]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int, tuple[str, str] | None]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None and self.stop_flag is not None:
