@@ -120,6 +120,13 @@ def s3_bucket(_s3_admin_client) -> Iterator[str]:
         pass  # the server is torn down at session end anyway
 
 
+@pytest.fixture(autouse=True)
+def storage_retry_budget_per_test(monkeypatch):
+    """train() sets the storage retry budget (GAPM_STORAGE_RETRY_SECONDS) for its whole process:
+    a test's tiny budget must not follow the tests after it into their S3 reads."""
+    monkeypatch.delenv("GAPM_STORAGE_RETRY_SECONDS", raising=False)
+
+
 @pytest.fixture()
 def faulty_s3(s3_bucket, monkeypatch):
     """(proxy, bucket): a fresh bucket on the test S3 endpoint, reached through a fault-injecting
