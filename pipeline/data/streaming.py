@@ -268,8 +268,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def _die_with_parent(parent_pid: int, worker_id: int) -> None:
     """A loader worker's first act: ask the kernel for SIGKILL when the process that started it
-    dies (its DataLoader's own check only runs between batches, and a worker blocked on a full
-    pipe or a slow read never gets there), and go at once if that has already happened."""
+    dies (its DataLoader's own check only runs between batches, and a worker whose batches fill
+    the pipe to a dead parent hangs at exit), and go at once if that has already happened.
+    Linux sends the signal when the *thread* that forked the worker ends: BatchStream is
+    iterated by the training loop's main thread, which outlives its workers."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
