@@ -221,7 +221,16 @@ def main(argv: list[str] | None = None) -> int:
             record_exit_reason(f"gapm {args.command}: stopped with every rank, resumably "
                                "(rank 0's line names the checkpoint)")
         return EXIT_RESUMABLE
-    except (GapmError, FileNotFoundError) as error:
+    except GapmError as error:
+        if getattr(error, "transient", False):  # storage away for the whole retry budget: not bad input
+            message = redact(f"gapm {args.command}: {error}; storage is unavailable, start again later "
+                             "(exit 75, resumable)")
+            if console.is_main_process():
+                print(message, file=sys.stderr)
+            record_exit_reason(message)
+            return EXIT_RESUMABLE
+        return _bad_input(f"gapm {args.command}: error: {error}")
+    except FileNotFoundError as error:
         return _bad_input(f"gapm {args.command}: error: {error}")
     except OSError as error:  # a full disk or an unwritable place outside the checkpoints: one line too
         # imported here, not at the top: it loads torch, which must come after the stop handler

@@ -16,8 +16,8 @@ def add_config_arguments(parser: argparse.ArgumentParser,
 def mlflow_environment(model_uri: str | None = None) -> None:
     """Registry commands talk to MLFLOW_TRACKING_URI; without it MLflow would quietly create a
     new, empty ./mlflow.db. Short HTTP retries: a wrong or dead server fails in seconds."""
-    from pipeline.tracking.registry import RegistryError, is_local
     from pipeline.checkpoints import is_remote
+    from pipeline.tracking.registry import RegistryError, is_local
 
     registry_uri = model_uri is None or not (is_local(model_uri) or is_remote(model_uri))
     if registry_uri and not os.environ.get("MLFLOW_TRACKING_URI"):

@@ -24,7 +24,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipeline.errors import GapmError
-from pipeline.tracking.redaction import install_log_redaction, install_stdout_redaction, redact
+from pipeline.tracking.redaction import (
+    install_log_redaction,
+    install_stdout_redaction,
+    redact,
+)
 
 LOG_LEVEL_ENV = "GAPM_LOG_LEVEL"
 OWN_LOGGERS = ("pipeline", "gapm")

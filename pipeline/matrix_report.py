@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gapm import build_model
+from pipeline import checkpoints
 from pipeline.config import ExperimentConfig, load_config, method_hyperparameters
 from pipeline.data.sources import held_out_data, is_image_shape
 from pipeline.eval import paper_figures
@@ -34,7 +35,6 @@ from pipeline.matrix import (
     final_checkpoint,
     run_dir,
 )
-from pipeline import checkpoints
 
 
 @dataclass

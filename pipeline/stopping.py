@@ -9,9 +9,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# The stop request in force in this process (None outside one), and what else must hear of a
+# stop at once: code that waits on something slow (a storage read, a retry's back-off) asks
+# `stop_requested()` and gives up its wait instead of holding the stop up for minutes.
+_active: "StopRequest | None" = None
+_listeners: list[Callable[[], None]] = []
 
 # Exit status of a run that checkpointed because it was asked to stop (preemption,
 # eviction): "temporary failure, relaunch me" — the next launch with --resume auto goes on.
@@ -44,11 +51,13 @@ class StopRequest:
         self._event = threading.Event()
 
     def __enter__(self) -> "StopRequest":
+        global _active
         if self.previous:  # installed already (gapm train does it before its imports)
             return self
         if threading.current_thread() is threading.main_thread():  # signals only work there
             for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
+            _active = self
         return self
 
     def wait(self, timeout_s: float) -> bool:
@@ -56,9 +65,12 @@ class StopRequest:
         return self._event.wait(timeout_s) or self.received is not None
 
     def __exit__(self, *exc_info) -> None:
+        global _active
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        if _active is self:
+            _active = None
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
@@ -66,6 +78,8 @@ class StopRequest:
                         signal.Signals(signum).name)
         self.received = signum
         self._event.set()
+        for listener in list(_listeners):
+            listener()
 
     def agreed(self, accelerator: Any) -> bool:
         """True on every rank once any rank has been signalled (one tiny all-reduce)."""
@@ -79,3 +93,16 @@ class StopRequest:
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
+
+
+def stop_requested() -> bool:
+    """True once the stop request in force in this process has received its signal."""
+    active = _active
+    return active is not None and active.received is not None
+
+
+def on_stop_request(listener: Callable[[], None]) -> None:
+    """Calls `listener()` from the signal handler whenever a stop request arrives (it must be
+    quick and must not block: it runs between two bytecodes of whatever the main thread does)."""
+    if listener not in _listeners:
+        _listeners.append(listener)

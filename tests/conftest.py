@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from helpers import FASHION_MNIST_DIR, free_port
+from helpers import FASHION_MNIST_DIR, PausableProxy, free_port
 
 MOTO_START_TIMEOUT_S = 60.0
 
@@ -118,6 +118,27 @@ def s3_bucket(_s3_admin_client) -> Iterator[str]:
         client.delete_bucket(Bucket=name)
     except Exception:
         pass  # the server is torn down at session end anyway
+
+
+@pytest.fixture(autouse=True)
+def storage_retry_budget_per_test(monkeypatch):
+    """train() sets the storage retry budget (GAPM_STORAGE_RETRY_SECONDS) for its whole process:
+    a test's tiny budget must not follow the tests after it into their S3 reads."""
+    monkeypatch.delenv("GAPM_STORAGE_RETRY_SECONDS", raising=False)
+
+
+@pytest.fixture()
+def faulty_s3(s3_bucket, monkeypatch):
+    """(proxy, bucket): a fresh bucket on the test S3 endpoint, reached through a fault-injecting
+    `PausableProxy` (outages, throttling, trickles, cut connections; see tests/helpers.py)."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    proxy = PausableProxy(int(endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    # train() sets the retry budget for the whole process from its config; each test starts at 120 s.
+    monkeypatch.setenv("GAPM_STORAGE_RETRY_SECONDS", "120")
+    yield proxy, s3_bucket
+    proxy.up()  # ends a trickle or throttling, so abandoned reads finish
+    proxy.down()
 
 
 # --------------------------------------------------------------------------- source datasets

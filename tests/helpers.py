@@ -69,7 +69,15 @@ def free_port() -> int:
 class PausableProxy:
     """A TCP proxy on 127.0.0.1 in front of a server (the test S3 endpoint), for outages:
     `down()` closes the port and cuts open connections — clients get "connection refused",
-    as when the storage service is stopped — and `up()` opens it again on the same port."""
+    as when the storage service is stopped — and `up()` opens it again on the same port.
+
+    Faults for the storage tests: `outage(seconds)` (down now, up again after `seconds`;
+    None: for good), `trickle(interval)` (the server's bytes reach the client one per
+    `interval` seconds, as from a stalled link, until `full_speed()`), `throttle()` (every new
+    request is answered 503 SlowDown until `up()`), and `after_bytes(n, fault)`: run `fault()`
+    once `n` more bytes have come from the server, before they go on to the client — mid-
+    response, at a point that does not depend on the machine's speed, and felt by every byte
+    after it."""
 
     def __init__(self, target_port: int):
         import threading
@@ -79,6 +87,11 @@ class PausableProxy:
         self._lock = threading.Lock()
         self._connections: list = []
         self._listener = None
+        self.trickle_interval: float | None = None
+        self.throttling = False
+        self.relayed = 0  # bytes from the server to the clients so far
+        self._trigger: tuple[int, object] | None = None
+        self.faults_fired = 0
         self.up()
 
     @property
@@ -88,25 +101,72 @@ class PausableProxy:
     def up(self) -> None:
         import threading
 
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
+        self.throttling = False
+        self.trickle_interval = None
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def down(self) -> None:
         with self._lock:
             listener, self._listener = self._listener, None
-            connections, self._connections = self._connections, []
         if listener is not None:
+            try:  # wakes the thread blocked in accept(); close() alone leaves the port listening
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
+        self.cut_connections()
+
+    def cut_connections(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
         for connection in connections:
             try:
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             connection.close()
+
+    def outage(self, seconds: float | None) -> None:
+        import threading
+
+        self.down()
+        if seconds is not None:
+            timer = threading.Timer(seconds, self.up)
+            timer.daemon = True
+            timer.start()
+
+    def trickle(self, interval: float) -> None:
+        self.trickle_interval = interval
+
+    def full_speed(self) -> None:
+        self.trickle_interval = None
+
+    def throttle(self) -> None:
+        self.throttling = True
+        self.cut_connections()
+
+    def after_bytes(self, count: int, fault) -> None:
+        with self._lock:
+            self._trigger = (self.relayed + count, fault)
+
+    def _count(self, size: int):
+        """Counts bytes from the server; the fault to run now, if they complete its count."""
+        with self._lock:
+            self.relayed += size
+            trigger = self._trigger
+            if trigger is None or self.relayed < trigger[0]:
+                return None
+            self._trigger = None
+            self.faults_fired += 1
+            return trigger[1]
 
     def _accept(self, listener) -> None:
         import threading
@@ -116,6 +176,9 @@ class PausableProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed by down()
+            if self.throttling:
+                threading.Thread(target=self._answer_slow_down, args=(client,), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
@@ -123,13 +186,41 @@ class PausableProxy:
                 continue
             with self._lock:
                 self._connections += [client, server]
-            for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
     @staticmethod
-    def _pipe(source, target) -> None:
+    def _answer_slow_down(client) -> None:
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        try:
+            client.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 65536:
+                data = client.recv(65536)
+                if not data:
+                    break
+                request += data
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _pipe(self, source, target, from_server: bool) -> None:
+        import time
+
         try:
             while data := source.recv(65536):
+                if from_server:
+                    fault = self._count(len(data))
+                    if fault is not None:
+                        fault()  # before these bytes go on: every byte after the count meets the fault
+                    while data and self.trickle_interval is not None:
+                        target.sendall(data[:1])
+                        data = data[1:]
+                        time.sleep(self.trickle_interval)
                 target.sendall(data)
         except OSError:
             pass
@@ -139,6 +230,13 @@ class PausableProxy:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def storage_warnings(caplog) -> list[str]:
+    """The warnings about storage (outages, retries, recoveries) that `caplog` caught, in order."""
+    import logging
+
+    return [r.getMessage() for r in caplog.records if "storage" in r.getMessage() and r.levelno >= logging.WARNING]
 
 
 # The variables through which a scheduler or launcher tells a process its place in a job.

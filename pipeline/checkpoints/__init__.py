@@ -46,7 +46,13 @@ from pipeline.checkpoints.locations import (
     list_checkpoints,
     step_of,
 )
-from pipeline.checkpoints.meta import FORMAT_VERSION, CheckpointMeta, check_compatible, check_plan, parse_meta
+from pipeline.checkpoints.meta import (
+    FORMAT_VERSION,
+    CheckpointMeta,
+    check_compatible,
+    check_plan,
+    parse_meta,
+)
 from pipeline.checkpoints.reading import (
     load_model,
     load_model_weights,

@@ -14,12 +14,25 @@ from typing import Any
 from gapm import Method
 from pipeline.checkpoints.errors import DamagedCheckpoint, disk_failure
 from pipeline.checkpoints.local import prune_local, save_local
-from pipeline.checkpoints.locations import Checkpoint, as_location, is_remote, list_checkpoints
+from pipeline.checkpoints.locations import (
+    Checkpoint,
+    as_location,
+    is_remote,
+    list_checkpoints,
+)
 from pipeline.checkpoints.meta import CheckpointMeta, check_compatible, check_plan
-from pipeline.checkpoints.reading import load_model_weights, load_training_state, read_meta
+from pipeline.checkpoints.reading import (
+    load_model_weights,
+    load_training_state,
+    read_meta,
+)
 from pipeline.checkpoints.remote import prune_remote, upload_checkpoint
 from pipeline.checkpoints.settings import CheckpointConfig
-from pipeline.checkpoints.uploads import CheckpointUploadFailed, RemoteCheckpointWriter, upload_staged
+from pipeline.checkpoints.uploads import (
+    CheckpointUploadFailed,
+    RemoteCheckpointWriter,
+    upload_staged,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,20 @@ from safetensors.torch import save as safetensors_bytes
 
 from gapm import Method
 from pipeline.checkpoints.errors import DamagedCheckpoint, disk_failure
-from pipeline.checkpoints.locations import META_FILE, MODEL_FILE, PAYLOAD_FILES, STATE_FILE, checkpoint_name, step_of
-from pipeline.checkpoints.meta import FORMAT_VERSION, CheckpointMeta, file_record, parse_meta
+from pipeline.checkpoints.locations import (
+    META_FILE,
+    MODEL_FILE,
+    PAYLOAD_FILES,
+    STATE_FILE,
+    checkpoint_name,
+    step_of,
+)
+from pipeline.checkpoints.meta import (
+    FORMAT_VERSION,
+    CheckpointMeta,
+    file_record,
+    parse_meta,
+)
 from pipeline.data import storage
 
 

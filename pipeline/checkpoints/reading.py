@@ -17,7 +17,14 @@ from safetensors.torch import load as safetensors_load
 from gapm import Method, ModelShape, build_model
 from pipeline.checkpoints.errors import CheckpointError, DamagedCheckpoint
 from pipeline.checkpoints.local import check_file
-from pipeline.checkpoints.locations import META_FILE, MODEL_FILE, STATE_FILE, Checkpoint, child, is_remote
+from pipeline.checkpoints.locations import (
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    Checkpoint,
+    child,
+    is_remote,
+)
 from pipeline.checkpoints.meta import CheckpointMeta, parse_meta
 from pipeline.data import storage
 

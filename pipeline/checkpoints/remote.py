@@ -11,7 +11,13 @@ import logging
 from pathlib import Path
 
 from pipeline.checkpoints.local import verify_complete
-from pipeline.checkpoints.locations import META_FILE, PAYLOAD_FILES, Checkpoint, child, list_checkpoints
+from pipeline.checkpoints.locations import (
+    META_FILE,
+    PAYLOAD_FILES,
+    Checkpoint,
+    child,
+    list_checkpoints,
+)
 from pipeline.data import storage
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pipeline.checkpoints.errors import DamagedCheckpoint
 from pipeline.checkpoints.local import discard
 from pipeline.checkpoints.locations import step_of
 from pipeline.checkpoints.remote import prune_remote, upload_checkpoint
-from pipeline.data import storage
+from pipeline.data import outages, storage
 from pipeline.stopping import TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,11 @@ class RemoteCheckpointWriter:
 
     def _upload(self, staged: Path) -> None:
         try:
-            url = upload_checkpoint(staged, self.destination)
-            prune_remote(self.destination, self.keep_last)
+            with outages.consequence("training goes on, the checkpoint waits in " + str(staged),
+                                     "then the run stops resumably (exit 75) and the checkpoint is uploaded at the "
+                                     "next launch"):
+                url = upload_checkpoint(staged, self.destination)
+                prune_remote(self.destination, self.keep_last)
         except (storage.StorageError, DamagedCheckpoint, OSError) as error:
             log.error("checkpoint %s: upload to %s failed: %s", staged.name, self.destination, error)
             self.failure = CheckpointUploadFailed(staged, self.destination, error)

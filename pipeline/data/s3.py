@@ -17,13 +17,12 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
-    ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pipeline.errors import GapmError
 
@@ -45,8 +44,11 @@ _CREDENTIAL_ERROR_CODES = {
 _ACCESS_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _ALREADY_EXISTS_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-# The failures that say nothing about the request itself: the endpoint was unreachable or busy.
-TRANSIENT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)
+# The failures that say nothing about the request itself: the endpoint was unreachable or busy, or
+# the connection broke (refused, reset, timed out, a body cut short).
+TRANSIENT_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError)
+# Codes that say "busy, ask again", whatever their HTTP status.
+BUSY_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable")
 
 
 class StorageError(GapmError):
@@ -56,6 +58,14 @@ class StorageError(GapmError):
         super().__init__(message)
         # True when the endpoint could not be reached (or answered 5xx/throttled): worth retrying.
         self.transient = transient
+
+
+class StorageUnavailable(StorageError):
+    """Storage stayed unreachable, slow or throttled for the whole retry budget, or a stop was
+    requested while waiting for it. Not bad input: the work can go on later (exit 75)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=True)
 
 
 def is_s3_url(url: str) -> bool:
@@ -148,7 +158,7 @@ def storage_error(url: str, exc: BaseException, client: Any | None = None) -> St
                                 "AWS_SECRET_ACCESS_KEY and the bucket policy")
         if code in _NOT_FOUND_CODES or status == 404:
             return StorageError(f"{url}: no such object at endpoint {endpoint} ({code}); check the URL")
-        busy = (status or 0) >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+        busy = (status or 0) >= 500 or status == 429 or code in BUSY_CODES
         return StorageError(f"{url}: S3 request failed at endpoint {endpoint} ({code}: {detail})", transient=busy)
     return StorageError(f"{url}: storage operation failed ({type(exc).__name__}: {exc})")
 
@@ -258,4 +268,7 @@ class S3Storage:
                                f"{_endpoint()}{fix}; check the URL or write the data there first")
 
     def open_read_stream(self, url: str) -> IO[bytes]:
-        return _calling(url, lambda client, bucket, key: client.get_object(Bucket=bucket, Key=key)["Body"])
+        """A stream that rides out outages: see pipeline.data.s3_stream."""
+        from pipeline.data.s3_stream import ResumableObjectStream
+
+        return ResumableObjectStream(url)

@@ -1,10 +1,22 @@
 """What one reader of a shard stream does — one per (rank, DataLoader worker): read its
 shards, group tar members into samples (pipeline/data/tar_stream.py), shuffle them through a
-buffer, decode them, and batch them. Unreadable shards and corrupt samples are skipped, counted
+buffer, decode them, and batch them. Damaged shards and corrupt samples are skipped, counted
 and logged; the counts travel with the batches so that they reach the training process from
-worker processes too. So does a fatal data problem: it crosses the worker boundary as a message
-and is raised as one DataError in the training process (an exception raised inside a DataLoader
-worker would reach the user re-wrapped, with the worker's traceback pasted into its message).
+worker processes too. So does a fatal problem: it crosses the worker boundary as a message of
+its kind and is raised in the training process as one DataError (bad data: exit 2) or one
+StorageUnavailable (storage away for the whole retry budget, or a stop while waiting for it:
+checkpoint and exit 75). An exception raised inside a DataLoader worker would reach the user
+re-wrapped, with the worker's traceback pasted into its message.
+
+Damage and outages are told apart. A shard that is not there, breaks off, holds a bad tar, a
+member over ``max_member_bytes``, fails its checksum or holds fewer samples than its manifest
+says is damaged: skipped and counted. Storage that is unreachable, slow or throttled is not:
+the S3 stream (pipeline/data/s3_stream.py) retries from the byte where it broke, so the reader
+sees the same bytes in the same order, or StorageUnavailable, never a shortened shard.
+
+Hostile input costs no memory before it is refused: tar members are capped from their header
+(tar_stream), and an image's size is read from its header and checked against the manifest's
+shape (or PIL's decompression-bomb limit) before its pixels are decoded.
 
 Each shard read to its end is checked against the sha256 its manifest records (when it has
 one): the tar reader consumes the whole stream, so hashing it costs one pass over bytes already
@@ -28,7 +40,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data import storage
+from pipeline.data import outages, storage
 from pipeline.data.tar_stream import tar_samples
 from pipeline.errors import DataError
 
@@ -40,6 +52,8 @@ GIVE_UP_AFTER = 1000
 # Corrupt-sample warnings per reader: the first few in full, then one summary line per power of
 # ten, so a shard set of bad images gives a handful of lines, not one per sample.
 WARN_IN_FULL = 5
+# The kinds of fatal message a reader sends instead of a batch.
+DATA_ERROR, STORAGE_UNAVAILABLE = "data", "storage unavailable"
 
 
 class Counters:
@@ -77,10 +91,11 @@ class ShardSamples(IterableDataset):
     """Per-reader pipeline: shards -> raw samples -> shuffle buffer -> decode -> batches.
 
     Yields ``(batch_or_None, corrupt_count, failed_count, error_or_None)`` so that counts from
-    DataLoader worker processes reach the parent with the batches; an error message ends the
-    reader (BatchStream raises it as DataError); image batches are uint8 (B, C, H, W), points
-    float32 (B, D). Holds only plain configuration, so it pickles into workers under any start
-    method.
+    DataLoader worker processes reach the parent with the batches; an error ``(kind, message)``
+    ends the reader (BatchStream raises it: DATA_ERROR as DataError, STORAGE_UNAVAILABLE as
+    StorageUnavailable); image batches are uint8 (B, C, H, W), points float32 (B, D). Holds only
+    plain configuration (and, in workers, the stop flag BatchStream gives it), so it pickles
+    into workers under any start method.
     """
 
     def __init__(
@@ -98,6 +113,7 @@ class ShardSamples(IterableDataset):
         image_shape: tuple[int, int, int] | None,
         shard_counts: dict[str, int] | None,
         shard_sha256: dict[str, str] | None = None,
+        max_member_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -114,6 +130,8 @@ class ShardSamples(IterableDataset):
         self.image_shape = image_shape
         self.shard_counts = shard_counts
         self.shard_sha256 = shard_sha256  # None: do not verify (data.verify_checksums: false)
+        self.max_member_bytes = max_member_bytes  # tar members over this are refused unread
+        self.stop_flag: Any = None  # set by BatchStream for worker processes: see outages.worker_stop_flag
 
     def reader_urls(self, worker: int, num_workers: int) -> list[str]:
         """The shards one reader (rank, worker) owns this epoch (all shards when resampled)."""
@@ -122,9 +140,11 @@ class ShardSamples(IterableDataset):
         rank_urls = epoch_shard_order(self.urls, self.seed, self.epoch)[self.rank :: self.world_size]
         return rank_urls[worker::num_workers]
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int, str | None]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray | None, int, int, tuple[str, str] | None]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None and self.stop_flag is not None:
+            outages.use_worker_stop_flag(self.stop_flag)
         counters = Counters()
         arrays = self._decoded(self.reader_urls(worker, num_workers), worker, counters)
         batch: list[np.ndarray] = []
@@ -134,8 +154,11 @@ class ShardSamples(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield (_collate(batch), *counters.take(), None)
                     batch = []
+        except storage.StorageUnavailable as exc:
+            yield (None, *counters.take(), (STORAGE_UNAVAILABLE, str(exc)))
+            return
         except DataError as exc:
-            yield (None, *counters.take(), str(exc))
+            yield (None, *counters.take(), (DATA_ERROR, str(exc)))
             return
         if batch and not self.drop_last:
             yield (_collate(batch), *counters.take(), None)
@@ -147,7 +170,8 @@ class ShardSamples(IterableDataset):
         reader = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
         if self.resampled:
             rng = random.Random(f"gapm-resampled:{reader}")
-            raw = _shard_samples(_draw_forever(urls, rng), counters, self.shard_counts, self.shard_sha256)
+            raw = _shard_samples(_draw_forever(urls, rng), counters, self.shard_counts, self.shard_sha256,
+                                 self.max_member_bytes)
             yield from self._decode_all(self._shuffled(raw, rng), counters)
             return
         for pass_index in itertools.count():
@@ -156,7 +180,7 @@ class ShardSamples(IterableDataset):
             if pass_index > 0:
                 rng.shuffle(order)  # a different order when a reader cycles through its shards again
             produced = 0
-            raw = _shard_samples(order, counters, self.shard_counts, self.shard_sha256)
+            raw = _shard_samples(order, counters, self.shard_counts, self.shard_sha256, self.max_member_bytes)
             for array in self._decode_all(self._shuffled(raw, rng), counters):
                 produced += 1
                 yield array
@@ -220,42 +244,53 @@ def _draw_forever(urls: list[str], rng: random.Random) -> Iterator[str]:
 
 def _shard_samples(
     urls: Iterator[str] | list[str], counters: Counters, expected: dict[str, int] | None,
-    sha256: dict[str, str] | None = None,
+    sha256: dict[str, str] | None = None, max_member_bytes: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of member bytes) from each shard in turn; unreadable shards are skipped.
+    """Raw samples (dicts of member bytes) from each shard in turn; damaged shards are skipped.
 
-    A shard that cannot be opened, or that breaks off mid-way (truncated upload, dropped
-    connection, damaged header), is counted once as failed; the samples read before the break are
-    kept. The sample count is also checked against the manifest (``expected``) when there is one:
-    a shard can be a well-formed tar and still hold fewer samples than were written. With
-    ``sha256`` the bytes of each shard read to its end are checked against the manifest's digest;
-    a mismatch counts the shard as failed (its samples have been used by then).
+    A shard that is missing, or that breaks off mid-way (truncated upload, damaged header, a
+    member over ``max_member_bytes``), is counted once as failed; the samples read before the
+    break are kept. Storage that is away is not damage: StorageUnavailable (raised by the S3
+    stream once its retry budget is spent) goes through. The sample count is also checked
+    against the manifest (``expected``) when there is one: a shard can be a well-formed tar and
+    still hold fewer samples than were written (counted as failed), or more than the manifest
+    says (a warning: epochs are sized from the manifest). With ``sha256`` the bytes of each shard
+    read to its end are checked against the manifest's digest; a mismatch counts the shard as
+    failed (its samples have been used by then).
     """
     barren_in_a_row = 0  # shards that gave nothing; only unbounded for resampled readers
     for url in urls:
         produced = 0
         try:
             stream = storage.open_read_stream(url)
+        except storage.StorageUnavailable:
+            raise
         except Exception as exc:
             counters.failed += 1
             log.warning("skipping unreadable shard %s: %s", url, exc)
         else:
             want_digest = sha256.get(url) if sha256 else None
             source = _HashingStream(stream) if want_digest else stream
+            listed = expected.get(url) if expected else None
+            too_many = -1 if listed is None else listed + 1
             try:
                 # tar_samples reads the stream to its end: a wrapper around `stream` sees every byte.
-                for sample in tar_samples(source, url):
+                for sample in tar_samples(source, url, max_member_bytes):
                     produced += 1
+                    if produced == too_many:
+                        _warn_more_than_listed(url, listed)
                     yield sample
-                if expected and produced < expected.get(url, 0):
+                if listed is not None and produced < listed:
                     counters.failed += 1
                     log.warning("shard %s ended after %d of the manifest's %d samples; it is truncated",
-                                url, produced, expected[url])
+                                url, produced, listed)
                 elif want_digest and (digest := source.hexdigest_of_all()) != want_digest:
                     counters.failed += 1
                     log.warning("shard %s does not match its manifest (sha256 %s..., manifest %s...): it changed "
                                 "after conversion; re-convert or re-upload it (its %d samples were used)",
                                 url, digest[:12], want_digest[:12], produced)
+            except storage.StorageUnavailable:
+                raise
             except Exception as exc:
                 counters.failed += 1
                 log.warning("shard %s broke off (%s: %s); skipping the rest of it", url, type(exc).__name__, exc)
@@ -268,6 +303,20 @@ def _shard_samples(
             )
 
 
+_warned_more_than_listed: set[str] = set()
+
+
+def _warn_more_than_listed(url: str, listed: int) -> None:
+    """Once per shard and process: samples beyond the manifest's count are still used, but
+    epochs (and the split over ranks) are sized from the manifest, so they come out short."""
+    if url in _warned_more_than_listed:
+        return
+    _warned_more_than_listed.add(url)
+    log.warning("shard %s holds more samples than the %d its manifest lists: the manifest understates the data, "
+                "and epochs sized from it are too short; re-run `gapm shards` to write a matching manifest",
+                url, listed)
+
+
 def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, int, int] | None) -> np.ndarray | None:
     """Decode one sample to an (H, W, C) uint8 image or a float32 point; None (counted) if corrupt."""
     try:
@@ -278,7 +327,8 @@ def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, 
         if extension is None:
             members = sorted(k for k in sample if not k.startswith("__"))
             raise DataError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) or npy member, only {members}")
-        with Image.open(io.BytesIO(sample[extension])) as picture:
+        with Image.open(io.BytesIO(sample[extension])) as picture:  # reads the header only
+            _check_size_before_decoding(picture.size, image_shape)
             picture.load()  # decode now so truncated data fails here, not later
             want_gray = image_shape[2] == 1 if image_shape else picture.mode in ("L", "1", "I;16", "I", "F")
             mode = "L" if want_gray else "RGB"
@@ -293,6 +343,20 @@ def _decode(sample: dict[str, Any], counters: Counters, image_shape: tuple[int, 
     except Exception as exc:
         counters.note_corrupt(sample.get("__key__"), sample.get("__url__"), _reason(exc, sample))
         return None
+
+
+def _check_size_before_decoding(size: tuple[int, int], image_shape: tuple[int, int, int] | None) -> None:
+    """Refuses an image by its header, before its pixels cost memory: one of another size than
+    the manifest's, or (without a manifest shape) one over PIL's decompression-bomb limit, which
+    PIL itself only warns about below twice that."""
+    width, height = size
+    if image_shape is not None:
+        if (height, width) != image_shape[:2]:
+            raise DataError(f"image of {width}x{height} pixels, the manifest's are {image_shape[1]}x{image_shape[0]}; "
+                            "not decoded")
+    elif Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise DataError(f"image of {width}x{height} pixels, over PIL's decompression-bomb limit of "
+                        f"{Image.MAX_IMAGE_PIXELS:,}; not decoded")
 
 
 def _reason(exc: Exception, sample: dict[str, Any]) -> str:

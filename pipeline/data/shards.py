@@ -16,7 +16,8 @@ where OUT is a local directory, a ``file://`` URL or ``s3://bucket/prefix``. Eac
   ``.json`` ``{"index", "t"}``.
 
 The manifest lists every shard with its sample count and sha256, plus the dataset, split, image
-geometry and preprocessing, so a reader can size epochs without opening the tars and a person can
+geometry, preprocessing and the size of the largest tar member (``max_member_bytes``: readers
+refuse members far above it unread, see pipeline.data.streaming), so a reader can size epochs without opening the tars and a person can
 see how the data was made. Tars are written deterministically (fixed mtimes/owners), so converting
 the same source twice gives byte-identical shards.
 
@@ -202,7 +203,7 @@ def _write_split(
     staging = tempfile.mkdtemp(prefix="gapm-shards-") if to_s3 else storage.local_path(out_split)
     os.makedirs(staging, exist_ok=True)
     shards: list[dict[str, Any]] = []
-    total = 0
+    total = largest_member = 0
     unit = "img" if source.image is not None else "point"
     progress = console.progress_bar(source.count, f"{dataset} {source.split}", unit=unit)
     try:
@@ -232,6 +233,7 @@ def _write_split(
             key = f"{total:08d}"
             for suffix, payload in _encode_sample(sample, image_format, jpeg_quality).items():
                 _add_member(tar, f"{key}.{suffix}", payload)
+                largest_member = max(largest_member, len(payload))
             in_shard += 1
             total += 1
             progress.update(1)
@@ -253,7 +255,8 @@ def _write_split(
     if total == 0:
         raise DataError(f"{src}: the {source.split} split of {dataset} has no samples; nothing written")
     manifest = _split_manifest(source, dataset=dataset, src=src, image_format=image_format,
-                               jpeg_quality=jpeg_quality, samples_per_shard=samples_per_shard, shards=shards)
+                               jpeg_quality=jpeg_quality, samples_per_shard=samples_per_shard, shards=shards,
+                               max_member_bytes=largest_member)
     storage.write_bytes(
         storage.join_url(out_split, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode()
     )
@@ -261,7 +264,7 @@ def _write_split(
 
 
 def _split_manifest(source: SplitSource, *, dataset: str, src: str, image_format: str, jpeg_quality: int,
-                    samples_per_shard: int, shards: list[dict[str, Any]]) -> dict[str, Any]:
+                    samples_per_shard: int, shards: list[dict[str, Any]], max_member_bytes: int) -> dict[str, Any]:
     """What manifest.json records of one written split: its shards and how they were made."""
     image = None
     if source.image is not None:
@@ -274,6 +277,7 @@ def _split_manifest(source: SplitSource, *, dataset: str, src: str, image_format
         "split": source.split,
         "num_samples": sum(shard["num_samples"] for shard in shards),
         "samples_per_shard": samples_per_shard,
+        "max_member_bytes": max_member_bytes,
         "image": image,
         "point_dim": source.point_dim if source.image is None else None,
         "preprocessing": source.preprocessing,

@@ -20,18 +20,31 @@ import urllib.parse
 from collections.abc import Callable
 from typing import IO, TypeVar
 
-from pipeline.data.s3 import S3Storage, StorageError, is_s3_url, s3_client, split_s3_url
+from pipeline.data import outages
+from pipeline.data.outages import (
+    DEFAULT_RETRY_BUDGET_S,
+    RETRY_BUDGET_ENV,
+    STALL_S,
+    retry_budget_s,
+)
+from pipeline.data.s3 import (
+    S3Storage,
+    StorageError,
+    StorageUnavailable,
+    is_s3_url,
+    s3_client,
+    split_s3_url,
+)
 
 __all__ = [
-    "StorageError", "is_s3_url", "split_s3_url", "local_path", "join_url", "s3_client", "read_bytes",
+    "StorageError", "StorageUnavailable", "is_s3_url", "split_s3_url", "local_path", "join_url", "s3_client", "read_bytes",
     "write_bytes", "create_exclusive", "upload_file", "download_file", "list_urls", "exists", "delete",
     "check_readable", "open_read_stream", "write_file_atomically", "with_retries", "retry_budget_s",
+    "RETRY_BUDGET_ENV", "DEFAULT_RETRY_BUDGET_S", "STALL_S",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRY_BUDGET_ENV = "GAPM_STORAGE_RETRY_SECONDS"
-DEFAULT_RETRY_BUDGET_S = 600.0  # an object store restarting or a network blip: minutes, not seconds
 MAX_RETRY_INTERVAL_S = 30.0
 
 
@@ -290,7 +303,9 @@ def check_readable(url: str, *, setting: str | None = None) -> None:
 
 
 def open_read_stream(url: str) -> IO[bytes]:
-    """Open a binary, forward-only reader; S3 objects are streamed, never downloaded whole.
+    """Open a binary, forward-only reader; S3 objects are streamed, never downloaded whole, and
+    an outage mid-read is retried from the byte where it broke (pipeline.data.s3_stream): it
+    returns the object's bytes or raises, never a shortened stream.
 
     The caller must close it (an unread S3 body holds an HTTP connection until closed).
     """
@@ -300,39 +315,38 @@ def open_read_stream(url: str) -> IO[bytes]:
 # --------------------------------------------------------------------------- transient outages
 
 
-def retry_budget_s() -> float:
-    """How long transient storage errors are retried: $GAPM_STORAGE_RETRY_SECONDS (training
-    sets it from train.storage_retry_seconds), else 600 s."""
-    value = os.environ.get(RETRY_BUDGET_ENV, "")
-    try:
-        return max(0.0, float(value)) if value else DEFAULT_RETRY_BUDGET_S
-    except ValueError:
-        return DEFAULT_RETRY_BUDGET_S
-
-
 def with_retries(operation: Callable[[], T], what: str, budget_s: float | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
-    """Runs `operation`; a transient StorageError (unreachable endpoint, 5xx, throttling) is
-    retried with exponential backoff (1 s doubling to 30 s) for up to `budget_s` (default
-    `retry_budget_s()`), with one warning per outage. Any other error, or the budget spent,
-    raises the last error."""
-    budget = retry_budget_s() if budget_s is None else budget_s
-    deadline = time.monotonic() + budget
-    interval, warned = 1.0, False
-    while True:
-        try:
-            result = operation()
-        except StorageError as error:
-            remaining = deadline - time.monotonic()
-            if not error.transient or remaining <= 0:
-                raise
-            if not warned:
-                log.warning("%s: storage unavailable (%s); retrying for up to %.0f s", what, error, remaining)
-                warned = True
-            sleep(min(interval, remaining))
-            interval = min(interval * 2, MAX_RETRY_INTERVAL_S)
-            continue
-        if warned:
-            log.warning("%s: storage available again", what)
-        return result
+                 stall_s: float | None = None) -> T:
+    """Runs `operation`; a transient StorageError (unreachable endpoint, 5xx, throttling, a
+    broken connection) is retried with exponential backoff (1 s doubling to 30 s) for up to
+    `budget_s` (default `retry_budget_s()`), saying so at once, about once a minute and when it
+    ends (pipeline.data.outages). Any other error raises at once; a spent budget, or a stop
+    request while waiting, raises StorageUnavailable (resumable, not bad input).
 
+    `stall_s` (for small requests, not transfers): an attempt that has not answered by then (or
+    by the end of the budget) counts as failed, however slowly the endpoint keeps sending."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    outage: outages.Outage | None = None
+    while True:
+        started = time.monotonic()
+        try:
+            if stall_s is None:
+                result = operation()
+            else:
+                left = budget if outage is None else outage.remaining()
+                result = outages.call_with_deadline(operation, max(min(stall_s, left), outages.MIN_STALL_S), what)
+        except StorageUnavailable:
+            raise
+        except StorageError as error:
+            if not error.transient:
+                raise
+            if outage is None:
+                outage = outages.Outage(what, str(error), budget_s=budget, started=started, first_interval_s=1.0,
+                                        max_interval_s=MAX_RETRY_INTERVAL_S)
+            else:
+                outage.failed_again(str(error))
+            outage.back_off()
+            continue
+        if outage is not None:
+            outage.ended()
+        return result

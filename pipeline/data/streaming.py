@@ -7,9 +7,17 @@ Why this is not just ``webdataset.WebDataset(url)``:
   dry, and stops after exactly ``batches_per_epoch`` batches (``with_epoch`` on the loader).
 * Fewer shards than ranks x workers would leave some reader with no data (a hang, or silently
   repeated samples); that is refused up front with the fix in the message.
-* A corrupt sample or an unreadable shard must not kill a long run: it is skipped, counted in
-  :class:`StreamStats` and logged with its shard URL and key.
+* A corrupt sample or a damaged shard must not kill a long run: it is skipped, counted in
+  :class:`StreamStats` and logged with its shard URL and key. An outage is not damage: it is
+  waited out at the same byte (pipeline/data/s3_stream.py), or ends the stream with
+  StorageUnavailable once the retry budget is spent.
 * ``s3://`` is read through boto3 (streaming ``get_object()["Body"]``), so no ``aws`` CLI is needed.
+* Loader workers die with the process that started them (a parent-death signal): a training
+  process killed with SIGKILL leaves no orphaned workers holding memory.
+* A tar member larger than ``max_member_bytes`` is refused unread; the default is
+  `MEMBER_CAP_FACTOR` times the largest member the manifest records (``max_member_bytes``,
+  written by ``gapm shards``), at least `MEMBER_CAP_FLOOR`, or `MEMBER_CAP_WITHOUT_MANIFEST`
+  for shards whose manifest does not record it.
 
 The result is a plain iterable of tensors. Do not pass it through ``accelerator.prepare`` (that
 would dispatch every batch from rank 0); move batches to the device in the training loop.
@@ -21,9 +29,12 @@ through a buffer of ``shuffle_buffer`` samples.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -33,8 +44,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.data import storage
-from pipeline.data.shard_reader import ShardSamples
+from pipeline.data import outages, storage
+from pipeline.data.shard_reader import STORAGE_UNAVAILABLE, ShardSamples
 from pipeline.data.shards import MANIFEST_NAME, read_manifest
 from pipeline.errors import DataError
 
@@ -42,6 +53,9 @@ __all__ = ["StreamStats", "BatchStream", "resolve_shard_urls", "register_s3_open
 
 log = logging.getLogger(__name__)
 
+MEMBER_CAP_FACTOR = 16
+MEMBER_CAP_FLOOR = 1 << 20
+MEMBER_CAP_WITHOUT_MANIFEST = 64 << 20
 
 
 @dataclass
@@ -110,7 +124,19 @@ def _resolve(spec: str) -> tuple[list[str], list[int] | None, dict[str, Any] | N
         raise DataError(f"{manifest_url}: malformed shard entry ({exc}); re-run the conversion") from exc
     if not urls:
         raise DataError(f"{manifest_url}: lists no shards; re-run the conversion")
+    _check_manifest_counts(manifest_url, manifest, counts)
     return urls, counts, manifest
+
+
+def _check_manifest_counts(manifest_url: str, manifest: dict[str, Any], counts: list[int]) -> None:
+    """A manifest that contradicts itself cannot size epochs: refused in one line (exit 2). A
+    manifest that merely disagrees with the shards is found while they stream (shard_reader)."""
+    if any(count < 0 for count in counts):
+        raise DataError(f"{manifest_url}: a shard lists a negative num_samples; re-run `gapm shards`")
+    total = manifest.get("num_samples")
+    if total is not None and (not isinstance(total, int) or total != sum(counts)):
+        raise DataError(f"{manifest_url}: num_samples is {total!r} but its shards list {sum(counts)} samples; the "
+                        "manifest was edited or is damaged: re-run `gapm shards` to write a matching one")
 
 
 def _parent(url: str) -> str:
@@ -206,6 +232,8 @@ class BatchStream:
         # one: a stream created at a resume step must not shift that step's random draws.
         loader_seed = torch.Generator().manual_seed(
             hash((samples.seed, samples.epoch, samples.rank)) % 2**63)
+        # Workers hear of a stop request through this flag (the signal reaches this process only).
+        samples.stop_flag = outages.worker_stop_flag() if self.num_workers else None
         loader = wds.WebLoader(
             samples,
             batch_size=None,  # batching happens in the pipeline, before crossing the worker boundary
@@ -213,6 +241,7 @@ class BatchStream:
             persistent_workers=False,
             generator=loader_seed,
             collate_fn=_as_is,  # numpy batches cross from the workers as they are (see shard_reader._collate)
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if self.num_workers else None,
         )
         if self.batches_per_epoch is not None:
             loader = loader.with_epoch(self.batches_per_epoch)
@@ -220,7 +249,8 @@ class BatchStream:
             self.stats.corrupt_samples += int(corrupt)
             self.stats.failed_shards += int(failed)
             if error is not None:
-                raise DataError(error)
+                kind, message = error
+                raise (storage.StorageUnavailable if kind == STORAGE_UNAVAILABLE else DataError)(message)
             if batch is None:
                 continue
             batch = _unit_range(batch) if batch.dtype == np.uint8 else torch.from_numpy(batch)
@@ -231,6 +261,24 @@ class BatchStream:
 
 def _as_is(batch: Any) -> Any:
     return batch
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int, worker_id: int) -> None:
+    """A loader worker's first act: ask the kernel for SIGKILL when the process that started it
+    dies (its DataLoader's own check only runs between batches, and a worker whose batches fill
+    the pipe to a dead parent hangs at exit), and go at once if that has already happened.
+    Linux sends the signal when the *thread* that forked the worker ends: BatchStream is
+    iterated by the training loop's main thread, which outlives its workers."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the DataLoader's own check remains
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def _unit_range(images: np.ndarray) -> torch.Tensor:
@@ -255,6 +303,7 @@ def make_batch_stream(
     epoch: int = 0,
     drop_last: bool = True,
     verify_checksums: bool = True,
+    max_member_bytes: int | None = None,
 ) -> BatchStream:
     """Build the batch stream of one rank.
 
@@ -271,6 +320,8 @@ def make_batch_stream(
 
     ``verify_checksums`` checks each shard read to its end against the sha256 in its manifest
     (when the shards have one); a mismatch is counted in ``stats.failed_shards`` and logged.
+    ``max_member_bytes`` refuses larger tar members unread (the shard counts as failed); None:
+    the default from the manifest (see the module docstring).
 
     Raises DataError up front when non-resampled reading has fewer shards than
     ``world_size * max(1, num_workers)`` readers, and StorageError when the location is unreadable.
@@ -290,8 +341,17 @@ def make_batch_stream(
         urls, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
         shuffle_buffer=shuffle_buffer, resampled=resampled, drop_last=drop_last,
         image_shape=_manifest_image_shape(manifest), shard_counts=dict(zip(urls, counts)) if counts else None,
-        shard_sha256=_manifest_digests(urls, manifest) if verify_checksums else None)
+        shard_sha256=_manifest_digests(urls, manifest) if verify_checksums else None,
+        max_member_bytes=max_member_bytes or default_member_cap(manifest))
     return BatchStream(samples, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
+
+
+def default_member_cap(manifest: dict[str, Any] | None) -> int:
+    """The largest tar member a reader takes when data.max_member_bytes is not set."""
+    largest = manifest.get("max_member_bytes") if manifest else None
+    if isinstance(largest, int) and not isinstance(largest, bool) and largest > 0:
+        return max(MEMBER_CAP_FLOOR, MEMBER_CAP_FACTOR * largest)
+    return MEMBER_CAP_WITHOUT_MANIFEST
 
 
 def _check_arguments(batch_size: int, rank: int, world_size: int, num_workers: int,

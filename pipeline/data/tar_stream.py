@@ -17,7 +17,11 @@ sample is the run of consecutive members with the same key (``dir/000123`` in
 
 A damaged tar is an error, never a quiet end: a bad header checksum, a header or member cut
 short, or a stream that stops without the end-of-archive marker raise :class:`TarFormatError`
-after the samples before the damage were yielded. (``tarfile`` takes a bad header, or a cut
+after the samples before the damage were yielded. So does hostile input, before it costs
+memory: a member larger than ``max_member_bytes`` is refused from its header, before a byte of
+it is read, and a compressed shard is decompressed in 1 MiB pieces and refused once its output
+passes `MAX_DECOMPRESSION_RATIO` times the compressed bytes read (past the first
+`RATIO_FREE_BYTES`): a gzip bomb stops there, not at the end of gigabytes. (``tarfile`` takes a bad header, or a cut
 at a header boundary, for the end of the archive.) After the end-of-archive marker the rest of
 the stream is read to its end, so that a wrapper around the stream sees every byte of the shard
 (a checksum over the whole object, for instance).
@@ -41,6 +45,11 @@ _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguo
 _PAX_HEADER, _PAX_GLOBAL_HEADER, _GNU_LONG_NAME, _GNU_LONG_LINK = b"x", b"g", b"L", b"K"
 _COMPRESSED = ((b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream, mode="rb")),
                (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
+# Real shards (images; small points with their tar headers and padding) stay far below this.
+# bzip2 and xz bombs (millions to one) stop within megabytes; deflate tops out near 1030:1, so
+# a gzip bomb stops after a few hundred MiB (its memory is bounded all along: 1 MiB pieces).
+MAX_DECOMPRESSION_RATIO = 1000
+RATIO_FREE_BYTES = 64 << 20
 # webdataset's rules (tariterators.base_plus_ext and skip_meta): the key is the name up to the
 # first dot of its last path component; names starting with a __meta__ component are skipped.
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -90,6 +99,36 @@ class _ChunkedReader:
             pass
 
 
+class _Counting:
+    """Passes reads through and counts the bytes: what a decompressor has consumed."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.count += len(data)
+        return data
+
+
+class _CappedDecompression:
+    """A decompressor's output, refused once it outgrows its input (see the module docstring)."""
+
+    def __init__(self, decompressed: Any, compressed: _Counting) -> None:
+        self._decompressed, self._compressed = decompressed, compressed
+        self._produced = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._decompressed.read(CHUNK if size < 0 else min(size, CHUNK))
+        self._produced += len(data)
+        if self._produced > RATIO_FREE_BYTES and self._produced > MAX_DECOMPRESSION_RATIO * self._compressed.count:
+            raise TarFormatError(f"the compressed shard expands more than {MAX_DECOMPRESSION_RATIO}-fold "
+                                 f"({self._compressed.count:,} bytes into over {self._produced:,}): a decompression "
+                                 "bomb, or not a shard")
+        return data
+
+
 def _number(field: bytes) -> int:
     """A numeric header field: NUL/space-terminated octal, or GNU base-256 for large values."""
     if field[0] in (0o200, 0o377):
@@ -126,15 +165,17 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(raw: IO[bytes] | Any) -> Iterator[tuple[str, bytes]]:
+def tar_members(raw: IO[bytes] | Any, max_member_bytes: int | None = None) -> Iterator[tuple[str, bytes]]:
     """``(name, payload)`` of every regular file in the tar stream ``raw``, in order.
 
-    Reads ``raw`` to its end; the caller opens and closes it. Raises TarFormatError on damage.
+    Reads ``raw`` to its end; the caller opens and closes it. Raises TarFormatError on damage,
+    and on a member (or extended header) over ``max_member_bytes`` before reading it.
     """
     reader = _ChunkedReader(raw)
     for magic, opener in _COMPRESSED:
         if reader.peek(len(magic)) == magic:
-            reader = _ChunkedReader(opener(reader))
+            compressed = _Counting(reader)
+            reader = _ChunkedReader(_CappedDecompression(opener(compressed), compressed))
             break
     read = reader.read
     global_pax: dict[str, str] = {}
@@ -155,6 +196,10 @@ def tar_members(raw: IO[bytes] | Any) -> Iterator[tuple[str, bytes]]:
         size = _number(header[124:136])
         if kind in _REGULAR and "size" in pending:
             size = int(pending["size"])
+        if max_member_bytes is not None and size > max_member_bytes:
+            raise TarFormatError(f"the member at byte {offset} ({_text(header[0:100])!r}) claims {size:,} bytes, "
+                                 f"over the {max_member_bytes:,}-byte limit (data.max_member_bytes); not read: the "
+                                 "shard is damaged or hostile")
         payload = read(size)
         if len(payload) < size:
             raise TarFormatError(f"the tar ends inside the member at byte {offset} "
@@ -189,11 +234,11 @@ def tar_members(raw: IO[bytes] | Any) -> Iterator[tuple[str, bytes]]:
         yield name, payload
 
 
-def tar_samples(raw: IO[bytes] | Any, url: str) -> Iterator[dict[str, Any]]:
+def tar_samples(raw: IO[bytes] | Any, url: str, max_member_bytes: int | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one shard, as webdataset builds them: ``{"__key__": key, "__url__": url,
     ext: payload, ...}``; a repeated extension within one key raises ValueError."""
     sample: dict[str, Any] | None = None
-    for name, payload in tar_members(raw):
+    for name, payload in tar_members(raw, max_member_bytes):
         if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
             continue
         match = _KEY_AND_EXTENSION.match(name)

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 DEFAULT_NEAREST_K = 5
 DEFAULT_PRDC_SAMPLES = 10_000
 DEFAULT_REAL_FEATURES = 10_000  # the training-feature sample kept with the statistics

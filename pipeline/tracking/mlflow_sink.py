@@ -39,8 +39,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking.outbox import MetricValue, Outbox
-from pipeline.tracking.reconcile import UPLOAD_STAGING, EarlierRecord, RecordedValue, stage_checkpoint
-from pipeline.tracking.redaction import install_log_redaction, install_stdout_redaction, redact, redact_mapping
+from pipeline.tracking.reconcile import (
+    UPLOAD_STAGING,
+    EarlierRecord,
+    RecordedValue,
+    stage_checkpoint,
+)
+from pipeline.tracking.redaction import (
+    install_log_redaction,
+    install_stdout_redaction,
+    redact,
+    redact_mapping,
+)
 from pipeline.tracking.tracker import flatten
 
 if TYPE_CHECKING:

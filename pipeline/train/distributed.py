@@ -16,6 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 log = logging.getLogger(__name__)
 
 
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one (one all-reduce of one number)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([1.0 if flag else 0.0], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
+
+
 def fix_gradient_buckets(network: nn.Module) -> None:
     """Gives a DistributedDataParallel-wrapped network the gradient-bucket layout it keeps for
     the whole process now, before its first step, so that a resumed process sums each

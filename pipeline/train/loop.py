@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from pipeline.tracking.redaction import redact_mapping
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
 from pipeline.train import outputs
 from pipeline.train.distributed import (
+    any_rank,
     average_batchnorm_statistics,
     check_world_size,
     gather_batchnorm_statistics,
@@ -121,9 +122,9 @@ def prepare(config: ExperimentConfig, tracker: Tracker | None) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     check_world_size(accelerator)  # before anything is written
-    sources.check_sources(config.data, config.model.data_shape)
     # Every storage call of this process and its loader workers retries outages this long.
     os.environ[storage.RETRY_BUDGET_ENV] = str(config.train.storage_retry_seconds)
+    sources.check_sources(config.data, config.model.data_shape)
     if accelerator.is_main_process:
         write_run_directory(config)
     # Only rank 0 tracks: the run directory record, plus MLflow unless tracking.enabled is false.
@@ -183,7 +184,8 @@ def restore(run: Run, resume: str) -> None:
                         run.last_saved, len(state[RANK_BATCHNORM_STATE]), world_size)
     run.source = sources.training_source(config.data, rank=run.accelerator.process_index,
                                          world_size=run.accelerator.num_processes, seed=config.seed,
-                                         data_shape=model.shape.data_shape)
+                                         data_shape=model.shape.data_shape,
+                                         agree=lambda failed: any_rank(run.accelerator, failed))
     run.batches = sources.endless_batches(run.source, run.position)
     if run.is_main:
         run.tracker.log_params(to_dict(config))
@@ -239,7 +241,11 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
             for group in engines.optimizers[name].param_groups:
                 group["lr"] = scheduled_lr(settings, stage_step, total)
         seed_iteration(config.seed, accelerator.process_index, run.step, accelerator.device)
-        data = sources.to_model_space(next(run.batches).to(accelerator.device), model.shape.data_shape)
+        try:  # every rank gets its batch, or every rank gets this error (sources.ShardBatches)
+            batch = next(run.batches)
+        except storage.StorageUnavailable as unavailable:
+            stop_for_storage(run, stage, stage_step, first, stop, unavailable)
+        data = sources.to_model_space(batch.to(accelerator.device), model.shape.data_shape)
         logs = model.stage_step(stage, {name: engines.networks[name] for name in trained}, data, engines.update)
         run.step += 1
         window.add(logs, len(data))
@@ -259,6 +265,21 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
             save(run, stage, done)
     progress.close()
     save(run, stage, total)
+
+
+def stop_for_storage(run: Run, stage: int, stage_step: int, first: int, stop: StopRequest,
+                     unavailable: storage.StorageUnavailable) -> NoReturn:
+    """Storage stayed away for the whole retry budget (or a stop came while waiting for it):
+    checkpoint the steps done so far and stop resumably (exit 75). Mid-way through gradient
+    accumulation, or with nothing new since the last checkpoint, the last checkpoint stands."""
+    train = run.config.train
+    new_steps = stage_step > first and stage_step % train.checkpoint_every != 0
+    at_boundary = stage_step % train.gradient_accumulation_steps == 0
+    saved = save(run, stage, stage_step) if new_steps and at_boundary else run.last_saved
+    wait_for_uploads(run, STOP_UPLOAD_WAIT_S)
+    run.tracker.finish("KILLED")
+    reason = stop.signal_name if stop.received is not None else f"a storage outage ({unavailable})"
+    raise TrainingInterrupted(reason, saved)
 
 
 def progress_bar(run: Run, stage: int, first: int, total: int) -> tqdm:

@@ -19,7 +19,11 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.train.distributed import average_batchnorm_statistics, batchnorm_statistics, fix_gradient_buckets
+from pipeline.train.distributed import (
+    average_batchnorm_statistics,
+    batchnorm_statistics,
+    fix_gradient_buckets,
+)
 
 STEPS, RESUME_AT, WIDTH = 16, 6, 64
 

@@ -27,7 +27,7 @@ from helpers import (  # 2 + 2 steps, checkpoints at steps 2 and 4
 )
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli
+from pipeline import checkpoints, cli
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
 from pipeline.data.storage import create_exclusive
@@ -42,7 +42,6 @@ from pipeline.eval.mlflow_runs import parse_result_tag
 from pipeline.eval.settings import EvalSettings
 from pipeline.eval.watch import WatchOptions, watch
 from pipeline.tracking import registry
-from pipeline import checkpoints
 from pipeline.train.loop import train
 
 SAMPLES = "120"

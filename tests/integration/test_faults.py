@@ -15,13 +15,13 @@ import pytest
 import torch
 from helpers import ROOT, PausableProxy, rewrite_tar, tiny_overrides
 
+from pipeline import checkpoints
+from pipeline.checkpoints.meta import file_record
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
 from pipeline.errors import DataError, GapmError
 from pipeline.stopping import TrainingInterrupted
 from pipeline.tracking.tracker import RunDirectoryTracker
-from pipeline import checkpoints
-from pipeline.checkpoints.meta import file_record
 from pipeline.train.loop import train
 
 IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=16", "model.prior_dim=16",

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from helpers import ROOT, clean_environment, free_port, tiny_overrides
 
+from pipeline import checkpoints
 from pipeline.cli import build_parser
 from pipeline.config import ExperimentConfig, load_config
-from pipeline import checkpoints
 
 LAUNCH = ROOT / "launch"
 K8S = LAUNCH / "k8s"

@@ -13,7 +13,6 @@ ChildFailedError traceback is gone and one line says why. Slurm: test_launch_slu
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

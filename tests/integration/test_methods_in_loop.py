@@ -4,9 +4,10 @@ import pytest
 from helpers import tiny_overrides
 
 from gapm import GAPM, METHODS
-from pipeline.config import ConfigError, load_config
 from pipeline import checkpoints
+from pipeline.config import ConfigError, load_config
 from pipeline.train.loop import train
+
 
 def tiny(kind):
     return tiny_overrides(stage1_steps=6, stage2_steps=4, batch_size=32, samples=256, test_samples=64, width=16,

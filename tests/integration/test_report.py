@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.eval.report import ReportError, column_legend, experiment_runs, table_rows
 from pipeline.train.loop import train
 
+
 def tiny(kind):
     return tiny_overrides(stage1_steps=4, stage2_steps=2, batch_size=32, samples=256, test_samples=64, width=8,
                           checkpoint_every=100, log_every=2, eval_samples=64, discriminator_steps=1, tracking=True,

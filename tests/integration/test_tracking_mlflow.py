@@ -23,7 +23,7 @@ import torch
 from helpers import ROOT, free_port, tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli
+from pipeline import checkpoints, cli
 from pipeline.config import load_config
 from pipeline.tracking import registry
 from pipeline.tracking.mlflow_sink import RUN_ID_FILE, MlflowTracker
@@ -35,7 +35,6 @@ from pipeline.tracking.tracker import (
     git_commit,
     mask_secrets,
 )
-from pipeline import checkpoints
 from pipeline.train.loop import train
 
 REPO = ROOT

@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_config
 from pipeline.tracking.mlflow_sink import RUN_ID_FILE, MlflowTracker
 from pipeline.tracking.reconcile import UPLOAD_STAGING
-from pipeline.tracking.redaction import MASK
 from pipeline.tracking.tracker import MultiTracker, RunDirectoryTracker
 from pipeline.train.loop import train
 

@@ -8,9 +8,8 @@ import torch
 from helpers import tiny_overrides
 from PIL import Image
 
-from pipeline import cli
+from pipeline import checkpoints, cli
 from pipeline.config import load_config
-from pipeline import checkpoints
 from pipeline.train.loop import train
 
 TINY = tiny_overrides()

@@ -7,7 +7,8 @@ from pathlib import Path
 from helpers import ROOT
 
 PACKAGE = ROOT / "pipeline" / "checkpoints"
-ALLOWED = ("gapm", "pipeline.checkpoints", "pipeline.data.storage", "pipeline.errors", "pipeline.stopping")
+ALLOWED = ("gapm", "pipeline.checkpoints", "pipeline.data.storage", "pipeline.data.outages", "pipeline.errors",
+           "pipeline.stopping")
 
 
 def project_imports(path: Path) -> list[tuple[str, bool]]:

@@ -3,13 +3,13 @@
 import pytest
 
 from pipeline import cli
+from pipeline.checkpoints import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.data.storage import StorageError
 from pipeline.errors import DataError, GapmError
 from pipeline.eval.fid import FidError
 from pipeline.eval.scoring import EvalError
 from pipeline.tracking.registry import RegistryError
-from pipeline.checkpoints import CheckpointError
 
 
 def test_every_user_facing_error_shares_one_base():

@@ -232,7 +232,11 @@ def test_extra_feature_spaces_join_the_reference_key_and_the_plain_key_stays_as_
     valid); an extra space is part of the result, so it makes a new key; labels are unique."""
     import hashlib
 
-    from pipeline.eval.features import DomainClassifier, DomainNetShape, save_domain_extractor
+    from pipeline.eval.features import (
+        DomainClassifier,
+        DomainNetShape,
+        save_domain_extractor,
+    )
     from pipeline.eval.scoring import image_reference
 
     for name, architecture in (("fm-cnn", "cnn"), ("fm-resnet", "resnet")):

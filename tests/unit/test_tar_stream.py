@@ -131,3 +131,45 @@ def test_duplicate_member_in_a_sample_is_an_error():
             tar.addfile(info, io.BytesIO(payload))
     with pytest.raises(ValueError, match="duplicate"):
         list(tar_samples(io.BytesIO(buffer.getvalue()), URL))
+
+
+def _tar_with_member(size: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in (("00000000.png", b"small"), ("00000001.png", bytes(size)), ("00000002.png", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def test_a_member_over_the_cap_is_refused_before_it_is_read():
+    data = _tar_with_member(8 << 20)
+    stream = CountingStream(data)
+    got = []
+    with pytest.raises(TarFormatError, match="'00000001.png'.* claims 8,388,608 bytes, over the 1,048,576-byte limit"):
+        for sample in tar_samples(stream, URL, max_member_bytes=1 << 20):
+            got.append(sample["__key__"])
+    assert got == []  # 00000000 was still open (a sample ends where the next key starts)
+    assert stream.delivered < 2 << 20  # the reader's read-ahead, not the member's 8 MiB
+    assert [s["__key__"] for s in tar_samples(io.BytesIO(data), URL, max_member_bytes=8 << 20)] == [
+        "00000000", "00000001", "00000002"]
+
+
+def test_decompression_is_capped_by_its_ratio(monkeypatch):
+    """A gzip stream of zeros expands about 1000-fold (deflate's limit; bzip2 and xz go far
+    beyond): past the bytes allowed freely, a stream over the ratio is refused long before its
+    end. (Shown at a ratio of 100 and 4 MiB free, to keep the bomb small.)"""
+    import zlib
+
+    monkeypatch.setattr(tar_stream, "RATIO_FREE_BYTES", 4 << 20)
+    monkeypatch.setattr(tar_stream, "MAX_DECOMPRESSION_RATIO", 100)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = compressor.compress(bytes(256 << 20)) + compressor.flush()
+    with pytest.raises(TarFormatError, match="expands more than 100-fold") as refused:
+        list(tar_members(io.BytesIO(bomb)))
+    expanded = int(str(refused.value).split("into over ")[1].split(")")[0].replace(",", ""))
+    assert expanded < 200 << 20  # stopped well before the end of its 256 MiB
+    # A real compressed shard is far from the ratio and reads whole.
+    plain = build_tar(tarfile.PAX_FORMAT)
+    assert list(tar_members(io.BytesIO(gzip.compress(plain)))) == list(tar_members(io.BytesIO(plain)))
