@@ -93,6 +93,7 @@ def command_sample(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    import gapm
     from pipeline.eval import figures
     from pipeline.tracking import registry
 
@@ -102,11 +103,11 @@ def command_sample(args: argparse.Namespace) -> int:
                         "e.g. samples.png (the samples also go to the same name with .npy)")
     mlflow_environment(args.model_uri)
     model = registry.load_generator(args.model_uri)
-    samples = registry.sample(model, args.n, args.seed)
+    samples = gapm.sample(model, args.n, args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     array_path = out.with_suffix(".npy")
     np.save(array_path, samples.numpy())
-    if registry.is_image_model(model):
+    if model.shape.is_image:
         figures.save_image_grid(samples, out)
     else:
         figures.save_point_scatter(samples, out, title=f"{args.model_uri} (seed {args.seed})")

@@ -245,15 +245,3 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
             break
     return torch.cat(batches)[:limit]
 
-
-def is_image_shape(data_shape: list[int]) -> bool:
-    return len(data_shape) == 3
-
-
-def to_model_space(batch: Tensor, data_shape: list[int]) -> Tensor:
-    """Images arrive in [0, 1]; the networks work in [-1, 1]. Points pass unchanged."""
-    return batch * 2 - 1 if is_image_shape(data_shape) else batch
-
-
-def to_data_space(batch: Tensor, data_shape: list[int]) -> Tensor:
-    return ((batch + 1) / 2).clamp(0, 1) if is_image_shape(data_shape) else batch

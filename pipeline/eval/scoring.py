@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gapm import Method
+from gapm import Method, SampleStream, reconstruct
 from pipeline import console
 from pipeline.data import sources
 from pipeline.data.sources import DataConfig
@@ -177,13 +177,10 @@ def image_generator(model: Method, device: torch.device, seed: int) -> Callable[
     """clean-fid's `gen`: a batch of B -> float images (B, 3, H, W) in [0, 255]. The samples
     come from the model's own `sample` (its own prior: Method's G(g(z)), or a baseline's) with
     a generator seeded here, as `gapm sample` draws them; clean-fid's z only sets B."""
-    shape = model.shape.data_shape
-    generator = torch.Generator(device=device).manual_seed(seed)
+    stream = SampleStream(model, seed, device)
 
-    @torch.no_grad()
     def generate(z: torch.Tensor) -> torch.Tensor:
-        samples = model.sample(len(z), generator)
-        return fid.to_rgb_255(sources.to_data_space(samples.float(), shape))
+        return fid.to_rgb_255(stream.draw(len(z)))
 
     return generate
 
@@ -202,7 +199,7 @@ def split_reconstruction_mse(model: Method, spec: str, ranks: Ranks, batch_size:
         what = f"reconstructions of {spec}" + (" (rank 0's shards)" if split and ranks.world > 1 else "")
         with console.progress_bar(stream.samples_per_pass(), what, unit="img") as progress:
             for batch in stream:
-                recon = quality.reconstruct_in_batches(model, batch, model.shape.data_shape, batch_size)
+                recon = reconstruct(model, batch, batch_size)
                 squared += torch.sum((recon.double() - batch.double()) ** 2).item()
                 values += batch.numel()
                 images += len(batch)
@@ -301,13 +298,13 @@ def score_point_model(model: Method, reference: Reference, data: DataConfig, dat
 
 
 def score_metric(model: Method) -> str:
-    return FID_METRIC if sources.is_image_shape(model.shape.data_shape) else POINT_METRIC
+    return FID_METRIC if model.shape.is_image else POINT_METRIC
 
 
 def evaluate_model(model: Method, settings: EvalSettings, *, data: DataConfig | None, data_seed: int,
                    ranks: Ranks, reference: Reference | None = None) -> tuple[dict[str, float], Reference]:
     """Scores one model; returns (metrics, the reference they are relative to)."""
-    if sources.is_image_shape(model.shape.data_shape):
+    if model.shape.is_image:
         reference = reference or image_reference(settings, ranks.device)
         test_data = settings.test_data or (data.test if data else None)
         return score_image_model(model, reference, settings, test_data, ranks), reference

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gapm import Method
+from gapm import Method, is_image_shape
 from pipeline import checkpoints
 from pipeline.data import sources, storage
 from pipeline.data.sources import DataConfig
@@ -214,7 +214,7 @@ class Watcher:
 
     def reference_for(self, run: Any, meta: checkpoints.CheckpointMeta) -> Reference:
         shape = meta.model_shape["data_shape"]
-        if sources.is_image_shape(shape):
+        if is_image_shape(shape):
             reference = self.image_reference()
             expected = reference.stats.image_shape
             if expected and list(shape[1:]) != list(expected[1:]):

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from gapm import Method, build_model
+from gapm import Method, build_model, to_model_space
 from pipeline import console
 from pipeline.checkpoints import (
     Checkpoint,
@@ -245,7 +245,7 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
             batch = next(run.batches)
         except storage.StorageUnavailable as unavailable:
             stop_for_storage(run, stage, stage_step, first, stop, unavailable)
-        data = sources.to_model_space(batch.to(accelerator.device), model.shape.data_shape)
+        data = to_model_space(batch.to(accelerator.device), model.shape.data_shape)
         logs = model.stage_step(stage, {name: engines.networks[name] for name in trained}, data, engines.update)
         run.step += 1
         window.add(logs, len(data))

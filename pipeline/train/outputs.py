@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gapm import Method
+from gapm import Method, is_image_shape
 from pipeline.config import ExperimentConfig
 from pipeline.data import sources
 from pipeline.eval import figures, quality
@@ -27,7 +27,7 @@ def write_outputs(model: Method, config: ExperimentConfig, device: torch.device)
                                                          seed=config.seed, roll=sources.test_roll(config.data))
     np.save(run_dir / "recon.npy", reconstructions.numpy())
     np.save(run_dir / "samples.npy", samples.numpy())
-    if sources.is_image_shape(shape):
+    if is_image_shape(shape):
         figures.save_image_grid(samples[:64], run_dir / "samples.png")
         paired = torch.stack([held_out[:32], reconstructions[:32]], dim=1).flatten(0, 1)
         figures.save_image_grid(paired, run_dir / "reconstructions.png")
