@@ -128,7 +128,12 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
             bare[stage] = (time.perf_counter() - started) / args.steps
 
         # --- pipeline: its own throughput metric, over the logging windows after the warm-up one
-        train(config, resume="never")
+        try:
+            from pipeline.config import training_job
+        except ImportError:  # a checkout from before the training job: train took the whole config
+            train(config, resume="never")
+        else:
+            train(training_job(config), resume="never")
         rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
         pipeline = {}
         for stage in (1, 2):

@@ -15,21 +15,22 @@ from pipeline.cli_arguments import (
     mlflow_environment,
     positive_int,
 )
+from pipeline.data.settings import SWISSROLL_SAMPLES, SWISSROLL_TEST_SAMPLES
 from pipeline.errors import GapmError
 from pipeline.eval.commands import add_evaluation_commands
 from pipeline.exit_codes import EXIT_BAD_INPUT, launched, record_exit_reason
 from pipeline.matrix_commands import add_matrix_commands
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
-from pipeline.tracking.redaction import redact
+from pipeline.redaction import redact
 
 
 def command_train(args: argparse.Namespace, stop=None) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import load_config, training_job
     from pipeline.train.loop import train
 
     config = load_config(args.config, args.overrides)
     try:
-        result = train(config, resume=args.resume, stop=stop)
+        result = train(training_job(config), resume=args.resume, stop=stop)
     finally:
         import torch.distributed
 
@@ -144,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="center178: CenterCrop(178)+Resize(64) (Mimicry); authors: resize 64x78, rows 7-71 "
                              "(default: %(default)s)")
     shards.add_argument("--seed", type=int, default=0, help="swiss-roll sampler seed (default: %(default)s)")
-    shards.add_argument("--swissroll-samples", type=positive_int, default=5000,
-                        help="training points of the swiss rolls; their test split has 1000 (default: %(default)s)")
+    shards.add_argument("--swissroll-samples", type=positive_int, default=SWISSROLL_SAMPLES,
+                        help=f"training points of the swiss rolls; their test split has {SWISSROLL_TEST_SAMPLES} "
+                             "(default: %(default)s)")
     shards.set_defaults(handler=command_shards)
 
     report = commands.add_parser("report", help="table + figure grid of every run of an MLflow experiment")

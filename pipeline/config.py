@@ -1,7 +1,7 @@
 """The experiment config: one YAML file describes a run, assembled from the typed settings
 each component owns.
 
-    data        pipeline.data.sources.DataConfig
+    data        pipeline.data.settings.DataConfig
     model       gapm.ModelShape (the networks) + the method's kind and its own hyper-parameters
                 (`model.hyperparameters`, every method GAPM included), typed by the method's
                 `Hyperparameters` dataclass and checked at load time
@@ -13,7 +13,13 @@ each component owns.
                 checkpoint_every, keep_last_checkpoints) assemble the checkpoint component's
                 pipeline.checkpoints.CheckpointConfig (`checkpoint_config`)
     eval      pipeline.eval.settings.EvalConfig
-    tracking  pipeline.tracking.tracker.TrackingConfig
+    tracking  pipeline.tracking.settings.TrackingConfig
+
+Each lives in its component's settings module, which imports nothing of the component's
+runtime (readers, trackers, Accelerate): reading a config is cheap, and no component imports
+this module (the import-linter contracts in pyproject.toml). Components get their own
+sections: `training_job` assembles what `gapm train` runs, `checkpoint_config` the checkpoint
+component's settings.
 
 Defaults live in those classes only. `--set key.path=value` overrides any key (YAML value).
 Spellings of earlier releases (GAPM's settings and the Adam settings inside stage1 / stage2)
@@ -37,17 +43,17 @@ import yaml
 
 from gapm import METHODS, GAPMHyperparameters, ModelShape
 from pipeline.checkpoints.settings import STAGING, CheckpointConfig
-from pipeline.data.sources import DataConfig
+from pipeline.data.settings import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.eval.settings import EvalConfig
-from pipeline.tracking.tracker import TrackingConfig
-from pipeline.train.settings import OptimizerConfig, TrainConfig
+from pipeline.tracking.settings import TrackingConfig
+from pipeline.train.settings import OptimizerConfig, TrainConfig, TrainingJob, optimizer_settings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
            "OptimizerConfig", "StageConfig", "TrackingConfig", "TrainConfig", "checkpoint_config", "dump_config",
-           "load_config", "method_hyperparameters", "optimizer_settings", "to_dict"]
+           "load_config", "method_hyperparameters", "optimizer_settings", "to_dict", "training_job"]
 
 
 @dataclass
@@ -113,9 +119,14 @@ def method_hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
     return dict(config.model.hyperparameters)
 
 
-def optimizer_settings(optimizers: dict[str, OptimizerConfig], network: str) -> OptimizerConfig:
-    """The Adam settings of `network`: its own entry, else `default`, else Adam's defaults here."""
-    return optimizers.get(network) or optimizers.get("default") or OptimizerConfig()
+def training_job(config: ExperimentConfig) -> TrainingJob:
+    """What `gapm train` runs: the training component's view of the experiment."""
+    return TrainingJob(
+        name=config.name, seed=config.seed, run_dir=config.run_dir, model_kind=config.model.kind,
+        model_shape=config.model.shape(), hyperparameters=method_hyperparameters(config),
+        stage_steps=(config.stage1.steps, config.stage2.steps), data=config.data, optimizers=config.optimizers,
+        train=config.train, checkpoints=checkpoint_config(config), tracking=config.tracking,
+        end_of_run_samples=config.eval.samples, record=to_dict(config))
 
 
 def network_names(kind: str) -> list[str]:

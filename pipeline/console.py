@@ -10,7 +10,7 @@
   Kubernetes, CI) they redraw every 30 s instead of 10 times a second. TQDM_DISABLE=1 hides them.
 * Secrets: every log record (any library's) and every line on stdout/stderr (MLflow prints its
   "View run ... at: URL" itself) is redacted: passwords in URLs, tokens, keys
-  (pipeline.tracking.redaction).
+  (pipeline.redaction).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipeline.errors import GapmError
-from pipeline.tracking.redaction import (
+from pipeline.redaction import (
     install_log_redaction,
     install_stdout_redaction,
     redact,

@@ -17,49 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from pipeline.data import storage, swissroll
+from pipeline.data.settings import DataConfig
 from pipeline.errors import ConfigError, DataError
 
 SWISSROLL = "swissroll"  # the 2-D roll (a curve)
 SWISSROLL3D = "swissroll3d"  # the authors' 3-D roll (a sheet)
 ROLLS = (SWISSROLL, SWISSROLL3D)
 SYNTHETIC = "synthetic"  # uniform noise of model.data_shape: throughput checks without any I/O
-
-
-@dataclass
-class DataConfig:
-    # "swissroll" / "swissroll3d" generate the paper's toy rolls in memory (pipeline/data/swissroll.py);
-    # "synthetic" uniform noise of model.data_shape (throughput checks); anything else is a shard
-    # set (local directory, file:// or s3:// prefix holding manifest.json, or a brace pattern).
-    train: str = "swissroll"
-    test: str = "swissroll"  # held-out data, as `train`: the end-of-run metrics and evaluation jobs score on it
-    batch_size: int = 32  # per process
-    num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle_buffer: int = 1000  # samples in the shuffle buffer of each reader
-    resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
-    verify_checksums: bool = True  # check each shard read to its end against its manifest's sha256
-    swissroll_samples: int = 5000  # also the size of the "synthetic" set
-    swissroll_test_samples: int = 1000  # held-out points of the roll
-    # Tar members larger than this are refused unread (the shard counts as damaged); null: 16x the
-    # largest member the manifest records (at least 1 MiB), or 64 MiB where it records none.
-    max_member_bytes: int | None = None
-
-    def validate(self) -> None:
-        for key in ("batch_size", "swissroll_samples", "swissroll_test_samples"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'data.{key}' must be at least 1, got {getattr(self, key)}")
-        for key in ("num_workers", "shuffle_buffer"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
-        for key in ("train", "test"):
-            if not getattr(self, key).strip():
-                raise ConfigError(f"config key 'data.{key}' is empty; name a shard set or 'swissroll'")
-        if self.max_member_bytes is not None and self.max_member_bytes < 1:
-            raise ConfigError(f"config key 'data.max_member_bytes' must be at least 1 or null, got {self.max_member_bytes}")
 
 
 def swissroll_points(count: int, seed: int, kind: str = SWISSROLL) -> Tensor:
@@ -73,6 +43,14 @@ class StreamPosition:
 
     epoch: int = 0
     batch_in_epoch: int = 0
+
+
+class TrainingSource(Protocol):
+    """One rank's training data: `InMemoryBatches` or `ShardBatches`."""
+
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]: ...
+
+    def data_problems(self) -> dict[str, int]: ...  # corrupt samples and failed shards so far
 
 
 class InMemoryBatches:
@@ -99,7 +77,7 @@ class InMemoryBatches:
             yield self.data[order[index * self.batch_size:(index + 1) * self.batch_size]]
 
 
-def endless_batches(source, position: StreamPosition) -> Iterator[Tensor]:
+def endless_batches(source: TrainingSource, position: StreamPosition) -> Iterator[Tensor]:
     """Yields batches forever from `source.epoch_batches(epoch)`, starting at `position`
     and advancing it in place (skipping batches already consumed before a resume)."""
     while True:
@@ -214,7 +192,7 @@ def synthetic_data(count: int, data_shape: list[int], seed: int) -> Tensor:
 
 
 def training_source(config: DataConfig, *, rank: int, world_size: int, seed: int, data_shape: list[int],
-                    agree: Callable[[bool], bool] | None = None):
+                    agree: Callable[[bool], bool] | None = None) -> TrainingSource:
     if config.train == SYNTHETIC:
         data = synthetic_data(config.swissroll_samples, data_shape, seed)
         return InMemoryBatches(data, config.batch_size, rank=rank, world_size=world_size, seed=seed)

@@ -19,7 +19,7 @@ from typing import Any
 from gapm import Method
 from pipeline import checkpoints
 from pipeline.data import storage
-from pipeline.data.sources import DataConfig
+from pipeline.data.settings import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,12 @@ def relative_reconstruction_error(data: Tensor, reconstruction: Tensor) -> float
     return ((reconstruction - data).pow(2).sum() / (data - data.mean(0)).pow(2).sum()).item()
 
 
-def evaluate(model: Method, held_out: Tensor, data_shape: list[int], sample_count: int, seed: int,
+def evaluate(model: Method, held_out: Tensor, sample_count: int, seed: int,
              roll: RollGeometry | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
     """Returns (metrics, reconstructions of held_out, generated samples), all in data space.
     `roll`: the roll the data comes from, for its coverage metrics."""
     model.eval()
+    data_shape = list(model.shape.data_shape)
     reconstructions = reconstruct(model, held_out)
     samples = sample(model, sample_count, seed)
     metrics = {"eval/reconstruction_mse": torch.mean((reconstructions - held_out) ** 2).item()}

@@ -43,7 +43,7 @@ import torch
 from gapm import Method, SampleStream, reconstruct
 from pipeline import console
 from pipeline.data import sources
-from pipeline.data.sources import DataConfig
+from pipeline.data.settings import DataConfig
 from pipeline.errors import GapmError
 from pipeline.eval import feature_spaces, fid, quality, reference_stats
 from pipeline.eval.feature_spaces import FeatureSpace
@@ -292,8 +292,8 @@ def score_point_model(model: Method, reference: Reference, data: DataConfig, dat
                       settings: EvalSettings) -> dict[str, float]:
     held_out = sources.held_out_data(data, data_seed, limit=1_000_000, data_shape=list(model.shape.data_shape))
     model.to("cpu")
-    metrics, _, _ = quality.evaluate(model, held_out, list(model.shape.data_shape), reference.samples,
-                                        seed=settings.seed, roll=sources.test_roll(data))
+    metrics, _, _ = quality.evaluate(model, held_out, reference.samples, seed=settings.seed,
+                                     roll=sources.test_roll(data))
     return {"eval/test_" + key.removeprefix("eval/"): value for key, value in metrics.items()}
 
 

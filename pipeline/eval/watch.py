@@ -20,7 +20,7 @@ from typing import Any
 from gapm import Method, is_image_shape
 from pipeline import checkpoints
 from pipeline.data import sources, storage
-from pipeline.data.sources import DataConfig
+from pipeline.data.settings import DataConfig
 from pipeline.eval import fid
 from pipeline.eval.claims import DEFAULT_TTL_S, ClaimStore
 from pipeline.eval.settings import EvalConfig, EvalSettings

@@ -45,7 +45,7 @@ from gapm import reconstruct, sample  # noqa: F401 - re-exported for registry us
 from pipeline import checkpoints
 from pipeline.errors import GapmError
 from pipeline.tracking import served_model
-from pipeline.tracking.redaction import redact
+from pipeline.redaction import redact
 from pipeline.tracking.served_model import META, WEIGHTS
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
