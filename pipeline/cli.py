@@ -1,5 +1,11 @@
 """The `gapm` command line. Every failure the user can fix ends in one line on stderr
-naming the problem and the fix, and a non-zero exit code."""
+naming the problem and the fix, and a non-zero exit code.
+
+Training's stop signals must be caught before torch is imported (seconds; see `main`), so
+this module and the ones it imports at its top (cli_arguments, eval_commands,
+matrix_commands, exit_codes, stopping, console, redaction) load neither torch nor MLflow: each
+command imports what it runs when it runs, the imports marked "deferred".
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline import console
+from pipeline import console, launcher
 from pipeline.cli_arguments import (
     add_config_arguments,
     mlflow_environment,
@@ -17,22 +23,22 @@ from pipeline.cli_arguments import (
 )
 from pipeline.data.settings import SWISSROLL_SAMPLES, SWISSROLL_TEST_SAMPLES
 from pipeline.errors import GapmError
-from pipeline.eval.commands import add_evaluation_commands
+from pipeline.eval_commands import add_evaluation_commands
 from pipeline.exit_codes import EXIT_BAD_INPUT, launched, record_exit_reason
 from pipeline.matrix_commands import add_matrix_commands
-from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 from pipeline.redaction import redact
+from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
 
 
 def command_train(args: argparse.Namespace, stop=None) -> int:
-    from pipeline.config import load_config, training_job
-    from pipeline.train.loop import train
+    from pipeline.config import load_config, training_job  # deferred
+    from pipeline.train.loop import train  # deferred
 
     config = load_config(args.config, args.overrides)
     try:
         result = train(training_job(config), resume=args.resume, stop=stop)
     finally:
-        import torch.distributed
+        import torch.distributed  # deferred
 
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -43,7 +49,7 @@ def command_train(args: argparse.Namespace, stop=None) -> int:
 
 
 def command_shards(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import convert_dataset
+    from pipeline.data.shards import convert_dataset  # deferred
 
     manifests = convert_dataset(
         args.dataset, args.src, args.out, split=args.split, image_format=args.format,
@@ -56,7 +62,7 @@ def command_shards(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from pipeline.eval.report import write_report
+    from pipeline.eval.report import write_report  # deferred
 
     run_names = [name.strip() for name in args.runs.split(",") if name.strip()] if args.runs else None
     written = write_report(args.experiment, Path(args.out), run_names, args.name)
@@ -66,10 +72,10 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_show_config(args: argparse.Namespace) -> int:
-    from pipeline.config import dump_config, load_config
+    from pipeline.config import dump_config, load_config  # deferred
 
     if args.reference:
-        from pipeline.config_reference import reference_markdown
+        from pipeline.config_reference import reference_markdown  # deferred
 
         print(reference_markdown(), end="")
         return 0
@@ -78,7 +84,7 @@ def command_show_config(args: argparse.Namespace) -> int:
 
 
 def command_register(args: argparse.Namespace) -> int:
-    from pipeline.tracking.registry import register_run_model
+    from pipeline.tracking.registry import register_run_model  # deferred
 
     mlflow_environment()
     version = register_run_model(args.run_id, args.alias, args.name)
@@ -90,13 +96,11 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def command_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import numpy as np  # deferred
 
-    import numpy as np
-
-    import gapm
-    from pipeline.eval import figures
-    from pipeline.tracking import registry
+    import gapm  # deferred
+    from pipeline.eval import figures  # deferred
+    from pipeline.tracking import registry  # deferred
 
     out = Path(args.out)
     if out.suffix.lower() not in PICTURE_SUFFIXES:
@@ -194,9 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:
-        from pipeline.launcher import main as launch
-
-        return launch(argv[1:])
+        return launcher.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as invalid:
@@ -236,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         return _bad_input(f"gapm {args.command}: error: {error}")
     except OSError as error:  # a full disk or an unwritable place outside the checkpoints: one line too
-        # imported here, not at the top: it loads torch, which must come after the stop handler
-        from pipeline.checkpoints import disk_failure
+        from pipeline.checkpoints import disk_failure  # deferred
 
         failure = disk_failure(error, Path(error.filename or "."), "files", setting="the output location")
         if failure is None:

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from pipeline.data import storage, swissroll
+from pipeline.data import shards, storage, streaming, swissroll
 from pipeline.data.settings import DataConfig
 from pipeline.errors import ConfigError, DataError
 
@@ -102,13 +102,10 @@ class ShardBatches:
         self.spec, self.config, self.rank, self.world_size, self.seed = spec, config, rank, world_size, seed
         # Only object storage has outages; local shards need no agreement (~0.4 ms a step on gloo).
         self.agree = agree if world_size > 1 and storage.is_s3_url(spec) else None
-        from pipeline.data import streaming
-
-        self.streaming = streaming
         self.epoch_stats: list = []  # one StreamStats per epoch streamed
 
     def _stream(self, epoch: int) -> Iterator[Tensor]:
-        stream = storage.with_retries(lambda: self.streaming.make_batch_stream(
+        stream = storage.with_retries(lambda: streaming.make_batch_stream(
             self.spec, self.config.batch_size, rank=self.rank, world_size=self.world_size,
             num_workers=self.config.num_workers, seed=self.seed,
             shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch,
@@ -155,8 +152,6 @@ def manifest_data_shape(manifest: dict) -> list[int] | None:
 def check_sources(config: DataConfig, data_shape: list[int]) -> None:
     """Fails before training starts if a data location is unreachable or holds data of
     another shape than the model expects; the message names the config key."""
-    from pipeline.data import shards, streaming
-
     for key, spec in (("data.train", config.train), ("data.test", config.test)):
         if spec in ROLLS:
             found = [swissroll.roll_geometry(spec).dimension]
@@ -181,8 +176,6 @@ def test_roll(config: DataConfig) -> "swissroll.RollGeometry | None":
         return swissroll.roll_geometry(config.test)
     if config.test == SYNTHETIC or "{" in config.test or config.test.endswith(".tar"):
         return None
-    from pipeline.data import shards
-
     dataset = shards.read_manifest(config.test).get("dataset")
     return swissroll.roll_geometry(dataset) if dataset in ROLLS else None
 
@@ -209,8 +202,6 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
     if config.test in ROLLS:
         # A different seed from training: held-out points from the same roll.
         return swissroll_points(config.swissroll_test_samples, seed + 1, config.test)
-    from pipeline.data import streaming
-
     batches, total = [], 0
     stream = storage.with_retries(lambda: streaming.make_batch_stream(
         config.test, min(config.batch_size, limit), drop_last=False, shuffle_buffer=0, seed=seed,

@@ -42,7 +42,7 @@ import torch
 
 from gapm import Method, SampleStream, reconstruct
 from pipeline import console
-from pipeline.data import sources
+from pipeline.data import sources, streaming
 from pipeline.data.settings import DataConfig
 from pipeline.errors import GapmError
 from pipeline.eval import feature_spaces, fid, quality, reference_stats
@@ -187,8 +187,6 @@ def image_generator(model: Method, device: torch.device, seed: int) -> Callable[
 
 def split_reconstruction_mse(model: Method, spec: str, ranks: Ranks, batch_size: int) -> tuple[float, int]:
     """Mean squared error over every pixel of every test image, pixels in [0, 1]."""
-    from pipeline.data import streaming
-
     shards = len(streaming.resolve_shard_urls(spec))
     split = shards >= ranks.world
     squared, values, images = 0.0, 0, 0

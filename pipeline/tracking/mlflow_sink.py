@@ -412,7 +412,7 @@ class MlflowTracker:
             raise FileNotFoundError(f"{path} no longer exists (a pruned checkpoint?)")
 
     def _send_model(self, checkpoint: Path | str) -> None:
-        from pipeline.tracking import registry
+        from pipeline.tracking import registry  # deferred: it imports MLflow, which untracked runs never load
 
         logged = registry.log_model(self._client, self.run_id, checkpoint)
         tags = {"gapm.model_id": logged.model_id}
