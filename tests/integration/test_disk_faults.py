@@ -52,9 +52,9 @@ def unmount(directory: Path) -> None:
 
 @pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
 def test_a_non_finite_learning_rate_names_the_key(tmp_path, capsys, value):
-    assert gapm_train(tmp_path, f"stage1.autoencoder.lr={value}") == 2
+    assert gapm_train(tmp_path, f"optimizers.autoencoder.lr={value}") == 2
     err = one_line(capsys)
-    assert "stage1.autoencoder.lr" in err and "finite" in err
+    assert "optimizers.autoencoder.lr" in err and "finite" in err
     assert not (tmp_path / "swissroll").exists()
 
 

@@ -23,3 +23,21 @@ def test_the_readme_is_a_front_page():
     for page in ("index", "data", "training", "tracking", "evaluation", "clusters", "results", "performance",
                  "troubleshooting", "reference/config"):
         assert f"(docs/{page}.md" in readme, page
+
+
+def test_the_fault_matrix_names_tests_that_exist():
+    """docs/reliability.md cites tests as `file.py::test_name` (or `::test_name` for the file
+    named last before it); each must exist, so the page cannot promise a test that was renamed
+    or removed."""
+    import re
+
+    page = (ROOT / "docs/reliability.md").read_text()
+    cited, current = 0, None
+    for row in page.splitlines():
+        for file_name, test_name in re.findall(r"`(test_\w+\.py)?::(test_\w+)`", row):
+            current = file_name or current
+            assert current, f"a test cited without its file: {test_name}"
+            source = (ROOT / "tests/integration" / current).read_text()
+            assert f"def {test_name}(" in source, f"{current} has no {test_name}"
+            cited += 1
+    assert cited >= 10
