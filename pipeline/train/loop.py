@@ -103,6 +103,9 @@ def train(job: TrainingJob, *, resume: str = "auto", tracker: Tracker | None = N
           stop: StopRequest | None = None) -> TrainResult:
     """Trains every stage of `job`'s method. `stop`: the stop request `gapm train` installed
     before its imports (else one is installed here)."""
+    if not isinstance(job, TrainingJob):  # an experiment config: its sections are assembled above this layer
+        raise TypeError(f"train() runs a TrainingJob, not {type(job).__name__}: pass "
+                        "pipeline.config.training_job(config)")
     with (stop or StopRequest()) as stop:
         run = restore(prepare(job, tracker), resume)
         if stop.agreed(run.accelerator):  # asked to stop during start-up: nothing new to save

@@ -7,10 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from helpers import ROOT
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: import-linter depends on tomli
+    import tomli as tomllib
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
