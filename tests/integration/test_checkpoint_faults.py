@@ -10,7 +10,6 @@ import shutil
 import signal
 
 import pytest
-import torch
 from helpers import ROOT, differing_parameters, tiny_overrides, train
 
 from pipeline import checkpoints, cli

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import ROOT, differing_parameters, free_port, tiny_overrides, train
 
 from pipeline import checkpoints, cli
