@@ -128,7 +128,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
     def emit(self, record: logging.LogRecord) -> None:
-        if plain_tqdm._instances and stderr_is_terminal():
+        if getattr(plain_tqdm, "_instances", None) and stderr_is_terminal():
             with plain_tqdm.external_write_mode(file=sys.stderr):
                 super().emit(record)
         else:
@@ -141,7 +141,9 @@ class BatchLogLines:
     is glued to; here every drawing becomes a line of its own, and tqdm's clearing writes
     (blanks, carriage returns, cursor moves, its closing newline) are dropped."""
 
-    encoding = "utf-8"
+    @property
+    def encoding(self) -> str:  # tqdm draws unicode blocks only where stderr can show them
+        return getattr(sys.stderr, "encoding", None) or "ascii"
 
     def write(self, text: str) -> int:
         drawn = text.replace(CURSOR_UP, "").replace("\r", "\n").split("\n")
