@@ -275,12 +275,13 @@ class Watcher:
                 continue
             log.info("run %s: checkpoints at steps %s", run.info.run_id, sorted(found))
             if first is None:
-                log.info("run %s: nothing to score yet: its newest checkpoint (step %d) is of stage %d, before a "
-                         "step of its last stage (no trained latent generator)", run.info.run_id, meta.step, meta.stage)
+                log.info("run %s: nothing to score yet: its newest checkpoint (step %d, stage %d) precedes a step of "
+                         "its last stage (GAPM: the latent generator is untrained)", run.info.run_id, meta.step,
+                         meta.stage)
                 continue
             if min(found) < first:
                 log.info("run %s: scoring the checkpoints from step %d on; those before precede a step of its last "
-                         "stage (no trained latent generator)", run.info.run_id, first)
+                         "stage (GAPM: the latent generator is untrained)", run.info.run_id, first)
             generating_from[run.info.run_id] = first
             names.setdefault(registered_name(run, self.client), set()).add(reference.key)
             for step, locations in found.items():
