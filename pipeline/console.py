@@ -160,12 +160,14 @@ def progress_bar(total: int | None = None, desc: str = "", *, unit: str = "it", 
                  initial: int = 0, **options: Any) -> tqdm:
     """A tqdm bar on stderr, drawn by rank 0 only (and only when `enabled` and TQDM_DISABLE is
     unset); `unit` names what is counted ("img", "sample"), so rates read "img/s". In batch
-    logs one line per BATCH_LOG_REDRAW_S at most: also tqdm's monitor thread, which redraws a
-    bar not drawn for `maxinterval` (10 s by default), waits that long."""
+    logs one line per BATCH_LOG_REDRAW_S at most. miniters=1 turns off tqdm's dynamic
+    miniters, and with them its monitor thread's redraws (it redraws a bar whose miniters grew
+    above 1 once `maxinterval` passed without a drawing, and the next update draws again: two
+    lines in the same second)."""
     hidden = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     disable = hidden or not enabled or not is_main_process()
     if stderr_is_terminal():
         where = dict(file=sys.stderr, dynamic_ncols=True, mininterval=TERMINAL_REDRAW_S)
     else:
-        where = dict(file=BatchLogLines(), mininterval=BATCH_LOG_REDRAW_S, maxinterval=BATCH_LOG_REDRAW_S)
+        where = dict(file=BatchLogLines(), mininterval=BATCH_LOG_REDRAW_S, miniters=1)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, **where, **options)

@@ -140,3 +140,26 @@ def test_on_a_terminal_a_log_record_clears_the_bar_and_takes_its_own_line(monkey
     assert LOG_LINE.match(line.rsplit("\r", 1)[-1]), repr(line)
     assert "stage 1:" in shown.split("MLflow: run abc", 1)[1]  # the bar is drawn again below it
     assert "\rstage 1: 100%" in shown  # in place, on a terminal
+
+
+def test_in_batch_logs_a_long_bar_draws_a_line_per_30_s_at_most(monkeypatch, capsys):
+    """10,000 steps over 1,250 s of a simulated clock: a line every 30 s or more (the demo's
+    log had two lines in one second where tqdm's monitor thread redrew a bar whose dynamic
+    miniters had grown above 1: batch bars keep miniters at 1, so the monitor leaves them)."""
+    import tqdm.std
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])  # the clock a bar reads
+    with console.progress_bar(10000, "stage 1", unit="step") as bar:
+        for _ in range(10000):
+            clock[0] += 0.125
+            bar.update(1)
+        assert bar.miniters == 1 and not bar.dynamic_miniters  # what tqdm's monitor thread skips
+    lines = capsys.readouterr().err.splitlines()
+    elapsed = [int(m) * 60 + int(s) for m, s in (re.search(r"\[(\d+):(\d+)<", line).groups() for line in lines)]
+    assert elapsed[0] == 0 and elapsed[-1] == 1250 and "10000/10000" in lines[-1]
+    gaps = [later - earlier for earlier, later in zip(elapsed, elapsed[1:-1])]
+    assert all(gap >= 30 for gap in gaps), gaps
+    assert 1250 // 31 <= len(lines) <= 1250 // 30 + 2
