@@ -17,6 +17,8 @@ bare pass over the same shards, and the ratio is taken within that pair (interle
 periods of the machine hit both sides). Reported: the median ratio and its spread over the
 repetitions. With 0 workers the CPU-time ratio is printed too: it is what the code costs,
 independent of what else runs on the machine. Not a test: numbers depend on the machine.
+Progress goes to stderr as it runs (the data sets written, then a line per measured pair of
+passes); the table to stdout at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.data import storage  # noqa: E402
 from pipeline.data.streaming import make_batch_stream  # noqa: E402
+
+STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr as the benchmark goes, with the seconds since it started."""
+    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def write_synthetic_shards(out: str, samples: int, image_size: int, samples_per_shard: int, seed: int) -> None:
@@ -75,7 +84,10 @@ def shard_set(out: str, size: int, image_size: int, samples_per_shard: int) -> t
     """(spec, shard URLs) of a synthetic set of `size` images, written unless `out` already holds it."""
     spec = storage.join_url(out, f"n{size}-s{image_size}-p{samples_per_shard}")
     manifest_url = storage.join_url(spec, "manifest.json")
-    if not storage.exists(manifest_url):
+    if storage.exists(manifest_url):
+        progress(f"{size} samples: reusing {spec}")
+    else:
+        progress(f"{size} samples: writing {image_size}x{image_size} PNG shards to {spec}")
         write_synthetic_shards(spec, size, image_size, samples_per_shard, seed=size)
     shards = json.loads(storage.read_bytes(manifest_url))["shards"]
     return spec, [storage.join_url(spec, shard["name"]) for shard in shards]
@@ -182,15 +194,20 @@ def run(sizes: list[int], worker_counts: list[int], *, repeats: int, image_size:
     if not storage.is_s3_url(out):
         os.sync()  # no writeback of freshly written shards during the timed passes
     rows = []
+    measured_pairs, total_pairs = 0, len(sizes) * repeats * len(worker_counts)
     for size in sizes:
         spec, urls = sets[size]
         pairs: dict[int, list[tuple[dict, dict]]] = {workers: [] for workers in worker_counts}
-        for _ in range(repeats):
+        for repetition in range(repeats):
             for workers in worker_counts:
                 bare = time_bare(urls)
                 streamed = time_stream(spec, batch_size=batch_size, workers=workers, shuffle_buffer=shuffle_buffer)
                 assert streamed["samples"] == bare["samples"] == size, (streamed["samples"], bare["samples"], size)
                 pairs[workers].append((bare, streamed))
+                measured_pairs += 1
+                progress(f"pass pair {measured_pairs}/{total_pairs}: {size} samples, {workers} worker(s), repetition "
+                         f"{repetition + 1}/{repeats}: bare {size / bare['wall']:.0f}/s, streaming "
+                         f"{size / streamed['wall']:.0f}/s (ratio {bare['wall'] / streamed['wall']:.2f})")
         for workers, measured in pairs.items():
             bare_rates = [size / bare["wall"] for bare, _ in measured]
             stream_rates = [size / streamed["wall"] for _, streamed in measured]
@@ -232,19 +249,27 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print("RSS in MiB: peak of this process during a pass (+growth within the pass) and peak sum over the workers")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="5000,20000,50000", help="dataset sizes (samples), comma-separated")
-    parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts of the streaming side")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--sizes", default="5000,20000,50000",
+                        help="dataset sizes (samples), comma-separated (default: %(default)s)")
+    parser.add_argument("--workers", default="0,1,2",
+                        help="DataLoader worker counts of the streaming side (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repetitions of each pair of passes (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the random RGB images (default: %(default)s)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the streaming side (default: %(default)s)")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000,
+                        help="shuffle buffer of the streaming side (default: %(default)s)")
     parser.add_argument("--out", default=None,
-                        help="where shards go (dir or s3://; kept and reused); default a temporary directory")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args()
+                        help="where shards go (dir or s3://; kept and reused) (default: a temporary directory)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default: none)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     temporary = tempfile.TemporaryDirectory(prefix="gapm-loader-bench-") if args.out is None else None
     try:

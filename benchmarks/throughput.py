@@ -25,7 +25,8 @@ What each number is:
   for a large matmul in that precision. `--peak-tflops` overrides.
 
 Each run is a fresh process (Accelerate's precision is per process). Not a test: numbers depend
-on the machine, and on a shared one on its load.
+on the machine, and on a shared one on its load. Progress goes to stderr as it runs (a line per
+training run); the table to stdout at the end.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parent.parent
+STARTED = time.perf_counter()
 sys.path.insert(0, str(CHECKOUT))
 sys.path.insert(0, str(HERE.parent))
 
@@ -112,7 +114,22 @@ def one_run(args: argparse.Namespace) -> dict:
     return result
 
 
+def progress(message: str) -> None:
+    """One line on stderr as the benchmark goes, with the seconds since it started."""
+    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def run_child(args: argparse.Namespace, **settings) -> dict[int, float]:
+    what = ", ".join([settings["precision"], *(["compiled"] if settings.get("compile") else []),
+                      "streaming" if settings.get("shards") else "synthetic"])
+    progress(f"training run ({what})")
+    rates = _run_child(args, **settings)
+    progress(f"training run ({what}): " + ", ".join(f"stage {stage} {rate:.0f} samples/s"
+                                                     for stage, rate in sorted(rates.items())))
+    return rates
+
+
+def _run_child(args: argparse.Namespace, **settings) -> dict[int, float]:
     argv = [sys.executable, str(HERE), "--one-run", "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
             "--windows", str(args.windows), "--precision", settings["precision"], "--workers", str(args.workers)]
     argv += ["--small"] if args.small else []
@@ -173,26 +190,41 @@ def peak_flops(precision: str, device, override: float | None) -> tuple[float, s
 # --------------------------------------------------------------------------- the table
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="CPU size: 3x32x32 images, width 16")
-    parser.add_argument("--batch-size", type=int, default=32, help="per-device batch (celeba64.yaml: 32)")
-    parser.add_argument("--precisions", default=None, help="comma-separated: no,bf16,fp16 (fp16 needs a GPU)")
-    parser.add_argument("--warmup", type=int, default=10, help="steps per logging window; the first is warm-up")
-    parser.add_argument("--windows", type=int, default=3, help="measured windows per stage")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers of the streaming runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
+    parser.add_argument("--small", action="store_true",
+                        help="CPU size: 3x32x32 images, width 16 (default: celeba64.yaml's 3x64x64, width 64)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="per-device batch (celeba64.yaml: 32) (default: %(default)s)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated: no,bf16,fp16, fp16 needs a GPU (default: no,bf16,fp16 on a GPU, "
+                             "no,bf16 on a CPU)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="steps per logging window; the first is warm-up (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=3, help="measured windows per stage (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader workers of the streaming runs (default: CPUs - 1, from 1 to 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: 1 on CPU, torch's choice on a GPU machine)")
     parser.add_argument("--compiled-precisions", default="all",
-                        help="precisions that also get a train.compile run: all, none, or e.g. bf16")
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--run-timeout", type=int, default=900, help="seconds per training run")
-    parser.add_argument("--json", default=None)
+                        help="precisions that also get a train.compile run: all, none, or e.g. bf16 "
+                             "(default: %(default)s)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the peak MFU divides by (default: the GPU's datasheet peak; on a CPU a measured "
+                             "matmul rate)")
+    parser.add_argument("--run-timeout", type=int, default=900,
+                        help="seconds per training run (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default: none)")
     # one run, in a child process
     parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shards", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.one_run:
         print(json.dumps(one_run(args)))
         return
@@ -220,6 +252,7 @@ def main() -> None:
         spec, _ = shard_set(tmp, size, image_side(args), samples_per_shard=size // 16)
         decode = time_stream(spec, batch_size=args.batch_size, workers=1, shuffle_buffer=1000)
         per_worker = decode["samples"] / decode["workers_cpu"]
+        progress(f"loader: one worker decodes {per_worker:.0f} samples per CPU-second")
         flops = stage1_flops(args, device)
         rows = []
         for precision in precisions:

@@ -16,6 +16,8 @@ process (bare loop, then pipeline) and, with --checkout, the checkouts take turn
 period of a shared machine hits all of them. Prints the median ratio pipeline/bare per stage
 and its spread (target: <= 1.05). On CPU, torch runs one thread unless --threads says otherwise:
 with more threads than free cores the timings measure the machine's load, not the loop.
+Progress goes to stderr as it runs (a line per repetition and checkout); the table to stdout
+at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parent.parent
+STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr as the benchmark goes, with the seconds since it started."""
+    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
@@ -142,21 +150,32 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     return {"bare": bare, "pipeline": pipeline}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per stage")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per stage (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=20,
-                        help="untimed steps before them; also the pipeline's logging window (--steps: a multiple)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5, help="fresh-process repetitions (per checkout)")
-    parser.add_argument("--data-shape", default="2", help="2 (swiss-roll points) or C,S,S e.g. 3,32,32")
-    parser.add_argument("--width", type=int, default=64, help="base channels of the image networks")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
+                        help="untimed steps before them; also the pipeline's logging window (--steps: a multiple) "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch of both loops (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="fresh-process repetitions (per checkout) (default: %(default)s)")
+    parser.add_argument("--data-shape", default="2",
+                        help="2 (swiss-roll points) or C,S,S e.g. 3,32,32 (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=64,
+                        help="base channels of the image networks (default: %(default)s)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                        help="precision of both loops (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: 1 on CPU, torch's choice on a GPU machine)")
     parser.add_argument("--checkout", action="append", default=[],
-                        help="another checkout of this repository to measure side by side (repeatable)")
+                        help="another checkout of this repository to measure side by side, repeatable "
+                             "(default: this checkout only)")
     parser.add_argument("--one-repetition", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     if args.one_repetition:
         print(json.dumps(one_repetition(args)))
@@ -172,7 +191,9 @@ def main() -> None:
     if args.threads:
         child_args += ["--threads", str(args.threads)]
     results: dict[Path, list[dict]] = {checkout: [] for checkout in checkouts}
-    for _ in range(args.repeats):
+    progress(f"{args.repeats} repetition(s) x {len(checkouts)} checkout(s), each a fresh process: bare loop, then "
+             f"the pipeline, {args.warmup} + {args.steps} steps per stage")
+    for repetition in range(args.repeats):
         for checkout in checkouts:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]),
                    "ACCELERATE_USE_CPU": "1" if device == "cpu" else "0", "GAPM_LOG_LEVEL": "WARNING"}
@@ -181,6 +202,11 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"{checkout}: the measurement failed:\n{done.stderr[-3000:]}")
             results[checkout].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            measured = results[checkout][-1]
+            progress(f"repetition {repetition + 1}/{args.repeats}"
+                     f"{f' of {checkout}' if len(checkouts) > 1 else ''}: " + ", ".join(
+                         f"stage {stage} pipeline/bare {measured['pipeline'][stage] / measured['bare'][stage]:.3f}"
+                         for stage in ("1", "2")))
 
     print(f"train_step benchmark: data shape {args.data_shape}, batch {args.batch_size}, {args.steps} timed steps "
           f"per stage after {args.warmup}, {args.mixed_precision} precision, device {device}"

@@ -61,8 +61,14 @@ def command_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+# `gapm report`'s default folder: under the default output_dir, never a tracked path of the repository
+DEFAULT_REPORT_DIR = Path("runs") / "reports"
+
+
 def command_report(args: argparse.Namespace) -> int:
     from pipeline.eval.report import write_report  # deferred
+
+    mlflow_environment()  # before MLflow is touched: without it MLflow would create ./mlflow.db
 
     run_names = [name.strip() for name in args.runs.split(",") if name.strip()] if args.runs else None
     written = write_report(args.experiment, Path(args.out), run_names, args.name)
@@ -156,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="table + figure grid of every run of an MLflow experiment")
     report.add_argument("--experiment", required=True, help="MLflow experiment (tracking.experiment of the configs)")
-    report.add_argument("--out", default="reports", help="directory for NAME.md, NAME.csv, NAME-figures.png")
+    report.add_argument("--out", default=str(DEFAULT_REPORT_DIR),
+                        help="directory for NAME.md, NAME.csv, NAME-figures.png (default: %(default)s, beside "
+                             "the run directories and ignored by git; the committed reports are written to "
+                             "docs/reports only when asked: --out docs/reports)")
     report.add_argument("--runs", default=None,
                         help="comma-separated run names to include, in this order (default: every run)")
     report.add_argument("--name", default=None, help="NAME of the written files (default: the experiment)")

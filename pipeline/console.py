@@ -6,8 +6,12 @@
 * Levels. GAPM_LOG_LEVEL (default INFO) is the level of gapm's own loggers (`pipeline`,
   `gapm`). Libraries (botocore's "Found credentials ...", MLflow's notices, their deprecation
   warnings) show warnings and errors only, unless GAPM_LOG_LEVEL=DEBUG, which shows everything.
-* Progress bars: tqdm on stderr with counts and rates; in batch logs (no terminal: Slurm,
-  Kubernetes, CI) they redraw every 30 s instead of 10 times a second. TQDM_DISABLE=1 hides them.
+* Progress bars: tqdm on stderr with counts and rates. On a terminal a bar redraws in place
+  (at most 10 times a second) and a log record clears it, takes its own line and redraws it
+  below. In batch logs (stderr not a terminal: Slurm, Kubernetes, CI) each drawing of a bar is
+  a line of its own, at most one per bar every 30 s (and the final one): no carriage returns
+  that glue the next log record to a bar, no line per logging window (`set_postfix` callers
+  pass refresh=False). TQDM_DISABLE=1 hides them.
 * Secrets: every log record (any library's) and every line on stdout/stderr (MLflow prints its
   "View run ... at: URL" itself) is redacted: passwords in URLs, tokens, keys
   (pipeline.redaction).
@@ -22,6 +26,9 @@ import warnings
 from typing import Any
 
 from tqdm.auto import tqdm
+from tqdm.std import (
+    tqdm as plain_tqdm,  # the class that holds every live bar (tqdm.auto's subclasses share it)
+)
 
 from pipeline.errors import GapmError
 from pipeline.redaction import (
@@ -34,6 +41,8 @@ LOG_LEVEL_ENV = "GAPM_LOG_LEVEL"
 OWN_LOGGERS = ("pipeline", "gapm")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 BATCH_LOG_REDRAW_S = 30.0  # a redraw in a batch log is a new line
+TERMINAL_REDRAW_S = 0.1
+CURSOR_UP = "\x1b[A"  # tqdm moves between stacked bars with it
 _HANDLER_NAME = "gapm-console"
 
 
@@ -109,8 +118,15 @@ def configure_logging(level_name: str | None = None) -> None:
             warnings.filterwarnings("ignore", category=category)
 
 
+def stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes (a redirected or captured stream)."""
+    """Writes to whatever sys.stderr is when a record comes (a redirected or captured stream).
+    On a terminal, a bar being drawn is cleared first and redrawn after the record, so that the
+    record starts on its own line (in batch logs every bar line is already complete)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -123,12 +139,47 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(plain_tqdm, "_instances", None) and stderr_is_terminal():
+            with plain_tqdm.external_write_mode(file=sys.stderr):
+                super().emit(record)
+        else:
+            super().emit(record)
+
+
+class BatchLogLines:
+    """The file a bar draws into when stderr is not a terminal. tqdm redraws in place ("\r" and
+    the bar, no newline), which a log file keeps as one growing line that the next log record
+    is glued to; here every drawing becomes a line of its own, and tqdm's clearing writes
+    (blanks, carriage returns, cursor moves, its closing newline) are dropped."""
+
+    @property
+    def encoding(self) -> str:  # tqdm draws unicode blocks only where stderr can show them
+        return getattr(sys.stderr, "encoding", None) or "ascii"
+
+    def write(self, text: str) -> int:
+        drawn = text.replace(CURSOR_UP, "").replace("\r", "\n").split("\n")
+        line = next((part.rstrip() for part in reversed(drawn) if part.strip()), "")
+        if line:
+            sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
 
 def progress_bar(total: int | None = None, desc: str = "", *, unit: str = "it", enabled: bool = True,
                  initial: int = 0, **options: Any) -> tqdm:
     """A tqdm bar on stderr, drawn by rank 0 only (and only when `enabled` and TQDM_DISABLE is
-    unset); `unit` names what is counted ("img", "sample"), so rates read "img/s"."""
+    unset); `unit` names what is counted ("img", "sample"), so rates read "img/s". In batch
+    logs one line per BATCH_LOG_REDRAW_S at most. miniters=1 turns off tqdm's dynamic
+    miniters, and with them its monitor thread's redraws (it redraws a bar whose miniters grew
+    above 1 once `maxinterval` passed without a drawing, and the next update draws again: two
+    lines in the same second)."""
     hidden = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                disable=hidden or not enabled or not is_main_process(),
-                mininterval=0.1 if sys.stderr.isatty() else BATCH_LOG_REDRAW_S, **options)
+    disable = hidden or not enabled or not is_main_process()
+    if stderr_is_terminal():
+        where = dict(file=sys.stderr, dynamic_ncols=True, mininterval=TERMINAL_REDRAW_S)
+    else:
+        where = dict(file=BatchLogLines(), mininterval=BATCH_LOG_REDRAW_S, miniters=1)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, **where, **options)

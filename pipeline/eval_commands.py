@@ -89,17 +89,11 @@ def eval_settings(args: argparse.Namespace, config=None):
         stats_dir=stats_directory(config) if config is not None else None)
 
 
-# Printed in the scale papers report them in; MLflow keeps the raw values under the plain key.
-PRINT_SCALES = {"eval/kid": 1000.0}
-
-
 def format_metrics(metrics: dict[str, float]) -> str:
-    """`key=value, ...`; KID as `eval/kid x1000=...`, as papers print it."""
-    shown = []
-    for key, value in sorted(metrics.items()):
-        scale = PRINT_SCALES.get(key)
-        shown.append(f"{key} x{scale:g}={value * scale:.6g}" if scale else f"{key}={value:.6g}")
-    return ", ".join(shown)
+    """`key=value, ...`, every value as measured and as MLflow holds it. (KID is not scaled by
+    1000 as papers print Inception KIDs: in a domain feature space its scale is another one, and
+    a scaled number would differ from the metric the run and `gapm report` show.)"""
+    return ", ".join(f"{key}={value:.6g}" for key, value in sorted(metrics.items()))
 
 
 def print_metrics(record: dict) -> None:

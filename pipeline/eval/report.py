@@ -25,8 +25,8 @@ from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
 
-# The metric columns: metric key, header, format, scale (the value shown is value x scale) and
-# what the number is. A column appears when some run has the metric (FID and KID once an
+# The metric columns: metric key, header, format and what the number is; every value is shown
+# as measured (the value MLflow holds). A column appears when some run has the metric (FID and KID once an
 # evaluation job has logged them on the runs).
 @dataclass(frozen=True)
 class MetricColumn:
@@ -34,7 +34,6 @@ class MetricColumn:
     header: str
     fmt: str
     meaning: str
-    scale: float = 1.0
     better: str = "lower is better"
     spread_key: str | None = None  # shown as "value ± spread" when the run has it
 
@@ -42,9 +41,9 @@ class MetricColumn:
         value = metrics.get(self.key)
         if value is None:
             return ""
-        shown = self.fmt.format(value * self.scale)
+        shown = self.fmt.format(value)
         spread = metrics.get(self.spread_key) if self.spread_key else None
-        return f"{shown} ± {self.fmt.format(spread * self.scale)}" if spread is not None else shown
+        return f"{shown} ± {self.fmt.format(spread)}" if spread is not None else shown
 
 
 METRIC_COLUMNS = [
@@ -72,8 +71,10 @@ METRIC_COLUMNS = [
     MetricColumn("eval/fid_floor", "FID floor", "{:.2f}",
                  "FID of held-out real images against the same statistics (real against real, recorded by "
                  "`gapm fid-stats --test-data`)", better="what a perfect sampler scores: read each FID against it"),
-    MetricColumn("eval/kid", "KID ×1000", "{:.2f}", "KID of the same samples, multiplied by 1000 as usually "
-                 "reported (MLflow holds the raw value)", scale=1000.0),
+    MetricColumn("eval/kid", "KID", "{:.4g}",
+                 "KID of the same samples (clean-fid), as measured and as MLflow holds it: not multiplied by 1000 "
+                 "as papers print Inception KIDs, since its scale depends on the feature space (a domain feature "
+                 "extractor's KIDs are far larger than Inception's)"),
     MetricColumn("eval/precision", "precision", "{:.3f}",
                  "fraction of generated samples inside the real samples' k-NN balls (Kynkäänniemi et al. 2019, "
                  "k=5, in the FID features): low = samples off the data", better="higher is better"),
@@ -203,7 +204,7 @@ def ranking_note(runs: list) -> str:
 def column_legend(runs: list) -> str:
     """What each column of the tables is (Markdown list)."""
     lines = [f"- **{name}**: {meaning}" for name, meaning in RUN_COLUMNS]
-    lines += [f"- **{c.header}** (`{c.key}`{f' × {c.scale:g}' if c.scale != 1 else ''}): {c.meaning}; {c.better}"
+    lines += [f"- **{c.header}** (`{c.key}`): {c.meaning}; {c.better}"
               for c in present_columns(runs)]
     labels = space_labels(runs)
     if labels:

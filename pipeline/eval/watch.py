@@ -2,6 +2,14 @@
 their checkpoints (local, s3:// or run artifacts), scores each one that has no result for the
 current reference — claiming it first, so that several jobs never score the same checkpoint —
 and moves the registry alias (`eval.champion_alias`) to the best comparable score.
+
+Only checkpoints that can generate are scored, and only their scores compete for the alias: a
+method samples through every stage it trains (GAPM draws its latent codes from the latent
+generator g, which its last stage, stage 2, trains), so a checkpoint counts when it was saved in
+the method's last stage (meta `stage == len(stages)`) after at least one step of it
+(`stage_step > 0`). Judged per run from its newest checkpoint, whose meta gives the step where
+the last stage began (`step - stage_step`): GAPM's stage-1 checkpoints, including the one that
+ends stage 1, are left out; a baseline has one stage, so every checkpoint counts.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gapm import Method, is_image_shape
+from gapm.methods import method_class
 from pipeline import checkpoints
 from pipeline.data import storage
 from pipeline.data.settings import DataConfig
@@ -72,11 +81,11 @@ class PassSummary:
     busy: list[str] = field(default_factory=list)  # claimed by another job
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    champions: dict[str, str] = field(default_factory=dict)  # model name -> "version N (moved)" / "unchanged"
+    champions: dict[str, str] = field(default_factory=dict)  # model name -> "version N (moved)" / "(kept)"
 
     @property
     def did_nothing(self) -> bool:
-        return not self.evaluated and not any("moved" in c for c in self.champions.values())
+        return not self.evaluated and not any(c.endswith("(moved)") for c in self.champions.values())
 
 
 @dataclass
@@ -149,6 +158,15 @@ def checkpoints_of_run(client: Any, run: Any) -> dict[int, list[str]]:
         if {checkpoints.META_FILE, checkpoints.MODEL_FILE} <= names:  # else: still uploading
             found.setdefault(step, []).append(f"runs:/{run_id}/{entry.path}")
     return found
+
+
+def first_generating_step(meta: checkpoints.CheckpointMeta) -> int | None:
+    """The first training step whose checkpoint can generate, from a run's newest checkpoint
+    (see the module docstring); None while the run has not done a step of its last stage."""
+    stages = len(method_class(meta.model_kind).stages)
+    if meta.stage < stages or meta.stage_step < 1:
+        return None
+    return meta.step - meta.stage_step + 1
 
 
 def _step_of(name: str) -> int | None:
@@ -241,12 +259,14 @@ class Watcher:
                  self.client.tracking_uri)
         work: list[tuple[Candidate, Reference]] = []
         names: dict[str, set[str]] = {}  # registered model -> reference keys seen
+        generating_from: dict[str, int] = {}  # run id -> first step whose checkpoint can generate
         for run in runs:
             try:
                 found = checkpoints_of_run(self.client, run)
                 if not found:
                     continue
                 meta = read_candidate_meta(self.client, Candidate(run, max(found), found[max(found)]))
+                first = first_generating_step(meta)
             except Exception as error:  # noqa: BLE001 - one broken run must not stop the others
                 log.warning("skipping run %s: %s", run.info.run_id, error)
                 summary.failed.append(f"{run.info.run_id}: {error}")
@@ -258,9 +278,18 @@ class Watcher:
                 summary.skipped.append(f"{run.info.run_id}: {error}")
                 continue
             log.info("run %s: checkpoints at steps %s", run.info.run_id, sorted(found))
+            if first is None:
+                log.info("run %s: nothing to score yet: its newest checkpoint (step %d, stage %d) precedes a step of "
+                         "its last stage (GAPM: the latent generator is untrained)", run.info.run_id, meta.step,
+                         meta.stage)
+                continue
+            if min(found) < first:
+                log.info("run %s: scoring the checkpoints from step %d on; those before precede a step of its last "
+                         "stage (GAPM: the latent generator is untrained)", run.info.run_id, first)
+            generating_from[run.info.run_id] = first
             names.setdefault(registered_name(run, self.client), set()).add(reference.key)
             for step, locations in found.items():
-                if result_tag(reference.key, step) not in run.data.tags:
+                if step >= first and result_tag(reference.key, step) not in run.data.tags:
                     work.append((Candidate(run, step, locations), reference))
         work.sort(key=lambda item: item[0].step, reverse=True)  # newest first
         for candidate, reference in work:
@@ -270,7 +299,7 @@ class Watcher:
         for name, keys in names.items():
             for key in keys:
                 try:
-                    summary.champions[name] = self.promote_champion(name, key, runs)
+                    summary.champions[name] = self.promote_champion(name, key, runs, generating_from)
                 except Exception as error:  # noqa: BLE001
                     log.warning("could not update %s@%s: %s", name, self.options.alias, error)
                     summary.failed.append(f"champion {name}: {error}")
@@ -306,10 +335,13 @@ class Watcher:
                 log.error("%s: evaluation failed: %s", label, error)
                 summary.failed.append(f"{label}: {error}")
 
-    def promote_champion(self, name: str, reference_key: str, runs: list[Any]) -> str:
-        """Points the alias at the model version of the best comparable score; registers the
-        checkpoint's model first if needed. Serialised by a claim so that two jobs finishing
-        at once cannot leave the alias on the worse of their results."""
+    def promote_champion(self, name: str, reference_key: str, runs: list[Any],
+                         generating_from: dict[str, int]) -> str:
+        """Points the alias at the model version of the best comparable score among checkpoints
+        that can generate (`generating_from`: run id -> first such step; a `gapm eval` of an
+        earlier checkpoint does not compete); registers the checkpoint's model first if needed.
+        Serialised by a claim so that two jobs finishing at once cannot leave the alias on the
+        worse of their results. Returns "version N (moved)", or "(kept)" when the alias stays."""
         from mlflow.exceptions import MlflowException
 
         claim = self.claims.acquire(f"champion/{name}", wait_s=CHAMPION_WAIT_S)
@@ -318,10 +350,12 @@ class Watcher:
         with claim:
             best = None
             for run in runs:  # fresh tags: results other jobs published meanwhile count too
-                if registered_name(run, self.client) != name:
+                first = generating_from.get(run.info.run_id)
+                if first is None or registered_name(run, self.client) != name:
                     continue
                 for key, value in self.client.get_run(run.info.run_id).data.tags.items():
-                    if parse_result_tag(key, reference_key) is None:
+                    step = parse_result_tag(key, reference_key)
+                    if step is None or step < first:
                         continue
                     record = {**json.loads(value), "run_id": run.info.run_id}
                     if best is None or (record["score"], -record["step"]) < (best["score"], -best["step"]):
@@ -336,12 +370,15 @@ class Watcher:
                 same = (current.run_id == best["run_id"]
                         and current.tags.get(registry.CHECKPOINT_STEP_TAG) == str(best["step"]))
                 if same or float(current.tags.get(VERSION_SCORE_TAG, "inf")) <= best["score"]:
-                    return f"version {current.version} (unchanged)"
+                    return f"version {current.version} (kept)"
             version = self.model_version_of(name, best)
             for key, value in {VERSION_SCORE_TAG: repr(float(best["score"])), VERSION_REFERENCE_TAG: reference_key,
                                "gapm.eval.metric": best["score_metric"],
                                "gapm.eval.reference_description": best.get("reference_description", "")}.items():
                 self.client.set_model_version_tag(name, version.version, key, value)
+            if current is not None and str(current.version) == str(version.version):
+                # e.g. `gapm register --alias` or other statistics put it there: now scored, not moved
+                return f"version {version.version} (kept)"
             self.client.set_registered_model_alias(name, self.options.alias, version.version)
             log.info("models:/%s@%s -> version %s (run %s step %d, %s %.6g)", name, self.options.alias,
                      version.version, best["run_id"], best["step"], best["score_metric"], best["score"])

@@ -260,7 +260,8 @@ def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
         done = stage_step + 1
         if done % job.train.log_every == 0 or done == total:
             means = window.flush(run, {name: engines.optimizers[name] for name in trained})
-            progress.set_postfix({key.split("/", 1)[1]: f"{value:.4f}" for key, value in means.items()})
+            # shown with the bar's next drawing: a forced one would be a line per window in batch logs
+            progress.set_postfix({key.split("/", 1)[1]: f"{value:.4f}" for key, value in means.items()}, refresh=False)
         at_accumulation_boundary = done % job.train.gradient_accumulation_steps == 0
         if at_accumulation_boundary and done < total and stop.agreed(accelerator):
             saved = save(run, stage, done)

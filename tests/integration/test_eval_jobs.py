@@ -1,7 +1,8 @@
 """Evaluation jobs against a real `mlflow server` (artifacts on the moto S3 endpoint): a tiny
-image training logs two checkpoints; `gapm eval-watch` scores each exactly once — also with
-two jobs at once — logs the scores to the run at the checkpoint's step and moves the
-registry alias `champion` to the best; a later pass does nothing. Claims are tested on a
+image training logs three checkpoints (stage 1's last at step 2, stage 2's at steps 4 and 6);
+`gapm eval-watch` scores each one that can generate (stage 2's) exactly once — also with two
+jobs at once — logs the scores to the run at the checkpoint's step and moves the registry
+alias `champion` to the best; a later pass does nothing and keeps the alias. Claims are tested on a
 local directory and on S3 (conditional PUT). FID here uses a small domain feature extractor:
 no Inception download ever."""
 
@@ -70,7 +71,7 @@ def trained(mlflow_server, tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         config = load_config(ROOT / "configs/swissroll.yaml", [
             f"name={name}", f"tracking.experiment={name}", f"output_dir={work / 'runs'}", f"data.train={work / 'fm/train'}",
-            f"data.test={work / 'fm/test'}", *TINY_IMAGES])
+            f"data.test={work / 'fm/test'}", *TINY_IMAGES, "stage2.steps=4"])  # checkpoints at 2 | 4, 6
         result = train(config, resume="never")
         run_id = (result.run_dir / "mlflow_run_id").read_text().strip()
         yield {"name": name, "run_id": run_id, "stats": str(stats_file), "work": work, "server": mlflow_server,
@@ -104,14 +105,18 @@ def test_two_eval_watch_jobs_at_once_score_each_checkpoint_once_and_crown_the_be
     for job, (out, err) in zip(jobs, outputs):
         assert job.returncode == 0, out + err
     scored_lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("step ")]
-    assert sorted(line.split(":")[0] for line in scored_lines) == ["step 2", "step 4"], outputs  # no double work
+    # no double work, and not stage 1's checkpoint (step 2): its latent generator is untrained
+    assert sorted(line.split(":")[0] for line in scored_lines) == ["step 4", "step 6"], outputs
     assert any("FID samples: 100%" in err and f"{SAMPLES}/{SAMPLES}" in err for _, err in outputs)  # progress
-    assert eval_history(client, run_id) == [2, 4]  # one FID per checkpoint, at its training step
-    assert eval_history(client, run_id, "eval/test_reconstruction_mse") == [2, 4]
+    assert eval_history(client, run_id) == [4, 6]  # one FID per checkpoint, at its training step
+    assert eval_history(client, run_id, "eval/test_reconstruction_mse") == [4, 6]
     results = scores(client, run_id)
-    assert {step for _, step in results} == {2, 4}
+    assert {step for _, step in results} == {4, 6}
     (reference,) = {key for key, _ in results}
-    best_step = min((4, 2), key=lambda step: results[(reference, step)])
+    best_step = min((6, 4), key=lambda step: results[(reference, step)])
+    states = [line.split(": ", 1)[1] for out, _ in outputs for line in out.splitlines()
+              if line.startswith(f"models:/{trained['model_name']}@champion: ")]
+    assert len(states) == 2 and any(state.endswith("(moved)") for state in states), outputs  # no alias before
     champion = client.get_model_version_by_alias(trained["model_name"], "champion")
     assert champion.run_id == run_id and champion.tags[registry.CHECKPOINT_STEP_TAG] == str(best_step)
     assert float(champion.tags["gapm.eval.score"]) == pytest.approx(results[(reference, best_step)])
@@ -122,8 +127,8 @@ def test_two_eval_watch_jobs_at_once_score_each_checkpoint_once_and_crown_the_be
                     WatchOptions(experiments=[trained["name"]], claims=str(tmp_path / "claims"),
                                  tracking_uri=trained["server"].url), once=True, interval_s=0)
     assert summary.did_nothing and not summary.failed and not summary.busy
-    assert summary.champions == {trained["model_name"]: f"version {champion.version} (unchanged)"}
-    assert eval_history(client, run_id) == [2, 4]
+    assert summary.champions == {trained["model_name"]: f"version {champion.version} (kept)"}
+    assert eval_history(client, run_id) == [4, 6]
 
 
 def test_eval_scores_one_checkpoint_from_run_artifacts_and_logs_it_at_its_step(trained, tmp_path, monkeypatch,
@@ -159,7 +164,7 @@ def test_eval_reads_named_statistics_next_to_the_run_and_records_where_they_were
                                                                                 capsys):
     """`--stats NAME` of a run's checkpoint means OUTPUT_DIR/fid-stats/NAME.npz of that run's
     experiment (no user-global cache); the score on the MLflow run names the file and its
-    identity. The command shows its progress and prints KID x1000."""
+    identity. The command shows its progress and prints KID as measured."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["server"].url)
     monkeypatch.delenv("GAPM_FID_STATS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -181,8 +186,10 @@ def test_eval_reads_named_statistics_next_to_the_run_and_records_where_they_were
     assert not (tmp_path / "cache").exists()
     assert "FID samples" in captured.err and "30/30" in captured.err  # progress, with counts
     assert "reconstructions of" in captured.err and "200/200" in captured.err
-    kid = record["metrics"]["eval/kid"]
-    assert f"eval/kid x1000={kid * 1000:.6g}" in captured.out and "eval/kid=" not in captured.out
+    kid = record["metrics"]["eval/kid"]  # printed as measured, the value MLflow holds
+    assert f"eval/kid={kid:.6g}," in captured.out and "x1000" not in captured.out
+    logged = MlflowClient(trained["server"].url).get_metric_history(trained["run_id"], "eval/kid")
+    assert [m.value for m in logged if m.step == 4] == [kid]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -230,7 +237,9 @@ def test_many_simultaneous_claimers_get_one_claim(tmp_path):
 def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_embedded_store(
         tmp_path, monkeypatch, capsys):
     """What launch/ runs: `gapm eval-watch --once --config CONFIG --set output_dir=...` with no
-    MLflow server (the run's sqlite store); swiss-roll models are ranked by sample MMD."""
+    MLflow server (the run's sqlite store); swiss-roll models are ranked by sample MMD. Only the
+    checkpoint of stage 2 is scored (stage 1's at step 10 has an untrained latent generator), and
+    an alias that already points at the best version is kept, not "moved"."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = [f"output_dir={tmp_path}", f"name=r{uuid.uuid4().hex[:6]}", "stage1.steps=10", "stage2.steps=10",
                  "data.batch_size=64", "data.swissroll_samples=256", "data.swissroll_test_samples=128",
@@ -244,17 +253,36 @@ def test_point_model_checkpoints_are_scored_from_the_launchers_config_with_the_e
     assert "nothing to evaluate" in capsys.readouterr().out
     config = load_config(ROOT / "configs/swissroll.yaml", overrides)
     train(config, resume="never")
+    store = f"sqlite:///{config.run_dir / 'mlflow.db'}"
+    run_id = (config.run_dir / "mlflow_run_id").read_text().strip()
+    model_name = registry.default_model_name(config.name)
+    with monkeypatch.context() as registering:  # the end-of-training model (step 20) gets the alias by hand
+        registering.setenv("MLFLOW_TRACKING_URI", store)
+        assert cli.main(["register", run_id, "--alias", "champion"]) == 0
+    client = MlflowClient(store)
+    registered = client.get_model_version_by_alias(model_name, "champion")
+    assert registered.tags[registry.CHECKPOINT_STEP_TAG] == "20"
+    capsys.readouterr()
+
     assert cli.main(arguments) == 0
     printed = capsys.readouterr().out
-    assert printed.count("eval/test_sample_mmd=") == 2 and "(moved)" in printed
-    assert cli.main(arguments) == 0
-    assert "nothing new to evaluate" in capsys.readouterr().out
-    client = MlflowClient(f"sqlite:///{config.run_dir / 'mlflow.db'}")
-    run_id = (config.run_dir / "mlflow_run_id").read_text().strip()
+    assert printed.count("eval/test_sample_mmd=") == 1 and printed.startswith("step 20: ")
+    assert f"models:/{model_name}@champion: version {registered.version} (kept)" in printed, printed
     mmd = {m.step: m.value for m in client.get_metric_history(run_id, "eval/test_sample_mmd")}
-    champion = client.get_model_version_by_alias(registry.default_model_name(config.name), "champion")
-    assert sorted(mmd) == [10, 20]
-    assert int(champion.tags[registry.CHECKPOINT_STEP_TAG]) == min(mmd, key=mmd.get)
+    assert sorted(mmd) == [20]  # stage 1's checkpoint (step 10) is not scored
+    champion = client.get_model_version_by_alias(model_name, "champion")
+    assert champion.version == registered.version and champion.tags["gapm.eval.score"] == repr(mmd[20])
+
+    # A stage-1 score (here: stage 2's result, relabelled step 10 and made the best), as `gapm eval`
+    # of that checkpoint would publish, does not compete for the alias.
+    tags = client.get_run(run_id).data.tags
+    (tag,) = [key for key in tags if key.startswith("gapm.eval.") and key.endswith(".step-00000020")]
+    record = {**json.loads(tags[tag]), "step": 10, "score": mmd[20] / 2}
+    client.set_tag(run_id, tag.replace("step-00000020", "step-00000010"), json.dumps(record))
+    assert cli.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "nothing new to evaluate" in printed and f"version {registered.version} (kept)" in printed
+    assert client.get_model_version_by_alias(model_name, "champion").version == registered.version
     assert checkpoints.list_checkpoints(config.run_dir / "checkpoints")
 
 

@@ -157,7 +157,7 @@ def test_eval_sbatch_with_a_config_typo_fails_with_2_and_ends_its_cycle(slurm_cl
 
 # --------------------------------------------------------------------------- slow: real trainings
 
-@pytest.mark.slow  # a 2-node training with MLflow, then an evaluation of 3 checkpoints: 40-90 s on 2 cores
+@pytest.mark.slow  # a 2-node training with MLflow, then an evaluation of its checkpoints: 40-90 s on 2 cores
 def test_train_sbatch_on_two_nodes_then_eval_sbatch_after_it_scores_its_checkpoints(slurm_cluster, tmp_path):
     from mlflow import MlflowClient
 
@@ -190,7 +190,7 @@ def test_train_sbatch_on_two_nodes_then_eval_sbatch_after_it_scores_its_checkpoi
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     scored = {metric.step for metric in client.get_metric_history(run_id, "eval/test_sample_mmd")}
-    assert scored == {2, 4, 6}, job_log(eval_log)[-4000:]
+    assert scored == {6}, job_log(eval_log)[-4000:]  # stage 2's checkpoint; stage 1's (2, 4) cannot generate
     assert "@champion: version" in job_log(eval_log)
 
 

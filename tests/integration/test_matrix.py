@@ -138,8 +138,8 @@ def test_an_interrupted_element_resumes_and_is_evaluated_again(tmp_path):
     # changed evaluation arguments: evaluated again, training untouched
     changed = write_matrix(tmp_path, eval=["-n", "32", "--no-log"])
     again = gapm("matrix", "run", str(changed), "--no-report")
-    assert again.returncode == 0 and again.stderr.count("pipeline.cli eval") == 2
-    assert "pipeline.cli train" not in again.stderr
+    assert again.returncode == 0 and again.stdout.count("pipeline.cli eval") == 2
+    assert "pipeline.cli train" not in again.stdout
 
 
 def test_image_panels_show_samples_reconstructions_and_interpolations():

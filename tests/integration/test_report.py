@@ -61,18 +61,23 @@ def run_record(name: str, kind: str, world: str, metrics: dict) -> SimpleNamespa
                                                 tags={"world_size": world}, metrics=metrics))
 
 
-def test_report_table_shows_world_size_kid_x1000_and_explains_every_column():
+def test_report_table_shows_world_size_kid_as_measured_and_explains_every_column():
+    """KID is shown as measured, in Inception's scale (0.04567) and in a domain feature space's
+    (430.121, where the ×1000 of papers gave the confusing 430121): the value MLflow holds."""
     runs = [run_record("celeba-gapm", "gapm", "8", {"eval/fid": 61.94, "eval/kid": 0.04567,
                                                     "eval/test_reconstruction_mse": 0.0165}),
-            run_record("celeba-vae", "vae", "4", {"eval/fid": 80.0})]
+            run_record("celeba-vae", "vae", "4", {"eval/fid": 80.0}),
+            run_record("fm-gapm", "gapm", "1", {"eval/kid": 430.121})]
     header, rows = table_rows(runs)
-    assert header == ["run", "method", "world size", "batch", "steps", "FID", "KID ×1000", "test reconstruction MSE"]
-    assert rows == [["celeba-gapm", "gapm", "8", "64", "150", "61.9", "45.67", "0.0165"],
-                    ["celeba-vae", "vae", "4", "64", "100", "80.0", "", ""]]
+    assert header == ["run", "method", "world size", "batch", "steps", "FID", "KID", "test reconstruction MSE"]
+    assert rows == [["celeba-gapm", "gapm", "8", "64", "150", "61.9", "0.04567", "0.0165"],
+                    ["celeba-vae", "vae", "4", "64", "100", "80.0", "", ""],
+                    ["fm-gapm", "gapm", "1", "64", "150", "", "430.1", ""]]
     legend = column_legend(runs)
     for name in header:
         assert f"- **{name}**" in legend, name
-    assert "(`eval/kid` × 1000)" in legend and "sample MMD" not in legend  # only the columns shown
+    assert "- **KID** (`eval/kid`): KID of the same samples (clean-fid), as measured" in legend
+    assert "`eval/kid` ×" not in legend and "sample MMD" not in legend  # no scaled column; only the columns shown
 
 
 def test_report_picks_named_runs_in_the_given_order_and_names_a_missing_one():
