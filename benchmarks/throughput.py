@@ -96,8 +96,13 @@ def one_run(args: argparse.Namespace) -> dict:
             f"stage1.steps={steps}", f"stage2.steps={steps}", f"train.log_every={args.warmup}",
             f"train.checkpoint_every={steps}", "train.progress_bar=false"])
         rates = Rates()
-        run = loop.prepare(config, rates)
-        loop.restore(run, "never")
+        try:
+            from pipeline.config import training_job
+        except ImportError:  # a checkout from before the training job: the loop took the whole config
+            run = loop.prepare(config, rates)
+            loop.restore(run, "never")
+        else:
+            run = loop.restore(loop.prepare(training_job(config), rates), "never")
         with StopRequest() as stop:
             for stage in (1, 2):
                 loop.run_stage(run, stage, stop)

@@ -65,6 +65,10 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
         def optimizer_settings(_, name):
             return getattr(config.stage1 if name in ("autoencoder", "critic") else config.stage2, name)
     from pipeline.train.loop import train
+    try:
+        from gapm import to_model_space
+    except ImportError:  # a checkout from before gapm owned the data spaces
+        to_model_space = sources.to_model_space
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,11 +111,11 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
         batches = sources.endless_batches(source, sources.StreamPosition())
 
         def stage1() -> None:
-            data = sources.to_model_space(next(batches).to(device), shape.data_shape)
+            data = to_model_space(next(batches).to(device), shape.data_shape)
             stage1_step(model.autoencoder, model.critic, model.critic, data, Stage1Hyperparameters(), update)
 
         def stage2() -> None:
-            data = sources.to_model_space(next(batches).to(device), shape.data_shape)
+            data = to_model_space(next(batches).to(device), shape.data_shape)
             stage2_step(model.autoencoder, model.latent_generator, model.latent_discriminator,
                         model.latent_discriminator, data, shape.prior_dim, Stage2Hyperparameters(), update)
 
@@ -132,7 +136,12 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
             bare[stage] = (time.perf_counter() - started) / args.steps
 
         # --- pipeline: its own throughput metric, over the logging windows after the warm-up one
-        train(config, resume="never")
+        try:
+            from pipeline.config import training_job
+        except ImportError:  # a checkout from before the training job: train took the whole config
+            train(config, resume="never")
+        else:
+            train(training_job(config), resume="never")
         rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
         pipeline = {}
         for stage in (1, 2):

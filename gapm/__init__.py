@@ -3,7 +3,10 @@
 The method as plain PyTorch: the networks (`networks`), the latent BatchNorm, the paper's
 losses as pure functions (`losses`), the two-stage model (`model.GAPM`) with one step function
 per stage (`steps`), and the paper's baselines (`baselines`, one file each). Every method
-implements the `method.Method` protocol; `methods.METHODS` names them all.
+implements the `method.Method` protocol; `methods.METHODS` names them all and rebuilds a model
+from a checkpoint's meta and weights (`model_from_meta`). The conventions everything around a
+model shares live here once: image or points and the data <-> model spaces (`spaces`), and
+seeded sampling / reconstruction in data space (`sampling`).
 This package knows nothing of Accelerate, MLflow, object storage or files.
 """
 
@@ -14,9 +17,11 @@ from gapm.baselines.introvae import IntroVAE
 from gapm.baselines.vae import VAE
 from gapm.baselines.wae import WAE
 from gapm.method import Method, MethodBase, Update, frozen, plain_update
-from gapm.methods import METHODS, build_model, method_class
+from gapm.methods import METHODS, build_model, method_class, model_from_meta
+from gapm.sampling import SAMPLE_BATCH, SampleStream, reconstruct, sample
 from gapm.model import GAPM, Autoencoder, GAPMHyperparameters
 from gapm.shape import ModelShape
+from gapm.spaces import is_image_shape, to_data_space, to_model_space
 from gapm.steps import (
            Stage1Hyperparameters,
            Stage2Hyperparameters,
@@ -25,5 +30,7 @@ from gapm.steps import (
 )
 
 __all__ = ["GAPM", "AAE", "AGE", "ALAE", "Autoencoder", "GAPMHyperparameters", "IntroVAE", "METHODS", "Method",
-           "MethodBase", "ModelShape", "Stage1Hyperparameters", "Stage2Hyperparameters", "Update", "VAE", "WAE",
-           "build_model", "frozen", "method_class", "plain_update", "stage1_step", "stage2_step"]
+           "MethodBase", "ModelShape", "SAMPLE_BATCH", "SampleStream", "Stage1Hyperparameters",
+           "Stage2Hyperparameters", "Update", "VAE", "WAE", "build_model", "frozen", "is_image_shape",
+           "method_class", "model_from_meta", "plain_update", "reconstruct", "sample", "stage1_step",
+           "stage2_step", "to_data_space", "to_model_space"]

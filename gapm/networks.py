@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from gapm.spaces import is_image_shape
+
 IMAGE_SIZES = {28: 2, 32: 3, 64: 4}  # image side -> number of stride-2 downsamplings
 SpectralNormLayers = Literal["none", "hidden", "all"]
 Activation = Literal["relu", "leaky_relu"]
@@ -122,24 +124,20 @@ class ScalarCritic(nn.Module):
         return self.body(data).mean(dim=1)
 
 
-def is_point_data(data_shape: Sequence[int]) -> bool:
-    return len(data_shape) == 1
-
-
 def build_encoder(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.Module:
-    if is_point_data(data_shape):
+    if not is_image_shape(data_shape):
         return mlp(data_shape[0], [width, width], latent_dim)
     return ConvEncoder(data_shape, latent_dim, base_channels=width)
 
 
 def build_decoder(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.Module:
-    if is_point_data(data_shape):
+    if not is_image_shape(data_shape):
         return mlp(latent_dim, [width, width], data_shape[0])
     return ConvDecoder(data_shape, latent_dim, base_channels=width)
 
 
 def build_critic(data_shape: Sequence[int], latent_dim: int, width: int) -> nn.Module:
-    if is_point_data(data_shape):
+    if not is_image_shape(data_shape):
         return mlp(data_shape[0], [width, width], 1).append(nn.Flatten(0))
     return ScalarCritic(ConvEncoder(data_shape, latent_dim, base_channels=width))
 
@@ -219,5 +217,5 @@ __all__ = [
     "ACTIVATIONS", "SPECTRAL_NORM_LAYERS", "Activation", "SpectralNormLayers", "activation_layer",
     "ConvDecoder", "ConvEncoder", "LatentDiscriminator", "ScalarCritic", "build_critic",
     "build_decoder", "build_encoder", "build_latent_generator", "check_image_shape",
-    "count_parameters", "is_point_data", "mlp",
+    "count_parameters", "mlp",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from gapm import networks
+from gapm.spaces import is_image_shape
 
 
 @dataclass
@@ -39,4 +40,4 @@ class ModelShape:
 
     @property
     def is_image(self) -> bool:
-        return len(self.data_shape) == 3
+        return is_image_shape(self.data_shape)

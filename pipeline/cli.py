@@ -1,5 +1,11 @@
 """The `gapm` command line. Every failure the user can fix ends in one line on stderr
-naming the problem and the fix, and a non-zero exit code."""
+naming the problem and the fix, and a non-zero exit code.
+
+Training's stop signals must be caught before torch is imported (seconds; see `main`), so
+this module and the ones it imports at its top (cli_arguments, eval_commands,
+matrix_commands, exit_codes, stopping, console, redaction) load neither torch nor MLflow: each
+command imports what it runs when it runs, the imports marked "deferred".
+"""
 
 from __future__ import annotations
 
@@ -9,29 +15,30 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline import console
+from pipeline import console, launcher
 from pipeline.cli_arguments import (
     add_config_arguments,
     mlflow_environment,
     positive_int,
 )
+from pipeline.data.settings import SWISSROLL_SAMPLES, SWISSROLL_TEST_SAMPLES
 from pipeline.errors import GapmError
-from pipeline.eval.commands import add_evaluation_commands
+from pipeline.eval_commands import add_evaluation_commands
 from pipeline.exit_codes import EXIT_BAD_INPUT, launched, record_exit_reason
 from pipeline.matrix_commands import add_matrix_commands
+from pipeline.redaction import redact
 from pipeline.stopping import EXIT_RESUMABLE, StopRequest, TrainingInterrupted
-from pipeline.tracking.redaction import redact
 
 
 def command_train(args: argparse.Namespace, stop=None) -> int:
-    from pipeline.config import load_config
-    from pipeline.train.loop import train
+    from pipeline.config import load_config, training_job  # deferred
+    from pipeline.train.loop import train  # deferred
 
     config = load_config(args.config, args.overrides)
     try:
-        result = train(config, resume=args.resume, stop=stop)
+        result = train(training_job(config), resume=args.resume, stop=stop)
     finally:
-        import torch.distributed
+        import torch.distributed  # deferred
 
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -42,7 +49,7 @@ def command_train(args: argparse.Namespace, stop=None) -> int:
 
 
 def command_shards(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import convert_dataset
+    from pipeline.data.shards import convert_dataset  # deferred
 
     manifests = convert_dataset(
         args.dataset, args.src, args.out, split=args.split, image_format=args.format,
@@ -59,8 +66,9 @@ DEFAULT_REPORT_DIR = Path("runs") / "reports"
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from pipeline.eval.report import write_report  # deferred
+
     mlflow_environment()  # before MLflow is touched: without it MLflow would create ./mlflow.db
-    from pipeline.eval.report import write_report
 
     run_names = [name.strip() for name in args.runs.split(",") if name.strip()] if args.runs else None
     written = write_report(args.experiment, Path(args.out), run_names, args.name)
@@ -70,10 +78,10 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_show_config(args: argparse.Namespace) -> int:
-    from pipeline.config import dump_config, load_config
+    from pipeline.config import dump_config, load_config  # deferred
 
     if args.reference:
-        from pipeline.config_reference import reference_markdown
+        from pipeline.config_reference import reference_markdown  # deferred
 
         print(reference_markdown(), end="")
         return 0
@@ -82,7 +90,7 @@ def command_show_config(args: argparse.Namespace) -> int:
 
 
 def command_register(args: argparse.Namespace) -> int:
-    from pipeline.tracking.registry import register_run_model
+    from pipeline.tracking.registry import register_run_model  # deferred
 
     mlflow_environment()
     version = register_run_model(args.run_id, args.alias, args.name)
@@ -94,12 +102,11 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def command_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import numpy as np  # deferred
 
-    import numpy as np
-
-    from pipeline.eval import figures
-    from pipeline.tracking import registry
+    import gapm  # deferred
+    from pipeline.eval import figures  # deferred
+    from pipeline.tracking import registry  # deferred
 
     out = Path(args.out)
     if out.suffix.lower() not in PICTURE_SUFFIXES:
@@ -107,11 +114,11 @@ def command_sample(args: argparse.Namespace) -> int:
                         "e.g. samples.png (the samples also go to the same name with .npy)")
     mlflow_environment(args.model_uri)
     model = registry.load_generator(args.model_uri)
-    samples = registry.sample(model, args.n, args.seed)
+    samples = gapm.sample(model, args.n, args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     array_path = out.with_suffix(".npy")
     np.save(array_path, samples.numpy())
-    if registry.is_image_model(model):
+    if model.shape.is_image:
         figures.save_image_grid(samples, out)
     else:
         figures.save_point_scatter(samples, out, title=f"{args.model_uri} (seed {args.seed})")
@@ -148,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="center178: CenterCrop(178)+Resize(64) (Mimicry); authors: resize 64x78, rows 7-71 "
                              "(default: %(default)s)")
     shards.add_argument("--seed", type=int, default=0, help="swiss-roll sampler seed (default: %(default)s)")
-    shards.add_argument("--swissroll-samples", type=positive_int, default=5000,
-                        help="training points of the swiss rolls; their test split has 1000 (default: %(default)s)")
+    shards.add_argument("--swissroll-samples", type=positive_int, default=SWISSROLL_SAMPLES,
+                        help=f"training points of the swiss rolls; their test split has {SWISSROLL_TEST_SAMPLES} "
+                             "(default: %(default)s)")
     shards.set_defaults(handler=command_shards)
 
     report = commands.add_parser("report", help="table + figure grid of every run of an MLflow experiment")
@@ -199,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:
-        from pipeline.launcher import main as launch
-
-        return launch(argv[1:])
+        return launcher.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as invalid:
@@ -241,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         return _bad_input(f"gapm {args.command}: error: {error}")
     except OSError as error:  # a full disk or an unwritable place outside the checkpoints: one line too
-        # imported here, not at the top: it loads torch, which must come after the stop handler
-        from pipeline.checkpoints import disk_failure
+        from pipeline.checkpoints import disk_failure  # deferred
 
         failure = disk_failure(error, Path(error.filename or "."), "files", setting="the output location")
         if failure is None:

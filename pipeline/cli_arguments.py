@@ -1,4 +1,4 @@
-"""Argument helpers shared by the `gapm` subcommands (pipeline/cli.py, pipeline/eval/commands.py)."""
+"""Argument helpers shared by the `gapm` subcommands (pipeline/cli.py, pipeline/eval_commands.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def add_config_arguments(parser: argparse.ArgumentParser,
 def mlflow_environment(model_uri: str | None = None) -> None:
     """Registry commands talk to MLFLOW_TRACKING_URI; without it MLflow would quietly create a
     new, empty ./mlflow.db. Short HTTP retries: a wrong or dead server fails in seconds."""
-    from pipeline.checkpoints import is_remote
-    from pipeline.tracking.registry import RegistryError, is_local
+    # deferred, as every import of the command line that loads torch or MLflow (pipeline/cli.py)
+    from pipeline.checkpoints import is_remote  # deferred
+    from pipeline.tracking.registry import RegistryError, is_local  # deferred
 
     registry_uri = model_uri is None or not (is_local(model_uri) or is_remote(model_uri))
     if registry_uri and not os.environ.get("MLFLOW_TRACKING_URI"):

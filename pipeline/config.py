@@ -1,7 +1,7 @@
 """The experiment config: one YAML file describes a run, assembled from the typed settings
 each component owns.
 
-    data        pipeline.data.sources.DataConfig
+    data        pipeline.data.settings.DataConfig
     model       gapm.ModelShape (the networks) + the method's kind and its own hyper-parameters
                 (`model.hyperparameters`, every method GAPM included), typed by the method's
                 `Hyperparameters` dataclass and checked at load time
@@ -13,7 +13,13 @@ each component owns.
                 checkpoint_every, keep_last_checkpoints) assemble the checkpoint component's
                 pipeline.checkpoints.CheckpointConfig (`checkpoint_config`)
     eval      pipeline.eval.settings.EvalConfig
-    tracking  pipeline.tracking.tracker.TrackingConfig
+    tracking  pipeline.tracking.settings.TrackingConfig
+
+Each lives in its component's settings module, which imports nothing of the component's
+runtime (readers, trackers, Accelerate): reading a config is cheap, and no component imports
+this module (the import-linter contracts in pyproject.toml). Components get their own
+sections: `training_job` assembles what `gapm train` runs, `checkpoint_config` the checkpoint
+component's settings.
 
 Defaults live in those classes only. `--set key.path=value` overrides any key (YAML value).
 Spellings of earlier releases (GAPM's settings and the Adam settings inside stage1 / stage2)
@@ -26,28 +32,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from gapm import METHODS, GAPMHyperparameters, ModelShape
 from pipeline.checkpoints.settings import STAGING, CheckpointConfig
-from pipeline.data.sources import DataConfig
+from pipeline.data.settings import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.eval.settings import EvalConfig
-from pipeline.tracking.tracker import TrackingConfig
-from pipeline.train.settings import OptimizerConfig, TrainConfig
+from pipeline.tracking.settings import TrackingConfig
+from pipeline.train.settings import OptimizerConfig, TrainConfig, TrainingJob, optimizer_settings
+from pipeline.typed_settings import from_dict
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig",
-           "OptimizerConfig", "StageConfig", "TrackingConfig", "TrainConfig", "checkpoint_config", "dump_config",
-           "load_config", "method_hyperparameters", "optimizer_settings", "to_dict"]
+           "OptimizerConfig", "StageConfig", "TrackingConfig", "TrainConfig", "checkpoint_config", "dump_config", "from_dict",
+           "load_config", "method_hyperparameters", "optimizer_settings", "to_dict", "training_job"]
 
 
 @dataclass
@@ -113,112 +117,19 @@ def method_hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
     return dict(config.model.hyperparameters)
 
 
-def optimizer_settings(optimizers: dict[str, OptimizerConfig], network: str) -> OptimizerConfig:
-    """The Adam settings of `network`: its own entry, else `default`, else Adam's defaults here."""
-    return optimizers.get(network) or optimizers.get("default") or OptimizerConfig()
+def training_job(config: ExperimentConfig) -> TrainingJob:
+    """What `gapm train` runs: the training component's view of the experiment."""
+    return TrainingJob(
+        name=config.name, seed=config.seed, run_dir=config.run_dir, model_kind=config.model.kind,
+        model_shape=config.model.shape(), hyperparameters=method_hyperparameters(config),
+        stage_steps=(config.stage1.steps, config.stage2.steps), data=config.data, optimizers=config.optimizers,
+        train=config.train, checkpoints=checkpoint_config(config), tracking=config.tracking,
+        end_of_run_samples=config.eval.samples, record=to_dict(config))
 
 
 def network_names(kind: str) -> list[str]:
     """The trained networks of method `kind`, in stage order."""
     return [name for stage in METHODS[kind].stages for name in stage]
-
-
-def _type_name(expected: Any) -> str:
-    if typing.get_origin(expected) is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(expected))
-    if typing.get_origin(expected) is list:
-        return f"a list of {_type_name(typing.get_args(expected)[0])}"
-    names = {int: "an integer", float: "a float", bool: "true or false", str: "a string",
-             type(None): "null"}
-    return names.get(expected, getattr(expected, "__name__", str(expected)))
-
-
-def _convert(value: Any, expected: Any, key: str) -> Any:
-    """Checks `value` against the annotation `expected`, converting where YAML is lenient."""
-    if expected is Any:  # checked where it is used (e.g. a sweep's values, by the config they go into)
-        return value
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(expected)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(o) for o in options)},"
-                          f" got {value!r}")
-    if origin is Literal:
-        if value is False and "no" in typing.get_args(expected):
-            value = "no"  # YAML 1.1 reads a bare `no` as false
-        if value not in typing.get_args(expected):
-            raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        item_type = typing.get_args(expected)[0]
-        return tuple(_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected {_type_name(expected)}, got {value!r}")
-        (item_type,) = typing.get_args(expected)
-        return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"config key '{key}': expected a mapping of names to values, got {value!r}")
-        item_type = typing.get_args(expected)[1]
-        if item_type is Any:
-            return dict(value)
-        return {name: _convert(item, item_type, f"{key}.{name}") for name, item in value.items()}
-    if dataclasses.is_dataclass(expected):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping of settings, got {value!r}")
-        return from_dict(expected, value, prefix=f"{key}.")
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
-        return value
-    if expected is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if expected is float:
-        number = value
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a float, got {value!r}")
-        if not math.isfinite(number):  # nan passes every `<` check after this one
-            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
-        return float(number)
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {expected!r} for {key}")
-
-
-def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Builds dataclass `cls` from a mapping; unknown keys and bad types name the key."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys under "
-                              f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(known))}")
-    kwargs = {key: _convert(value, hints[key], prefix + key) for key, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as error:  # the dataclass's own checks (__post_init__)
-        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}': {error}") from None
 
 
 def apply_override(values: dict[str, Any], assignment: str) -> None:

@@ -14,7 +14,7 @@
   pass refresh=False). TQDM_DISABLE=1 hides them.
 * Secrets: every log record (any library's) and every line on stdout/stderr (MLflow prints its
   "View run ... at: URL" itself) is redacted: passwords in URLs, tokens, keys
-  (pipeline.tracking.redaction).
+  (pipeline.redaction).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tqdm.std import (
 )
 
 from pipeline.errors import GapmError
-from pipeline.tracking.redaction import (
+from pipeline.redaction import (
     install_log_redaction,
     install_stdout_redaction,
     redact,
@@ -49,23 +49,23 @@ _HANDLER_NAME = "gapm-console"
 def process_rank() -> int:
     """This process's global rank: torch.distributed's once initialised, else the launcher's
     RANK (accelerate launch and torchrun set it before the process starts), else 0."""
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return _launch_value("get_rank", "RANK", 0)
 
 
 def world_size() -> int:
+    return _launch_value("get_world_size", "WORLD_SIZE", 1)
+
+
+def _launch_value(getter: str, variable: str, default: int) -> int:
+    """torch.distributed's `getter()` once it is initialised (never importing it: the stop
+    handler goes in first), else the launcher's `variable`, else `default`."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        return distributed.get_world_size()
+        return getattr(distributed, getter)()
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get(variable, str(default)))
     except ValueError:
-        return 1
+        return default
 
 
 def is_main_process() -> bool:

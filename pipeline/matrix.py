@@ -33,9 +33,10 @@ from typing import Any
 import yaml
 
 from pipeline import checkpoints, console
-from pipeline.config import from_dict, load_config
+from pipeline.config import load_config
 from pipeline.errors import ConfigError, GapmError
 from pipeline.stopping import EXIT_RESUMABLE
+from pipeline.typed_settings import from_dict
 
 ELEMENT_RECORD = "matrix-element.json"
 EVAL_RECORD = "eval.json"

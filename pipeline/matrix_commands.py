@@ -26,7 +26,7 @@ def parse_indices(text: str) -> list[int]:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from pipeline.matrix import expand, load_matrix, run_all
+    from pipeline.matrix import expand, load_matrix, run_all  # deferred
 
     matrix = load_matrix(args.matrix)
     count = len(expand(matrix))
@@ -39,14 +39,14 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_element(args: argparse.Namespace) -> int:
-    from pipeline.matrix import element_at, load_matrix, run_element
+    from pipeline.matrix import element_at, load_matrix, run_element  # deferred
 
     matrix = load_matrix(args.matrix)
     return run_element(matrix, element_at(matrix, args.index))
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from pipeline.matrix import expand, load_matrix, status_line
+    from pipeline.matrix import expand, load_matrix, status_line  # deferred
 
     matrix = load_matrix(args.matrix)
     for element in expand(matrix):
@@ -55,8 +55,8 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from pipeline.matrix import load_matrix
-    from pipeline.matrix_report import write_matrix_report
+    from pipeline.matrix import load_matrix  # deferred
+    from pipeline.matrix_report import write_matrix_report  # deferred
 
     matrix = load_matrix(args.matrix)
     out = Path(args.out) if args.out else matrix.directory / "report"

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gapm import build_model
+from gapm import build_model, is_image_shape
 from pipeline import checkpoints
 from pipeline.config import ExperimentConfig, load_config, method_hyperparameters
-from pipeline.data.sources import held_out_data, is_image_shape
+from pipeline.data.sources import held_out_data
 from pipeline.eval import paper_figures
 from pipeline.matrix import (
     ELEMENT_RECORD,

@@ -60,6 +60,25 @@ def tiny_config(output_dir: Path | str, *extra: str, config: str = "configs/swis
     return load_config(ROOT / config, [f"output_dir={output_dir}", *tiny_overrides(**tiny), *extra])
 
 
+def train(config, **options):
+    """Trains an experiment config as `gapm train` does: the loop runs the config's training job
+    (`pipeline.config.training_job`). `options`: resume, tracker, stop."""
+    from pipeline.config import training_job
+    from pipeline.train.loop import train as train_job
+
+    return train_job(training_job(config), **options)
+
+
+def differing_parameters(first, second) -> list[str]:
+    """Names of the tensors that differ between two checkpoints' models ([]: bit-identical)."""
+    import torch
+
+    from pipeline import checkpoints
+
+    a, b = checkpoints.load_model(first)[0].state_dict(), checkpoints.load_model(second)[0].state_dict()
+    return [name for name in a if not torch.equal(a[name], b[name])]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

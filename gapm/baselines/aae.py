@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +12,8 @@ from torch import Tensor, nn
 
 from gapm import networks
 from gapm.baselines import losses
-from gapm.method import MethodBase, Update, frozen, require_positive_steps
-from gapm.model import Autoencoder
+from gapm.baselines.families import PlainAutoencoderMethod
+from gapm.method import Update, frozen, require_positive_steps
 from gapm.shape import ModelShape
 
 
@@ -27,7 +26,7 @@ class AAEHyperparameters:
         require_positive_steps("discriminator_steps", self.discriminator_steps)
 
 
-class AAE(MethodBase):
+class AAE(PlainAutoencoderMethod):
     """Adversarial autoencoder (Makhzani et al. 2015), deterministic encoder: a latent
     discriminator (GAPM's D, paper: same architectures) tells N(0, I) samples from E(x) with the
     GAN loss; the autoencoder minimises ||x − x̂||² + w_adv·softplus(−D(E(x))). The paper's two
@@ -39,7 +38,6 @@ class AAE(MethodBase):
 
     def __init__(self, shape: ModelShape, **hyperparameters: Any):
         super().__init__(shape, **hyperparameters)
-        self.autoencoder = Autoencoder(dataclasses.replace(shape, latent_norm=False))
         self.latent_discriminator = networks.LatentDiscriminator(
             shape.latent_dim, shape.latent_discriminator_widths, shape.latent_discriminator_spectral_norm,
             shape.latent_discriminator_activation)
@@ -67,9 +65,3 @@ class AAE(MethodBase):
                 "reconstruction_error": reconstruction_term.item(),
                 "adversarial_loss": adversarial_term.item(),
                 "reconstruction_mse": F.mse_loss(reconstruction.detach().float(), data).item()}
-
-    def _encode(self, data: Tensor) -> Tensor:
-        return self.autoencoder.encode(data)
-
-    def _decode(self, latent: Tensor) -> Tensor:
-        return self.autoencoder.decoder(latent)

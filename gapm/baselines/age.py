@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +11,8 @@ from torch import Tensor, nn
 
 from gapm import networks
 from gapm.baselines import losses
+from gapm.baselines.families import EncoderDecoderMethod
 from gapm.method import (
-    MethodBase,
     Update,
     frozen,
     interpolate_latents,
@@ -36,20 +35,17 @@ class AGEHyperparameters:
         require_positive_steps("decoder_steps", self.decoder_steps)
 
 
-class AGE(MethodBase):
+class AGE(EncoderDecoderMethod):
     """Adversarial generator-encoder networks (Ulyanov et al. 2017): no discriminator; the
     encoder (onto the unit sphere) and the generator play a game on the KL of the batch latent
     statistics to N(0, I). Per step: one encoder update, then `decoder_steps` generator updates.
     The prior is N(0, I) normalised onto the sphere (uniform on the sphere)."""
 
     kind = "age"
-    stages = [["encoder", "decoder"]]
     Hyperparameters = AGEHyperparameters
 
-    def __init__(self, shape: ModelShape, **hyperparameters: Any):
-        super().__init__(shape, **hyperparameters)
-        self.encoder = networks.SphereEncoder(shape.data_shape, shape.latent_dim, shape.width)
-        self.decoder = networks.build_decoder(shape.data_shape, shape.latent_dim, shape.width)
+    def build_encoder(self, shape: ModelShape) -> nn.Module:
+        return networks.SphereEncoder(shape.data_shape, shape.latent_dim, shape.width)
 
     def _prior(self, count: int, device: torch.device) -> Tensor:
         return F.normalize(torch.randn(count, self.prior_dim, device=device), dim=1)
@@ -93,6 +89,3 @@ class AGE(MethodBase):
 
     def _encode(self, data: Tensor) -> Tensor:
         return self.encoder(data)
-
-    def _decode(self, latent: Tensor) -> Tensor:
-        return self.decoder(latent)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,8 @@ from torch import Tensor, nn
 
 from gapm import networks
 from gapm.baselines import losses
-from gapm.method import MethodBase, Update, frozen
+from gapm.baselines.families import EncoderDecoderMethod
+from gapm.method import Update, frozen
 from gapm.shape import ModelShape
 
 
@@ -31,19 +31,16 @@ class IntroVAEHyperparameters:
     margin: float = 120.0  # m, hinge margin on L_REG of generated samples
 
 
-class IntroVAE(MethodBase):
+class IntroVAE(EncoderDecoderMethod):
     """Introspective VAE (Huang et al. 2018, Algorithm 1): the encoder is also the discriminator.
     Per step: one encoder update on L_E, then one decoder update on L_G with the encoder fixed
     (evaluated by the just-updated encoder, as in the authors' code). No VAE warm-up epochs."""
 
     kind = "introvae"
-    stages = [["encoder", "decoder"]]
     Hyperparameters = IntroVAEHyperparameters
 
-    def __init__(self, shape: ModelShape, **hyperparameters: Any):
-        super().__init__(shape, **hyperparameters)
-        self.encoder = networks.GaussianEncoder(shape.data_shape, shape.latent_dim, shape.width)
-        self.decoder = networks.build_decoder(shape.data_shape, shape.latent_dim, shape.width)
+    def build_encoder(self, shape: ModelShape) -> nn.Module:
+        return networks.GaussianEncoder(shape.data_shape, shape.latent_dim, shape.width)
 
     def stage_step(self, stage: int, trained: Mapping[str, nn.Module], data: Tensor,
                    update: Update) -> dict[str, float]:
@@ -88,6 +85,3 @@ class IntroVAE(MethodBase):
 
     def _encode(self, data: Tensor) -> Tensor:
         return self.encoder(data)[0]
-
-    def _decode(self, latent: Tensor) -> Tensor:
-        return self.decoder(latent)

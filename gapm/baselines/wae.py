@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gapm.baselines import losses
-from gapm.method import MethodBase, Update
-from gapm.model import Autoencoder
-from gapm.shape import ModelShape
+from gapm.baselines.families import PlainAutoencoderMethod
+from gapm.method import Update
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,7 @@ class WAEHyperparameters:
             raise ValueError(f"kernel must be one of {sorted(losses.WAE_KERNELS)}, got {self.kernel!r}")
 
 
-class WAE(MethodBase):
+class WAE(PlainAutoencoderMethod):
     """Wasserstein autoencoder with the MMD penalty (Tolstikhin et al. 2018, Algorithm 2):
     deterministic encoder, loss ||x − x̂||² + λ·MMD²_IMQ(P_Z, Q_Z) over one batch of prior
     samples and the batch's embeddings. One update per step."""
@@ -37,10 +34,6 @@ class WAE(MethodBase):
     kind = "wae"
     stages = [["autoencoder"]]
     Hyperparameters = WAEHyperparameters
-
-    def __init__(self, shape: ModelShape, **hyperparameters: Any):
-        super().__init__(shape, **hyperparameters)
-        self.autoencoder = Autoencoder(dataclasses.replace(shape, latent_norm=False))
 
     def _prior(self, count: int, device: torch.device) -> Tensor:
         return torch.randn(count, self.prior_dim, device=device) * self.hp.prior_variance**0.5
@@ -61,9 +54,3 @@ class WAE(MethodBase):
         return {"wae_loss": total.item(), "reconstruction_error": reconstruction_term.item(),
                 "mmd": mmd_term.item(),
                 "reconstruction_mse": F.mse_loss(reconstruction.detach().float(), data).item()}
-
-    def _encode(self, data: Tensor) -> Tensor:
-        return self.autoencoder.encode(data)
-
-    def _decode(self, latent: Tensor) -> Tensor:
-        return self.autoencoder.decoder(latent)

@@ -4,6 +4,7 @@ training state (tensors and numbers only), or the whole model rebuilt from it.""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import tempfile
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
-from gapm import Method, ModelShape, build_model
+from gapm import Method, model_from_meta
 from pipeline.checkpoints.errors import CheckpointError, DamagedCheckpoint
 from pipeline.checkpoints.local import check_file
 from pipeline.checkpoints.locations import (
@@ -80,15 +81,19 @@ def local_copy(checkpoint: Checkpoint, scratch: str, names: tuple[str, ...] = (M
     return Path(scratch) if is_remote(checkpoint) else Path(checkpoint)
 
 
-def load_model_weights(model: Method, checkpoint: Checkpoint, meta: CheckpointMeta | None = None) -> None:
-    meta = meta or read_meta(checkpoint)
+def read_weights(checkpoint: Checkpoint, meta: CheckpointMeta) -> dict[str, torch.Tensor]:
+    """The verified, parsed model.safetensors of `checkpoint`."""
     with tempfile.TemporaryDirectory() as scratch:
         data = verified_bytes(checkpoint, MODEL_FILE, meta, scratch)
     try:
-        weights = safetensors_load(data)
+        return safetensors_load(data)
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise DamagedCheckpoint(f"{child(checkpoint, MODEL_FILE)} is unreadable, truncated or corrupt "
                                 f"({first_line(error)}); delete this checkpoint") from None
+
+
+def load_model_weights(model: Method, checkpoint: Checkpoint, meta: CheckpointMeta | None = None) -> None:
+    weights = read_weights(checkpoint, meta or read_meta(checkpoint))
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
@@ -118,9 +123,11 @@ def load_training_state(checkpoint: Checkpoint, meta: CheckpointMeta | None = No
 def load_model(checkpoint: Checkpoint) -> tuple[Method, CheckpointMeta]:
     """Rebuilds the model from a checkpoint alone, in eval mode."""
     meta = read_meta(checkpoint)
-    model = build_model(meta.model_kind, ModelShape.from_dict(meta.model_shape), **meta.hyperparameters)
-    load_model_weights(model, checkpoint, meta)
-    return model.eval(), meta
+    weights = read_weights(checkpoint, meta)
+    try:
+        return model_from_meta(dataclasses.asdict(meta), weights), meta
+    except RuntimeError as error:
+        raise CheckpointError(f"cannot load weights from {checkpoint}: {first_line(error)}") from None
 
 
 def first_line(error: BaseException) -> str:

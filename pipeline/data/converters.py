@@ -18,11 +18,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data import storage, swissroll
+from pipeline.data.settings import SWISSROLL_TEST_SAMPLES
 from pipeline.errors import DataError
 
 DATASETS = ("cifar10", "celeba", "mnist", "fashion-mnist", "swissroll", "swissroll3d")
 CELEBA_CROPS = ("center178", "authors")
-SWISSROLL_TEST_SAMPLES = 1000
 CELEBA_SIZE = 64
 
 

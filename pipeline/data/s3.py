@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -266,9 +266,3 @@ class S3Storage:
         if key and not listing.get("Contents"):
             raise StorageError(f"{url}: nothing stored under key prefix '{key}' in bucket '{bucket}' at endpoint "
                                f"{_endpoint()}{fix}; check the URL or write the data there first")
-
-    def open_read_stream(self, url: str) -> IO[bytes]:
-        """A stream that rides out outages: see pipeline.data.s3_stream."""
-        from pipeline.data.s3_stream import ResumableObjectStream
-
-        return ResumableObjectStream(url)

@@ -22,7 +22,7 @@ see how the data was made. Tars are written deterministically (fixed mtimes/owne
 the same source twice gives byte-identical shards.
 
 Splits: CIFAR-10, MNIST and Fashion-MNIST have ``train`` and ``test``; swiss-roll has ``train``
-(``swissroll_samples`` points) and ``test`` (1000 points); CelebA has ``train``, ``valid`` and
+(``swissroll_samples`` points) and ``test`` (``SWISSROLL_TEST_SAMPLES`` points); CelebA has ``train``, ``valid`` and
 ``test`` following ``list_eval_partition.txt`` (0, 1, 2) - the validation set is kept as its own
 split rather than merged into test so that the official test partition stays comparable.
 """
@@ -43,6 +43,7 @@ from PIL import Image
 
 from pipeline import console
 from pipeline.data import converters, storage
+from pipeline.data.settings import SWISSROLL_SAMPLES
 from pipeline.data.converters import (
     CELEBA_CROPS,
     DATASETS,
@@ -86,7 +87,7 @@ def convert_dataset(
     limit: int | None = None,
     celeba_crop: str = "center178",
     seed: int = 0,
-    swissroll_samples: int = 5000,
+    swissroll_samples: int = SWISSROLL_SAMPLES,
 ) -> dict[str, dict[str, Any]]:
     """Convert ``dataset`` found at ``src`` into shards under ``out``; return ``{split: manifest}``.
 

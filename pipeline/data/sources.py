@@ -17,49 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from pipeline.data import storage, swissroll
+from pipeline.data import shards, storage, streaming, swissroll
+from pipeline.data.settings import DataConfig
 from pipeline.errors import ConfigError, DataError
 
 SWISSROLL = "swissroll"  # the 2-D roll (a curve)
 SWISSROLL3D = "swissroll3d"  # the authors' 3-D roll (a sheet)
 ROLLS = (SWISSROLL, SWISSROLL3D)
 SYNTHETIC = "synthetic"  # uniform noise of model.data_shape: throughput checks without any I/O
-
-
-@dataclass
-class DataConfig:
-    # "swissroll" / "swissroll3d" generate the paper's toy rolls in memory (pipeline/data/swissroll.py);
-    # "synthetic" uniform noise of model.data_shape (throughput checks); anything else is a shard
-    # set (local directory, file:// or s3:// prefix holding manifest.json, or a brace pattern).
-    train: str = "swissroll"
-    test: str = "swissroll"  # held-out data, as `train`: the end-of-run metrics and evaluation jobs score on it
-    batch_size: int = 32  # per process
-    num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle_buffer: int = 1000  # samples in the shuffle buffer of each reader
-    resampled: bool = False  # infinite stream with replacement: for many ranks, few shards
-    verify_checksums: bool = True  # check each shard read to its end against its manifest's sha256
-    swissroll_samples: int = 5000  # also the size of the "synthetic" set
-    swissroll_test_samples: int = 1000  # held-out points of the roll
-    # Tar members larger than this are refused unread (the shard counts as damaged); null: 16x the
-    # largest member the manifest records (at least 1 MiB), or 64 MiB where it records none.
-    max_member_bytes: int | None = None
-
-    def validate(self) -> None:
-        for key in ("batch_size", "swissroll_samples", "swissroll_test_samples"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'data.{key}' must be at least 1, got {getattr(self, key)}")
-        for key in ("num_workers", "shuffle_buffer"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
-        for key in ("train", "test"):
-            if not getattr(self, key).strip():
-                raise ConfigError(f"config key 'data.{key}' is empty; name a shard set or 'swissroll'")
-        if self.max_member_bytes is not None and self.max_member_bytes < 1:
-            raise ConfigError(f"config key 'data.max_member_bytes' must be at least 1 or null, got {self.max_member_bytes}")
 
 
 def swissroll_points(count: int, seed: int, kind: str = SWISSROLL) -> Tensor:
@@ -73,6 +43,14 @@ class StreamPosition:
 
     epoch: int = 0
     batch_in_epoch: int = 0
+
+
+class TrainingSource(Protocol):
+    """One rank's training data: `InMemoryBatches` or `ShardBatches`."""
+
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]: ...
+
+    def data_problems(self) -> dict[str, int]: ...  # corrupt samples and failed shards so far
 
 
 class InMemoryBatches:
@@ -99,7 +77,7 @@ class InMemoryBatches:
             yield self.data[order[index * self.batch_size:(index + 1) * self.batch_size]]
 
 
-def endless_batches(source, position: StreamPosition) -> Iterator[Tensor]:
+def endless_batches(source: TrainingSource, position: StreamPosition) -> Iterator[Tensor]:
     """Yields batches forever from `source.epoch_batches(epoch)`, starting at `position`
     and advancing it in place (skipping batches already consumed before a resume)."""
     while True:
@@ -124,13 +102,10 @@ class ShardBatches:
         self.spec, self.config, self.rank, self.world_size, self.seed = spec, config, rank, world_size, seed
         # Only object storage has outages; local shards need no agreement (~0.4 ms a step on gloo).
         self.agree = agree if world_size > 1 and storage.is_s3_url(spec) else None
-        from pipeline.data import streaming
-
-        self.streaming = streaming
         self.epoch_stats: list = []  # one StreamStats per epoch streamed
 
     def _stream(self, epoch: int) -> Iterator[Tensor]:
-        stream = storage.with_retries(lambda: self.streaming.make_batch_stream(
+        stream = storage.with_retries(lambda: streaming.make_batch_stream(
             self.spec, self.config.batch_size, rank=self.rank, world_size=self.world_size,
             num_workers=self.config.num_workers, seed=self.seed,
             shuffle_buffer=self.config.shuffle_buffer, resampled=self.config.resampled, epoch=epoch,
@@ -177,8 +152,6 @@ def manifest_data_shape(manifest: dict) -> list[int] | None:
 def check_sources(config: DataConfig, data_shape: list[int]) -> None:
     """Fails before training starts if a data location is unreachable or holds data of
     another shape than the model expects; the message names the config key."""
-    from pipeline.data import shards, streaming
-
     for key, spec in (("data.train", config.train), ("data.test", config.test)):
         if spec in ROLLS:
             found = [swissroll.roll_geometry(spec).dimension]
@@ -203,8 +176,6 @@ def test_roll(config: DataConfig) -> "swissroll.RollGeometry | None":
         return swissroll.roll_geometry(config.test)
     if config.test == SYNTHETIC or "{" in config.test or config.test.endswith(".tar"):
         return None
-    from pipeline.data import shards
-
     dataset = shards.read_manifest(config.test).get("dataset")
     return swissroll.roll_geometry(dataset) if dataset in ROLLS else None
 
@@ -214,7 +185,7 @@ def synthetic_data(count: int, data_shape: list[int], seed: int) -> Tensor:
 
 
 def training_source(config: DataConfig, *, rank: int, world_size: int, seed: int, data_shape: list[int],
-                    agree: Callable[[bool], bool] | None = None):
+                    agree: Callable[[bool], bool] | None = None) -> TrainingSource:
     if config.train == SYNTHETIC:
         data = synthetic_data(config.swissroll_samples, data_shape, seed)
         return InMemoryBatches(data, config.batch_size, rank=rank, world_size=world_size, seed=seed)
@@ -231,8 +202,6 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
     if config.test in ROLLS:
         # A different seed from training: held-out points from the same roll.
         return swissroll_points(config.swissroll_test_samples, seed + 1, config.test)
-    from pipeline.data import streaming
-
     batches, total = [], 0
     stream = storage.with_retries(lambda: streaming.make_batch_stream(
         config.test, min(config.batch_size, limit), drop_last=False, shuffle_buffer=0, seed=seed,
@@ -245,15 +214,3 @@ def held_out_data(config: DataConfig, seed: int, limit: int, data_shape: list[in
             break
     return torch.cat(batches)[:limit]
 
-
-def is_image_shape(data_shape: list[int]) -> bool:
-    return len(data_shape) == 3
-
-
-def to_model_space(batch: Tensor, data_shape: list[int]) -> Tensor:
-    """Images arrive in [0, 1]; the networks work in [-1, 1]. Points pass unchanged."""
-    return batch * 2 - 1 if is_image_shape(data_shape) else batch
-
-
-def to_data_space(batch: Tensor, data_shape: list[int]) -> Tensor:
-    return ((batch + 1) / 2).clamp(0, 1) if is_image_shape(data_shape) else batch

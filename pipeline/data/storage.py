@@ -35,6 +35,7 @@ from pipeline.data.s3 import (
     s3_client,
     split_s3_url,
 )
+from pipeline.data.s3_stream import ResumableObjectStream
 
 __all__ = [
     "StorageError", "StorageUnavailable", "is_s3_url", "split_s3_url", "local_path", "join_url", "s3_client", "read_bytes",
@@ -309,7 +310,9 @@ def open_read_stream(url: str) -> IO[bytes]:
 
     The caller must close it (an unread S3 body holds an HTTP connection until closed).
     """
-    return _backend(url).open_read_stream(url)
+    if is_s3_url(url):
+        return ResumableObjectStream(url)
+    return _LOCAL.open_read_stream(url)
 
 
 # --------------------------------------------------------------------------- transient outages

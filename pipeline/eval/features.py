@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline import console
-from pipeline.data import shard_reader, storage
+from pipeline.data import shard_reader, storage, streaming
+from pipeline.data.shards import read_manifest
 from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,6 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
     import webdataset as wds
     from PIL import Image
 
-    from pipeline.data import streaming
-    from pipeline.data.shards import read_manifest
-
     streaming.register_s3_opener()
     urls = streaming.resolve_shard_urls(spec)
     gray = None
@@ -205,8 +203,6 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
 
 
 def _manifest_count(spec: str) -> int | None:
-    from pipeline.data.shards import read_manifest
-
     try:
         return int(read_manifest(spec)["num_samples"])
     except (storage.StorageError, ValueError, KeyError, TypeError):

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from pipeline.data import storage
 from pipeline.errors import GapmError
+from pipeline.eval.features import DomainFeatures, load_domain_extractor
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ def inception_extractor(weights: str | None = None, device: torch.device | None 
 
 
 def domain_extractor(location: str, device: torch.device | None = None) -> FeatureExtractor:
-    from pipeline.eval.features import DomainFeatures, load_domain_extractor
-
     device = device or default_device()
     loaded = load_domain_extractor(location)
     module = DomainFeatures(loaded.network).to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -19,13 +20,22 @@ def save_point_panels(data: Tensor, reconstruction: Tensor, generated: Tensor, p
     3-D points (the authors' roll) are seen along the roll's axis: coordinates 0 and 2."""
     figure, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
     panels = (("input", data), ("reconstruction", reconstruction), ("generated", generated))
-    seen = [0, 2] if data.shape[1] == 3 else [0, 1]
     for axis, (name, points) in zip(axes, panels):
-        axis.scatter(points[:, seen[0]].numpy(), points[:, seen[1]].numpy(), s=2, alpha=0.6)
+        scatter(axis, points)
         axis.set_title(name)
-        axis.set_aspect("equal")
     if title:
         figure.suptitle(title)
+    save_figure(figure, path)
+
+
+def scatter(axis: Any, points: Tensor) -> None:
+    """2-D points as they are; 3-D points (the authors' roll) along the roll's axis: coordinates 0 and 2."""
+    seen = [0, 2] if points.shape[1] == 3 else [0, 1]
+    axis.scatter(points[:, seen[0]].numpy(), points[:, seen[1]].numpy(), s=2, alpha=0.6)
+    axis.set_aspect("equal")
+
+
+def save_figure(figure: Any, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -50,11 +60,7 @@ def save_image_grid(images: Tensor, path: Path, columns: int = 8) -> None:
 def save_point_scatter(points: Tensor, path: Path, title: str = "") -> None:
     """One panel of 2-D points (e.g. `gapm sample` of a swiss-roll model)."""
     figure, axis = plt.subplots(figsize=(5, 5))
-    seen = [0, 2] if points.shape[1] == 3 else [0, 1]
-    axis.scatter(points[:, seen[0]].numpy(), points[:, seen[1]].numpy(), s=2, alpha=0.6)
-    axis.set_aspect("equal")
+    scatter(axis, points)
     if title:
         axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)

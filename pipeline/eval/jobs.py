@@ -24,11 +24,16 @@ from typing import Any
 
 from pipeline.eval import reference_stats
 from pipeline.eval.mlflow_runs import (
+    CONFIG_ARTIFACT,
+    RunSettings,
+    Target,
     load_target,
+    logged_run_settings,
     mlflow_client,
     publish,
+    read_config_file,
     resolve_target,
-    run_data_config,
+    run_settings,
 )
 from pipeline.eval.scoring import distributed_ranks, evaluate_model, result_record
 from pipeline.eval.settings import EvalSettings
@@ -36,14 +41,24 @@ from pipeline.eval.settings import EvalSettings
 log = logging.getLogger(__name__)
 
 
-def run_stats_directory(config: Any, run_dir: Path | None, params: dict[str, str]) -> str:
-    """Where the run keeps named statistics: its config's eval.fid_stats_dir (from config.yaml in
-    the run directory, else its MLflow params), else $GAPM_FID_STATS_DIR, else the fid-stats
-    directory next to the run directory (or runs/fid-stats when the run directory is unknown)."""
-    configured = config.eval.fid_stats_dir if config is not None else None
-    if configured is None and params.get("eval.fid_stats_dir", "null") != "null":
-        configured = params["eval.fid_stats_dir"]
+def run_stats_directory(settings: RunSettings | None, run_dir: Path | None) -> str:
+    """Where the run keeps named statistics: its config's eval.fid_stats_dir, else
+    $GAPM_FID_STATS_DIR, else the fid-stats directory next to the run directory (or
+    runs/fid-stats when the run directory is unknown)."""
+    configured = settings.eval.fid_stats_dir if settings is not None else None
     return reference_stats.stats_directory(configured, run_dir.parent if run_dir is not None else None)
+
+
+def target_run_settings(target: Target) -> RunSettings | None:
+    """The settings the target's run was trained with: config.yaml in its run directory, else
+    the config.yaml artifact of its MLflow run; None if neither can be read."""
+    if target.run_dir is not None and (target.run_dir / CONFIG_ARTIFACT).is_file():
+        logged = read_config_file(target.run_dir / CONFIG_ARTIFACT)
+        if logged is not None:
+            return run_settings(logged, str(target.run_dir / CONFIG_ARTIFACT))
+    if target.run_id and target.tracking_uri:
+        return logged_run_settings(mlflow_client(target.tracking_uri), target.run_id)
+    return None
 
 
 def run_eval(uri: str, settings: EvalSettings, *, run_id: str | None = None, log_to_mlflow: bool = True
@@ -54,28 +69,11 @@ def run_eval(uri: str, settings: EvalSettings, *, run_id: str | None = None, log
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         model, step = load_target(target, scratch)
-    data, data_seed = None, 0
-    params = {}
-    if target.run_id and target.tracking_uri:
-        try:
-            params = mlflow_client(target.tracking_uri).get_run(target.run_id).data.params
-        except Exception as error:  # noqa: BLE001 - data settings are optional here
-            log.warning("could not read run %s from MLflow (%s); pass --test-data", target.run_id, error)
-    config = None
-    if target.run_dir is not None and (target.run_dir / "config.yaml").is_file():
-        from pipeline.config import ConfigError, load_config
-
-        try:
-            config = load_config(target.run_dir / "config.yaml")
-        except ConfigError as error:
-            log.warning("cannot read %s (%s); pass --test-data", target.run_dir / "config.yaml", error)
-    if params:
-        data, data_seed = run_data_config(params)
-    elif config is not None:
-        data, data_seed = config.data, config.seed
+    trained = target_run_settings(target)
     if settings.stats_dir is None:  # no --config: the statistics directory of the checkpoint's experiment
-        settings = dataclasses.replace(settings, stats_dir=run_stats_directory(config, target.run_dir, params))
-    metrics, reference = evaluate_model(model, settings, data=data, data_seed=data_seed, ranks=ranks)
+        settings = dataclasses.replace(settings, stats_dir=run_stats_directory(trained, target.run_dir))
+    metrics, reference = evaluate_model(model, settings, data=trained.data if trained else None,
+                                        data_seed=trained.seed if trained else 0, ranks=ranks)
     if not ranks.is_main:
         return None
     record = result_record(model, metrics, reference, settings, step or 0, uri, time.perf_counter() - started)

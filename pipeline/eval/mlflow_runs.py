@@ -1,6 +1,7 @@
 """Where evaluation results go in MLflow, and where the models to score come from: result tags
 (`gapm.eval.<reference>.step-XXXXXXXX`, the "already evaluated" mark) and metrics published in
-one `log_batch`, a run's data settings from its params, and the targets `gapm eval` accepts
+one `log_batch`, the settings a run was trained with (its logged config.yaml, read with the
+config loader's typed reader), and the targets `gapm eval` accepts
 (checkpoint directories and s3:// URLs, runs:/, models:/, mlflow-artifacts: URIs) resolved to a
 model, its training step and its run.
 """
@@ -11,20 +12,29 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gapm import Method
 from pipeline import checkpoints
 from pipeline.data import storage
-from pipeline.data.sources import DataConfig
+from pipeline.data.settings import DataConfig
+from pipeline.errors import ConfigError
+from pipeline.eval.settings import EvalConfig
+from pipeline.tracking import registry
+from pipeline.tracking.mlflow_sink import LATEST_CHECKPOINT_TAG, RUN_ID_FILE, resolve_tracking_uri
+from pipeline.typed_settings import from_dict
 
 log = logging.getLogger(__name__)
 
 RESULT_TAG_PREFIX = "gapm.eval."
 CHECKPOINT_ARTIFACTS = "checkpoints"
+CONFIG_ARTIFACT = "config.yaml"  # the resolved config, logged with a run's params (mlflow_sink)
 RUN_IN_ARTIFACT_PATH = re.compile(r"/([0-9a-f]{32})/artifacts/(.+?)/?$")
 
 
@@ -53,17 +63,49 @@ def publish(client: Any, run_id: str, step: int, metrics: dict[str, float], reco
                      tags=[RunTag(result_tag(record["reference"], step), json.dumps(record, sort_keys=True))])
 
 
-def run_data_config(params: dict[str, str], test_data: str | None = None) -> tuple[DataConfig, int]:
-    """The run's data settings (and seed) from its MLflow params (the flattened config)."""
-    data = DataConfig()
-    for key in ("train", "test"):
-        setattr(data, key, params.get(f"data.{key}", getattr(data, key)))
-    for key in ("batch_size", "swissroll_samples", "swissroll_test_samples"):
-        if f"data.{key}" in params:
-            setattr(data, key, int(params[f"data.{key}"]))
-    if test_data:
-        data.test = test_data
-    return data, int(params.get("seed", 0))
+@dataclass
+class RunSettings:
+    """The sections of an experiment config that scoring its models reads."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def run_settings(logged: dict[str, Any], where: str) -> RunSettings | None:
+    """The settings in a run's logged config (the resolved experiment config, config.yaml),
+    read with the config loader's typed reader; None (and a warning naming `where`) if they
+    are not valid settings of this version."""
+    try:
+        settings = from_dict(RunSettings, {key: logged[key] for key in ("seed", "data", "eval") if key in logged})
+        settings.data.validate()
+        settings.eval.validate()
+    except ConfigError as error:
+        log.warning("cannot read the settings of %s (%s); pass --test-data", where, error)
+        return None
+    return settings
+
+
+def read_config_file(path: Path | str) -> dict[str, Any] | None:
+    """A logged config.yaml as a mapping (None if it is not one)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        log.warning("cannot read %s (%s)", path, error)
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def logged_run_settings(client: Any, run_id: str) -> RunSettings | None:
+    """The settings of an MLflow run, from its config.yaml artifact (None if it has none)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            path = client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
+        except Exception as error:  # noqa: BLE001 - MLflow and its stores raise several kinds
+            log.warning("run %s: no readable %s (%s); pass --test-data", run_id, CONFIG_ARTIFACT, error)
+            return None
+        logged = read_config_file(path)
+    return run_settings(logged, f"run {run_id}'s {CONFIG_ARTIFACT}") if logged is not None else None
 
 
 @dataclass
@@ -93,8 +135,6 @@ def resolve_target(uri: str, run_id: str | None = None) -> Target:
         if path.parent.name == "checkpoints":
             run_dir = path.parent.parent
             target.run_dir = run_dir
-            from pipeline.tracking.mlflow_sink import RUN_ID_FILE, resolve_tracking_uri
-
             id_file = run_dir / RUN_ID_FILE
             if not target.run_id and id_file.is_file():
                 target.run_id = id_file.read_text().strip() or None
@@ -122,8 +162,6 @@ def load_target(target: Target, scratch: str) -> tuple[Method, int | None]:
         model, meta = checkpoints.load_model(local)
         return model, meta.step
     if _is_mlflow_uri(uri):
-        from pipeline.tracking import registry
-
         model = registry.load_generator(uri)
         run_id, step = model_source(uri, target.tracking_uri)
         target.run_id = target.run_id or run_id
@@ -139,8 +177,6 @@ def load_target(target: Target, scratch: str) -> tuple[Method, int | None]:
 
 def model_source(uri: str, tracking_uri: str | None) -> tuple[str | None, int | None]:
     """(run id, checkpoint step) of a logged or registered gapm model."""
-    from pipeline.tracking import registry
-
     client = mlflow_client(tracking_uri)
     rest = uri.split(":/", 1)[1].strip("/")
     tags: dict[str, str] = {}
@@ -166,8 +202,6 @@ def model_source(uri: str, tracking_uri: str | None) -> tuple[str | None, int | 
 
 def find_run_by_checkpoint_location(location: str, tracking_uri: str | None) -> str | None:
     """The run whose latest-checkpoint tag points into the same checkpoint directory."""
-    from pipeline.tracking.mlflow_sink import LATEST_CHECKPOINT_TAG
-
     if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         return None
     client = mlflow_client(tracking_uri)

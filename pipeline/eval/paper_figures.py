@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gapm import Method
-from pipeline.data.sources import is_image_shape, to_data_space, to_model_space
+from gapm import Method, is_image_shape, to_data_space, to_model_space
 from pipeline.eval.figures import image_grid
 
 SAMPLES, RECONSTRUCTED, PAIRS, STEPS = 32, 16, 4, 8

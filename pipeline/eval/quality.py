@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gapm import Method
-from pipeline.data.sources import to_data_space, to_model_space
+from gapm import Method, is_image_shape, reconstruct, sample
 from pipeline.data.swissroll import RollGeometry, roll_coverage
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -38,43 +37,22 @@ def rbf_mmd(first: Tensor, second: Tensor, bandwidths: tuple[float, ...] = MMD_B
             - 2 * kernel(first, second).mean()).item()
 
 
-@torch.no_grad()
-def reconstruct_in_batches(model: Method, data: Tensor, data_shape: list[int], batch_size: int = 500) -> Tensor:
-    device = next(model.parameters()).device
-    out = []
-    for chunk in data.split(batch_size):
-        recon = model.reconstruct(to_model_space(chunk.to(device), data_shape))
-        out.append(to_data_space(recon.float(), data_shape).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def sample_in_batches(model: Method, count: int, data_shape: list[int], seed: int, batch_size: int = 500) -> Tensor:
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out, remaining = [], count
-    while remaining > 0:
-        size = min(batch_size, remaining)
-        out.append(to_data_space(model.sample(size, generator).float(), data_shape).cpu())
-        remaining -= size
-    return torch.cat(out)
-
-
 def relative_reconstruction_error(data: Tensor, reconstruction: Tensor) -> float:
     """Σ‖x − x̂‖² / Σ‖x − mean(x)‖²: the share of the data's variance the reconstruction misses."""
     data, reconstruction = data.double(), reconstruction.double()
     return ((reconstruction - data).pow(2).sum() / (data - data.mean(0)).pow(2).sum()).item()
 
 
-def evaluate(model: Method, held_out: Tensor, data_shape: list[int], sample_count: int, seed: int,
+def evaluate(model: Method, held_out: Tensor, sample_count: int, seed: int,
              roll: RollGeometry | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
     """Returns (metrics, reconstructions of held_out, generated samples), all in data space.
     `roll`: the roll the data comes from, for its coverage metrics."""
     model.eval()
-    reconstructions = reconstruct_in_batches(model, held_out, data_shape)
-    samples = sample_in_batches(model, sample_count, data_shape, seed)
+    data_shape = list(model.shape.data_shape)
+    reconstructions = reconstruct(model, held_out)
+    samples = sample(model, sample_count, seed)
     metrics = {"eval/reconstruction_mse": torch.mean((reconstructions - held_out) ** 2).item()}
-    if len(data_shape) == 1:
+    if not is_image_shape(data_shape):
         metrics["eval/relative_reconstruction_mse"] = relative_reconstruction_error(held_out, reconstructions)
         metrics["eval/sample_nearest_distance"] = mean_nearest_distance(samples, held_out)
         metrics["eval/sample_mmd"] = rbf_mmd(samples[: len(held_out)], held_out)

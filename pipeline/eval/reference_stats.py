@@ -40,7 +40,7 @@ import numpy as np
 from torch import Tensor
 
 from pipeline import console
-from pipeline.data import storage
+from pipeline.data import storage, streaming
 from pipeline.eval import neighbours
 from pipeline.eval.fid import (
     CLEANFID_PREFIX,
@@ -190,8 +190,6 @@ def _image_features(data: str, extractor: FeatureExtractor, limit: int | None, b
     stream = images
     total = limit
     if stream is None:
-        from pipeline.data import streaming
-
         stream = streaming.make_batch_stream(data, batch_size, drop_last=False, shuffle_buffer=0)
         known = stream.samples_per_pass()
         total = known if limit is None else (min(limit, known) if known is not None else limit)

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gapm import Method
+from gapm import Method, SampleStream, reconstruct
 from pipeline import console
-from pipeline.data import sources
-from pipeline.data.sources import DataConfig
+from pipeline.data import sources, streaming
+from pipeline.data.settings import DataConfig
 from pipeline.errors import GapmError
 from pipeline.eval import feature_spaces, fid, quality, reference_stats
 from pipeline.eval.feature_spaces import FeatureSpace
@@ -177,21 +177,16 @@ def image_generator(model: Method, device: torch.device, seed: int) -> Callable[
     """clean-fid's `gen`: a batch of B -> float images (B, 3, H, W) in [0, 255]. The samples
     come from the model's own `sample` (its own prior: Method's G(g(z)), or a baseline's) with
     a generator seeded here, as `gapm sample` draws them; clean-fid's z only sets B."""
-    shape = model.shape.data_shape
-    generator = torch.Generator(device=device).manual_seed(seed)
+    stream = SampleStream(model, seed, device)
 
-    @torch.no_grad()
     def generate(z: torch.Tensor) -> torch.Tensor:
-        samples = model.sample(len(z), generator)
-        return fid.to_rgb_255(sources.to_data_space(samples.float(), shape))
+        return fid.to_rgb_255(stream.draw(len(z)))
 
     return generate
 
 
 def split_reconstruction_mse(model: Method, spec: str, ranks: Ranks, batch_size: int) -> tuple[float, int]:
     """Mean squared error over every pixel of every test image, pixels in [0, 1]."""
-    from pipeline.data import streaming
-
     shards = len(streaming.resolve_shard_urls(spec))
     split = shards >= ranks.world
     squared, values, images = 0.0, 0, 0
@@ -202,7 +197,7 @@ def split_reconstruction_mse(model: Method, spec: str, ranks: Ranks, batch_size:
         what = f"reconstructions of {spec}" + (" (rank 0's shards)" if split and ranks.world > 1 else "")
         with console.progress_bar(stream.samples_per_pass(), what, unit="img") as progress:
             for batch in stream:
-                recon = quality.reconstruct_in_batches(model, batch, model.shape.data_shape, batch_size)
+                recon = reconstruct(model, batch, batch_size)
                 squared += torch.sum((recon.double() - batch.double()) ** 2).item()
                 values += batch.numel()
                 images += len(batch)
@@ -295,19 +290,19 @@ def score_point_model(model: Method, reference: Reference, data: DataConfig, dat
                       settings: EvalSettings) -> dict[str, float]:
     held_out = sources.held_out_data(data, data_seed, limit=1_000_000, data_shape=list(model.shape.data_shape))
     model.to("cpu")
-    metrics, _, _ = quality.evaluate(model, held_out, list(model.shape.data_shape), reference.samples,
-                                        seed=settings.seed, roll=sources.test_roll(data))
+    metrics, _, _ = quality.evaluate(model, held_out, reference.samples, seed=settings.seed,
+                                     roll=sources.test_roll(data))
     return {"eval/test_" + key.removeprefix("eval/"): value for key, value in metrics.items()}
 
 
 def score_metric(model: Method) -> str:
-    return FID_METRIC if sources.is_image_shape(model.shape.data_shape) else POINT_METRIC
+    return FID_METRIC if model.shape.is_image else POINT_METRIC
 
 
 def evaluate_model(model: Method, settings: EvalSettings, *, data: DataConfig | None, data_seed: int,
                    ranks: Ranks, reference: Reference | None = None) -> tuple[dict[str, float], Reference]:
     """Scores one model; returns (metrics, the reference they are relative to)."""
-    if sources.is_image_shape(model.shape.data_shape):
+    if model.shape.is_image:
         reference = reference or image_reference(settings, ranks.device)
         test_data = settings.test_data or (data.test if data else None)
         return score_image_model(model, reference, settings, test_data, ranks), reference

@@ -25,24 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gapm import Method
+from gapm import Method, is_image_shape
 from gapm.methods import method_class
 from pipeline import checkpoints
-from pipeline.data import sources, storage
-from pipeline.data.sources import DataConfig
+from pipeline.data import storage
+from pipeline.data.settings import DataConfig
 from pipeline.eval import fid
 from pipeline.eval.claims import DEFAULT_TTL_S, ClaimStore
-from pipeline.eval.settings import EvalConfig, EvalSettings
-
-log = logging.getLogger(__name__)
 from pipeline.eval.mlflow_runs import (
     CHECKPOINT_ARTIFACTS,
+    RunSettings,
     download_checkpoint,
+    logged_run_settings,
     mlflow_client,
     parse_result_tag,
     publish,
     result_tag,
-    run_data_config,
 )
 from pipeline.eval.scoring import (
     EvalError,
@@ -54,7 +52,12 @@ from pipeline.eval.scoring import (
     point_reference,
     result_record,
 )
+from pipeline.eval.settings import EvalConfig, EvalSettings
 from pipeline.stopping import StopRequest
+from pipeline.tracking import registry
+from pipeline.tracking.mlflow_sink import LATEST_CHECKPOINT_TAG
+
+log = logging.getLogger(__name__)
 
 CLAIMS_ENV = "GAPM_EVAL_CLAIMS"
 CHAMPION_WAIT_S = 120.0
@@ -94,13 +97,11 @@ class WatchOptions:
     alias: str = EvalConfig.champion_alias
     claim_ttl_s: float = DEFAULT_TTL_S
     max_evaluations: int | None = None
-    data: DataConfig | None = None  # from --config: overrides the runs' params
+    data: DataConfig | None = None  # from --config: for runs without a logged config.yaml
     data_seed: int | None = None
 
 
 def registered_name(run: Any, client: Any) -> str:
-    from pipeline.tracking import registry
-
     name = run.data.tags.get(registry.REGISTERED_NAME_TAG)
     return name or registry.default_model_name(run.info.run_name)
 
@@ -109,8 +110,6 @@ def gapm_runs(client: Any, experiments: list[str] | None, run_names: list[str] |
     """Active runs written by `gapm train` in the named experiments (all when None), only
     those named `run_names` (the config names) when given."""
     from mlflow.entities import ViewType
-
-    from pipeline.tracking import registry
 
     if experiments:
         found = []
@@ -138,8 +137,6 @@ def gapm_runs(client: Any, experiments: list[str] | None, run_names: list[str] |
 def checkpoints_of_run(client: Any, run: Any) -> dict[int, list[str]]:
     """step -> places to read the checkpoint from: a local or s3:// copy where the run's
     checkpoints live (tag gapm.latest_checkpoint), then the run's artifacts."""
-    from pipeline.tracking.mlflow_sink import LATEST_CHECKPOINT_TAG
-
     found: dict[int, list[str]] = {}
     latest = run.data.tags.get(LATEST_CHECKPOINT_TAG)
     if latest:
@@ -214,6 +211,7 @@ class Watcher:
             raise EvalError("eval-watch runs as one process (launch several copies to share the work; "
                             "`gapm eval` splits one evaluation across processes)")
         self._image_reference: Reference | None = None
+        self._run_settings: dict[str, RunSettings | None] = {}  # by run id: each run's config read once
 
     def image_reference(self) -> Reference:
         if self._image_reference is None:
@@ -221,18 +219,24 @@ class Watcher:
         return self._image_reference
 
     def run_data(self, run: Any) -> tuple[DataConfig, int]:
-        """The data settings the run was trained with (its params); the --config's only for a
-        run without params; --test-data wins."""
-        if run.data.params or self.options.data is None:
-            return run_data_config(run.data.params, self.settings.test_data)
-        data = dataclasses.replace(self.options.data)
+        """The data settings the run was trained with (its logged config.yaml); the --config's
+        only for a run without one; --test-data wins."""
+        run_id = run.info.run_id
+        if run_id not in self._run_settings:
+            self._run_settings[run_id] = logged_run_settings(self.client, run_id)
+        trained = self._run_settings[run_id]
+        if trained is not None or self.options.data is None:
+            trained = trained or RunSettings()
+            data, seed = dataclasses.replace(trained.data), trained.seed
+        else:
+            data, seed = dataclasses.replace(self.options.data), self.options.data_seed or 0
         if self.settings.test_data:
             data.test = self.settings.test_data
-        return data, self.options.data_seed or 0
+        return data, seed
 
     def reference_for(self, run: Any, meta: checkpoints.CheckpointMeta) -> Reference:
         shape = meta.model_shape["data_shape"]
-        if sources.is_image_shape(shape):
+        if is_image_shape(shape):
             reference = self.image_reference()
             expected = reference.stats.image_shape
             if expected and list(shape[1:]) != list(expected[1:]):
@@ -340,8 +344,6 @@ class Watcher:
         worse of their results. Returns "version N (moved)", or "(kept)" when the alias stays."""
         from mlflow.exceptions import MlflowException
 
-        from pipeline.tracking import registry
-
         claim = self.claims.acquire(f"champion/{name}", wait_s=CHAMPION_WAIT_S)
         if claim is None:
             raise EvalError(f"another job holds the champion claim of {name} for over {CHAMPION_WAIT_S:.0f}s")
@@ -383,8 +385,6 @@ class Watcher:
             return f"version {version.version} (moved)"
 
     def model_version_of(self, name: str, record: dict[str, Any]) -> Any:
-        from pipeline.tracking import registry
-
         run_id, step = record["run_id"], int(record["step"])
         logged = registry.find_logged_model(self.client, run_id, step)
         if logged is None:

@@ -23,7 +23,7 @@ run from the record the earlier processes left (metrics.jsonl, the checkpoints;
 pipeline.tracking.reconcile), so a process killed with deliveries pending loses nothing.
 
 Secrets never reach MLflow: params, tags and the config.yaml artifact go through
-pipeline.tracking.redaction on their way out, and the tracking URI is named redacted.
+pipeline.redaction on their way out, and the tracking URI is named redacted.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.tracking.outbox import MetricValue, Outbox
 from pipeline.tracking.reconcile import (
@@ -45,16 +45,14 @@ from pipeline.tracking.reconcile import (
     RecordedValue,
     stage_checkpoint,
 )
-from pipeline.tracking.redaction import (
+from pipeline.redaction import (
     install_log_redaction,
     install_stdout_redaction,
     redact,
     redact_mapping,
 )
-from pipeline.tracking.tracker import flatten
-
-if TYPE_CHECKING:
-    from pipeline.config import ExperimentConfig
+from pipeline.tracking.params import flatten
+from pipeline.tracking.settings import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +173,13 @@ class MlflowTracker:
         atexit.register(self._at_exit)
 
     @classmethod
-    def from_config(cls, config: ExperimentConfig, run_dir: Path) -> "MlflowTracker":
-        t = config.tracking
-        return cls(run_dir, t.experiment or config.name, run_name=config.name,
-                   registered_model_name=t.registered_model_name, register_model=t.register_model,
-                   log_checkpoints=t.log_checkpoints, system_metrics=t.system_metrics,
-                   checkpoints_dir=config.train.checkpoint_dir or Path(run_dir) / "checkpoints")
+    def from_settings(cls, settings: TrackingConfig, run_dir: Path, name: str,
+                      checkpoint_dir: Path | str) -> "MlflowTracker":
+        """The tracker of experiment `name`'s run in `run_dir`, whose checkpoints go to `checkpoint_dir`."""
+        return cls(run_dir, settings.experiment or name, run_name=name,
+                   registered_model_name=settings.registered_model_name, register_model=settings.register_model,
+                   log_checkpoints=settings.log_checkpoints, system_metrics=settings.system_metrics,
+                   checkpoints_dir=checkpoint_dir)
 
     # ---- the Tracker interface: called by the training loop, never blocks on MLflow ----
 
@@ -413,7 +412,7 @@ class MlflowTracker:
             raise FileNotFoundError(f"{path} no longer exists (a pruned checkpoint?)")
 
     def _send_model(self, checkpoint: Path | str) -> None:
-        from pipeline.tracking import registry
+        from pipeline.tracking import registry  # deferred: it imports MLflow, which untracked runs never load
 
         logged = registry.log_model(self._client, self.run_id, checkpoint)
         tags = {"gapm.model_id": logged.model_id}

@@ -38,11 +38,14 @@ from mlflow.tracking import MlflowClient
 
 import gapm
 from gapm import Method
+
+# `count` samples in data space of a model, a pure function of its weights and the seed: one
+# function for a checkpoint, its registered model, `mlflow models serve` and `gapm sample`.
+from gapm import reconstruct, sample  # noqa: F401 - re-exported for registry users
 from pipeline import checkpoints
-from pipeline.data import sources
 from pipeline.errors import GapmError
 from pipeline.tracking import served_model
-from pipeline.tracking.redaction import redact
+from pipeline.redaction import redact
 from pipeline.tracking.served_model import META, WEIGHTS
 
 MODEL_NAME = "model"  # the logged model's name within its run (runs:/RUN_ID/model)
@@ -65,17 +68,6 @@ class RegistryError(GapmError):
 
 def default_model_name(experiment: str) -> str:
     return f"gapm-{experiment}"
-
-
-def sample(model: Method, count: int, seed: int) -> torch.Tensor:
-    """`count` generated samples in data space ([0, 1] images or points), a pure function of
-    the weights and `seed`: the same for a checkpoint, the model registered from it and that
-    model served by MLflow."""
-    return served_model.sample(model, count, seed)
-
-
-def reconstruct(model: Method, data: torch.Tensor) -> torch.Tensor:
-    return served_model.reconstruct(model, data)
 
 
 def model_from_files(weights: Path, meta: Path) -> Method:
@@ -249,7 +241,3 @@ def _explain(error: BaseException, tracking_uri: str, thing: str) -> str:
                 "MLFLOW_TRACKING_URI and that the server is running")
     return (f"MLflow at {tracking_uri} has no {thing} ({first_line}); check the name "
             "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) and MLFLOW_TRACKING_URI")
-
-
-def is_image_model(model: Method) -> bool:
-    return sources.is_image_shape(model.shape.data_shape)

@@ -5,7 +5,9 @@ it is copied into every logged model, next to a copy of the `gapm` package (`cod
 `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and `mlflow models serve` work in any Python
 environment with the packages of the model's requirements.txt (mlflow, torch, safetensors,
 numpy, pandas): no gapm installation, no repository, nothing unpickled. It therefore imports
-nothing from `pipeline`; `pipeline.tracking.registry` imports it to sample exactly as served.
+nothing from `pipeline`. It rebuilds, samples and reconstructs with gapm's own functions
+(`gapm.model_from_meta`, `gapm.sample`, `gapm.reconstruct`), the ones a checkpoint, the
+registry, `gapm sample` and the evaluation jobs use: the same seed gives the same samples.
 
 The model's artifacts are the checkpoint's `model.safetensors` and `meta.json`.
 
@@ -38,10 +40,9 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 from safetensors.torch import load_file
 
-from gapm import Method, ModelShape, build_model
+from gapm import Method, model_from_meta, reconstruct, sample
 
 WEIGHTS, META = "weights", "meta"  # artifact keys: model.safetensors, meta.json
-SAMPLE_BATCH = 500  # samples drawn per forward pass; part of "the same seed gives the same samples"
 MAX_SAMPLES_PER_ROW = 100_000  # a request beyond this is refused rather than exhausting the server
 
 
@@ -50,50 +51,9 @@ def model_from_files(weights: Path | str, meta: Path | str) -> Method:
     meta.json. Raises ValueError (or OSError) naming what is wrong."""
     values = json.loads(Path(meta).read_text())
     try:
-        kind, shape = values.get("model_kind", "gapm"), ModelShape.from_dict(values["model_shape"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{meta} is not a gapm checkpoint meta.json ({error})") from None
-    model = build_model(kind, shape, **values.get("hyperparameters", {}))
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval()
-
-
-def is_image_shape(data_shape: list[int]) -> bool:
-    return len(data_shape) == 3
-
-
-def to_model_space(batch: torch.Tensor, data_shape: list[int]) -> torch.Tensor:
-    """Images arrive in [0, 1]; the networks work in [-1, 1]. Points pass unchanged.
-    (The same convention as pipeline.data.sources, which training uses.)"""
-    return batch * 2 - 1 if is_image_shape(data_shape) else batch
-
-
-def to_data_space(batch: torch.Tensor, data_shape: list[int]) -> torch.Tensor:
-    return ((batch + 1) / 2).clamp(0, 1) if is_image_shape(data_shape) else batch
-
-
-@torch.no_grad()
-def sample(model: Method, count: int, seed: int) -> torch.Tensor:
-    """`count` samples in data space, a pure function of the weights and `seed`."""
-    shape = list(model.shape.data_shape)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out, remaining = [], count
-    while remaining > 0:
-        size = min(SAMPLE_BATCH, remaining)
-        out.append(to_data_space(model.sample(size, generator).float(), shape).cpu())
-        remaining -= size
-    return torch.cat(out) if out else torch.zeros(0, *shape)
-
-
-@torch.no_grad()
-def reconstruct(model: Method, data: torch.Tensor, batch_size: int = SAMPLE_BATCH) -> torch.Tensor:
-    """Reconstructions of `data` (N, *data_shape), in data space."""
-    shape = list(model.shape.data_shape)
-    device = next(model.parameters()).device
-    out = [to_data_space(model.reconstruct(to_model_space(chunk.to(device), shape)).float(), shape).cpu()
-           for chunk in data.split(batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, *shape)
+        return model_from_meta(values, load_file(str(weights)))
+    except ValueError as error:
+        raise ValueError(f"{meta}: {error}") from None
 
 
 def signature(data_shape: list[int]) -> ModelSignature:

@@ -5,7 +5,7 @@ plain-file record (params.json, metrics.jsonl, tags.json); MLflow (pipeline/trac
 plugs in as another Tracker through `MultiTracker`, after the run directory, so metrics.jsonl
 has every value before MLflow is asked for it (pipeline/tracking/reconcile.py relies on that).
 Only rank 0 tracks: other ranks get `NullTracker`. Params and tags are redacted
-(pipeline/tracking/redaction.py) before they are written anywhere.
+(pipeline/redaction.py) before they are written anywhere.
 """
 
 from __future__ import annotations
@@ -14,36 +14,13 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from pipeline.errors import ConfigError
-from pipeline.tracking.redaction import MASK, redact_mapping, redact_value  # noqa: F401 - MASK re-exported
-
-if TYPE_CHECKING:
-    from pipeline.config import ExperimentConfig
-
-
-@dataclass
-class TrackingConfig:
-    # track in MLflow: the server named by MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
-    # (the run directory's record is written either way)
-    enabled: bool = True
-    experiment: str | None = None  # MLflow experiment; null: the config's name. Comparisons share one.
-    registered_model_name: str | None = None  # null: "gapm-" + name
-    register_model: bool = True  # register the model logged at the end of stage 2 (logged either way)
-    log_checkpoints: bool = True  # upload every checkpoint as run artifacts (else: location only)
-    system_metrics: bool = True  # CPU/GPU/memory/disk/network every 10 s (needs psutil)
-
-    def validate(self) -> None:
-        name = self.registered_model_name
-        if name is not None and (not name or any(c in name for c in "/@:")):
-            # models:/NAME@ALIAS and models:/NAME/VERSION could not name it.
-            raise ConfigError(f"config key 'tracking.registered_model_name' must be a non-empty name "
-                              f"without '/', '@' or ':', got {name!r}")
-        if self.experiment is not None and not self.experiment.strip():
-            raise ConfigError("config key 'tracking.experiment' is empty; give a name or null")
+from pipeline.redaction import redact_mapping, redact_value
+from pipeline.tracking.mlflow_sink import MlflowTracker
+from pipeline.tracking.params import flatten
+from pipeline.tracking.settings import TrackingConfig
 
 
 class Tracker(Protocol):
@@ -64,17 +41,6 @@ class NullTracker:
     def log_checkpoint(self, checkpoint: Path | str) -> None: pass
     def log_model(self, checkpoint: Path | str) -> None: pass
     def finish(self, status: str = "FINISHED") -> None: pass
-
-
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: the shape trackers want for params."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class RunDirectoryTracker:
@@ -157,20 +123,13 @@ class MultiTracker:
             tracker.finish(status)
 
 
-def default_tracker(config: ExperimentConfig, run_dir: Path) -> Tracker:
-    """The run directory's record, plus MLflow unless `tracking.enabled` is false."""
+def default_tracker(settings: TrackingConfig, run_dir: Path, name: str, checkpoint_dir: Path | str) -> Tracker:
+    """The run directory's record, plus MLflow unless `tracking.enabled` is false. `name`: the
+    experiment's (the MLflow run's name); `checkpoint_dir`: where its checkpoints are written."""
     directory = RunDirectoryTracker(run_dir)
-    if not config.tracking.enabled:
+    if not settings.enabled:
         return directory
-    from pipeline.tracking.mlflow_sink import (
-        MlflowTracker,  # imports mlflow: only when tracking
-    )
-
-    return MultiTracker(directory, MlflowTracker.from_config(config, run_dir))
-
-
-# Kept for callers of the earlier names: one redaction for everything (pipeline.tracking.redaction).
-mask_secret_value, mask_secrets = redact_value, redact_mapping
+    return MultiTracker(directory, MlflowTracker.from_settings(settings, run_dir, name, checkpoint_dir))
 
 
 def git_commit() -> str | None:

@@ -30,7 +30,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, convert_outputs_to_fp32
 from torch import nn
 
-from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.errors import ConfigError
+from pipeline.train.settings import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def enabled(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def engine_config(accelerator: Accelerator, config: ExperimentConfig) -> dict[str, Any]:
+def engine_config(accelerator: Accelerator, settings: TrainConfig, batch_size: int) -> dict[str, Any]:
     """The DeepSpeed config for one engine: the launcher's ZeRO settings, our batch settings."""
     launcher = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     zero = launcher.get("zero_optimization", {})
@@ -51,13 +52,13 @@ def engine_config(accelerator: Accelerator, config: ExperimentConfig) -> dict[st
     if accelerator.mixed_precision == "fp16":
         raise ConfigError("DeepSpeed with fp16 is not supported (one loss scaler per engine would be needed); "
                           "use bf16 (--set train.mixed_precision=bf16) or DDP with fp16")
-    accumulation = config.train.gradient_accumulation_steps
+    accumulation = settings.gradient_accumulation_steps
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return {
-        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": config.data.batch_size * accumulation * world_size,
-        "gradient_clipping": config.train.grad_clip_norm or 0.0,
+        "train_batch_size": batch_size * accumulation * world_size,
+        "gradient_clipping": settings.grad_clip_norm or 0.0,
         "zero_optimization": {**{k: v for k, v in zero.items() if v != "auto"}, "stage": stage},
         "zero_allow_untested_optimizer": True,  # torch's Adam, built by the pipeline
         "bf16": {"enabled": False},  # autocast instead, see the module docstring
@@ -67,11 +68,12 @@ def engine_config(accelerator: Accelerator, config: ExperimentConfig) -> dict[st
 
 
 def prepare(accelerator: Accelerator, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-            config: ExperimentConfig) -> tuple[dict[str, nn.Module], dict[str, Any], Callable[[str, torch.Tensor], None]]:
+            settings: TrainConfig, batch_size: int
+            ) -> tuple[dict[str, nn.Module], dict[str, Any], Callable[[str, torch.Tensor], None]]:
     """(engines by network name, their optimizers, the `update` the step functions call)."""
-    import deepspeed
+    import deepspeed  # an optional extra (pip install gapm[deepspeed]), needed only when launched with it
 
-    settings = engine_config(accelerator, config)
+    engine_settings = engine_config(accelerator, settings, batch_size)
     if accelerator.mixed_precision == "bf16":
         for name in optimizers:  # the frozen forwards on the plain modules get autocast too
             module = getattr(model, name)
@@ -80,10 +82,10 @@ def prepare(accelerator: Accelerator, model: nn.Module, optimizers: dict[str, to
     engines, engine_optimizers = {}, {}
     for name, optimizer in optimizers.items():
         engine, engine_optimizer, _, _ = deepspeed.initialize(
-            model=getattr(model, name), optimizer=optimizer, config=copy.deepcopy(settings),
+            model=getattr(model, name), optimizer=optimizer, config=copy.deepcopy(engine_settings),
             dist_init_required=None)  # accelerate has usually initialised it already
         engines[name], engine_optimizers[name] = engine, engine_optimizer
-    log.info("DeepSpeed: one ZeRO-%d engine for each of %s", settings["zero_optimization"]["stage"],
+    log.info("DeepSpeed: one ZeRO-%d engine for each of %s", engine_settings["zero_optimization"]["stage"],
              ", ".join(engines))
 
     def update(name: str, loss: torch.Tensor) -> None:

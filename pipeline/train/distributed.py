@@ -13,6 +13,8 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -180,8 +182,6 @@ def launcher_process_count(parent_pid: int | None = None) -> int | None:
 def check_world_size(accelerator: Accelerator) -> None:
     """Refuses to train when the launcher started several processes but each would train on
     its own (world size 1): they would write the same run directory and MLflow run twice."""
-    from pipeline.errors import ConfigError
-
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes == 1:
         raise ConfigError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but each would "

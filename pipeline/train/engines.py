@@ -17,10 +17,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from gapm import Method
-from pipeline.config import ExperimentConfig, optimizer_settings
 from pipeline.train import deepspeed_engines
 from pipeline.train.distributed import fix_gradient_buckets
-from pipeline.train.settings import OptimizerConfig
+from pipeline.train.settings import OptimizerConfig, TrainConfig, optimizer_settings
 
 Update = Callable[[str, torch.Tensor], None]
 
@@ -30,9 +29,9 @@ def adam(parameters, settings: OptimizerConfig) -> torch.optim.Optimizer:
                             weight_decay=settings.weight_decay)
 
 
-def build_optimizers(model: Method, config: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per trained network, named as in `model.stages`."""
-    return {name: adam(getattr(model, name).parameters(), optimizer_settings(config.optimizers, name))
+def build_optimizers(model: Method, settings: dict[str, OptimizerConfig]) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per trained network, named as in `model.stages`, with its `settings` entry."""
+    return {name: adam(getattr(model, name).parameters(), optimizer_settings(settings, name))
             for names in model.stages for name in names}
 
 
@@ -95,10 +94,10 @@ class AccelerateUpdate:
 
 
 def prepare_engines(accelerator: Accelerator, model: Method, optimizers: dict[str, torch.optim.Optimizer],
-                    config: ExperimentConfig) -> Engines:
-    """Wraps every trained network for the launcher's distributed setting."""
+                    settings: TrainConfig, batch_size: int) -> Engines:
+    """Wraps every trained network for the launcher's distributed setting; `batch_size`: per process."""
     if deepspeed_engines.enabled(accelerator):
-        networks, optimizers, update = deepspeed_engines.prepare(accelerator, model, optimizers, config)
+        networks, optimizers, update = deepspeed_engines.prepare(accelerator, model, optimizers, settings, batch_size)
         engines = Engines(networks, optimizers, update, deepspeed=True)
     else:
         names = list(optimizers)
@@ -108,8 +107,8 @@ def prepare_engines(accelerator: Accelerator, model: Method, optimizers: dict[st
             fix_gradient_buckets(network)
         prepared_optimizers = dict(zip(names, prepared[len(names):]))
         update = AccelerateUpdate(accelerator, networks, prepared_optimizers,
-                                  config.train.gradient_accumulation_steps, config.train.grad_clip_norm)
+                                  settings.gradient_accumulation_steps, settings.grad_clip_norm)
         engines = Engines(networks, prepared_optimizers, update, deepspeed=False)
-    if config.train.compile:
+    if settings.compile:
         engines.networks = {name: torch.compile(net) for name, net in engines.networks.items()}
     return engines

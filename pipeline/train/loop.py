@@ -1,8 +1,10 @@
 """The training loop: stage 1 (autoencoder + interpolation critic), then stage 2 (latent GAN).
 
-`train` reads as its phases: prepare (Accelerate, data check, run directory, tracker, model,
-optimizers), restore (the checkpoint to resume from), one `run_stage` per stage of the method,
-and finish (metrics, outputs, the logged model). Accelerate supplies the device, DDP wrapping,
+`train` runs one `TrainingJob` (pipeline.train.settings; pipeline.config assembles it from the
+experiment config) and reads as its phases: prepare (Accelerate, data check, run directory,
+tracker, model, checkpointer), restore (the checkpoint to resume from, the optimizers and
+distributed wrappers, this rank's data), one `run_stage` per stage of the method, and finish
+(metrics, outputs, the logged model). Accelerate supplies the device, DDP wrapping,
 mixed precision and cross-rank reductions; the loop owns data position, checkpoints and logging.
 Randomness inside iteration t on rank r is seeded from (seed, r, t) alone, so a resumed run
 draws exactly what the uninterrupted run would have drawn.
@@ -14,6 +16,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from gapm import Method, build_model
+from gapm import Method, build_model, to_model_space
 from pipeline import console
 from pipeline.checkpoints import (
     Checkpoint,
@@ -35,17 +38,10 @@ from pipeline.checkpoints import (
     UnwritableLocation,
     disk_failure,
 )
-from pipeline.config import (
-    ExperimentConfig,
-    checkpoint_config,
-    method_hyperparameters,
-    optimizer_settings,
-    to_dict,
-)
 from pipeline.data import sources, storage
 from pipeline.errors import GapmError
+from pipeline.redaction import redact_mapping
 from pipeline.stopping import StopRequest, TrainingInterrupted
-from pipeline.tracking.redaction import redact_mapping
 from pipeline.tracking.tracker import NullTracker, Tracker, default_tracker, git_commit
 from pipeline.train import outputs
 from pipeline.train.distributed import (
@@ -61,7 +57,7 @@ from pipeline.train.engines import (
     build_optimizers,
     prepare_engines,
 )
-from pipeline.train.settings import scheduled_lr
+from pipeline.train.settings import TrainingJob, optimizer_settings, scheduled_lr
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +70,44 @@ class TrainResult:
 
 
 @dataclass
-class Run:
-    """What the phases of one training share."""
+class Setup:
+    """What `prepare` builds, before anything is restored."""
 
-    config: ExperimentConfig
+    job: TrainingJob
     accelerator: Accelerator
     tracker: Tracker
     model: Method
     checkpointer: Checkpointer
-    engines: Engines | None = None
-    source: Any = None  # a sources.*Batches: this rank's batches, epoch by epoch
-    batches: Any = None  # endless iterator over `source` from `position`
-    position: sources.StreamPosition = field(default_factory=sources.StreamPosition)
-    resumed_from: CheckpointMeta | None = None
-    step: int = 0  # iterations completed over all stages
-    last_saved: Checkpoint | None = None
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
 
-def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | None = None,
+@dataclass
+class Run(Setup):
+    """What the phases of one training share, complete once `restore` has built it. From then
+    on only these change: `step` (run_stage, one per iteration), `position` (advanced in place
+    by `batches`) and `last_saved` (save)."""
+
+    engines: Engines = field(kw_only=True)
+    source: sources.TrainingSource = field(kw_only=True)  # this rank's batches, epoch by epoch
+    batches: Iterator[torch.Tensor] = field(kw_only=True)  # endless, over `source` from `position`
+    position: sources.StreamPosition = field(kw_only=True)
+    resumed_from: CheckpointMeta | None = field(kw_only=True)
+    step: int = field(kw_only=True)  # iterations completed over all stages
+    last_saved: Checkpoint | None = field(kw_only=True)
+
+
+def train(job: TrainingJob, *, resume: str = "auto", tracker: Tracker | None = None,
           stop: StopRequest | None = None) -> TrainResult:
-    """Trains every stage of `config`'s method. `stop`: the stop request `gapm train` installed
+    """Trains every stage of `job`'s method. `stop`: the stop request `gapm train` installed
     before its imports (else one is installed here)."""
+    if not isinstance(job, TrainingJob):  # an experiment config: its sections are assembled above this layer
+        raise TypeError(f"train() runs a TrainingJob, not {type(job).__name__}: pass "
+                        "pipeline.config.training_job(config)")
     with (stop or StopRequest()) as stop:
-        run = prepare(config, tracker)
-        restore(run, resume)
+        run = restore(prepare(job, tracker), resume)
         if stop.agreed(run.accelerator):  # asked to stop during start-up: nothing new to save
             run.tracker.finish("KILLED")
             raise TrainingInterrupted(stop.signal_name, run.last_saved)
@@ -114,38 +120,41 @@ def train(config: ExperimentConfig, *, resume: str = "auto", tracker: Tracker | 
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare(config: ExperimentConfig, tracker: Tracker | None) -> Run:
+def prepare(job: TrainingJob, tracker: Tracker | None) -> Setup:
     accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision,
+        mixed_precision=job.train.mixed_precision,
         # The latent BatchNorm's buffers change in every forward; broadcasting them from
         # rank 0 before each of several forwards per step breaks autograd (in-place error).
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     check_world_size(accelerator)  # before anything is written
     # Every storage call of this process and its loader workers retries outages this long.
-    os.environ[storage.RETRY_BUDGET_ENV] = str(config.train.storage_retry_seconds)
-    sources.check_sources(config.data, config.model.data_shape)
+    os.environ[storage.RETRY_BUDGET_ENV] = str(job.train.storage_retry_seconds)
+    sources.check_sources(job.data, job.model_shape.data_shape)
     if accelerator.is_main_process:
-        write_run_directory(config)
+        write_run_directory(job)
     # Only rank 0 tracks: the run directory record, plus MLflow unless tracking.enabled is false.
-    tracker = (tracker or default_tracker(config, config.run_dir)) if accelerator.is_main_process else NullTracker()
-    set_seed(config.seed)  # identical initial weights on every rank
-    model = build_model(config.model.kind, config.model.shape(), **method_hyperparameters(config))
-    run = Run(config, accelerator, tracker, model, Checkpointer(checkpoint_config(config), tracker.log_checkpoint))
-    if run.is_main:  # checks the directory; s3://: uploads what an earlier launch left staged
-        run.checkpointer.start()
+    if not accelerator.is_main_process:
+        tracker = NullTracker()
+    elif tracker is None:
+        tracker = default_tracker(job.tracking, job.run_dir, job.name, job.checkpoints.directory)
+    set_seed(job.seed)  # identical initial weights on every rank
+    model = build_model(job.model_kind, job.model_shape, **job.hyperparameters)
+    setup = Setup(job, accelerator, tracker, model, Checkpointer(job.checkpoints, tracker.log_checkpoint))
+    if setup.is_main:  # checks the directory; s3://: uploads what an earlier launch left staged
+        setup.checkpointer.start()
     accelerator.wait_for_everyone()  # the other ranks resume from what rank 0 has uploaded
-    return run
+    return setup
 
 
-def write_run_directory(config: ExperimentConfig) -> None:
+def write_run_directory(job: TrainingJob) -> None:
     """The run directory and its config.yaml; a place that cannot be written is one line."""
     try:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
         # The resolved config, secrets masked (a token in a URL stays out of the run directory).
-        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(redact_mapping(to_dict(config)), sort_keys=False))
+        (job.run_dir / "config.yaml").write_text(yaml.safe_dump(redact_mapping(job.record), sort_keys=False))
     except OSError as error:
-        failure = disk_failure(error, config.run_dir, "the run directory", setting="output_dir")
+        failure = disk_failure(error, job.run_dir, "the run directory", setting="output_dir")
         if failure is None:
             raise
         raise failure from None
@@ -154,47 +163,49 @@ def write_run_directory(config: ExperimentConfig) -> None:
 # --------------------------------------------------------------------------- restore
 
 
-def restore(run: Run, resume: str) -> None:
-    """Weights, optimizer moments, loss scaler and data position from the checkpoint to resume
-    from (if any); then the distributed wrappers and this rank's data stream."""
-    config, model = run.config, run.model
-    optimizers = build_optimizers(model, config)
-    stage_steps = [stage_length(config, stage) for stage in range(1, len(model.stages) + 1)]
-    restored = run.checkpointer.restore(resume, model, stage_steps, announce=run.is_main)
-    state: dict[str, Any] = {}
-    if restored is not None:
-        meta, state = restored.meta, restored.state
-        run.resumed_from, run.step, run.last_saved = meta, meta.step, restored.checkpoint
-        run.position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch)
-        for name, optimizer in optimizers.items():
-            if name in state["optimizers"]:
-                optimizer.load_state_dict(state["optimizers"][name])
-            elif run.is_main:
-                log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
-                            "its Adam moments restart", restored.checkpoint, name)
-    run.engines = prepare_engines(run.accelerator, model, optimizers, config)
-    scaler = run.accelerator.scaler
-    if scaler is not None and "grad_scaler" in state and not run.engines.deepspeed:
-        scaler.load_state_dict(state["grad_scaler"])
+def restore(setup: Setup, resume: str) -> Run:
+    """The run, from the checkpoint to resume from (if any): weights, optimizer moments, loss
+    scaler and data position; then the distributed wrappers and this rank's data stream."""
+    job, model, accelerator = setup.job, setup.model, setup.accelerator
+    optimizers = build_optimizers(model, job.optimizers)
+    stage_steps = [job.stage_length(stage) for stage in range(1, len(model.stages) + 1)]
+    restored = setup.checkpointer.restore(resume, model, stage_steps, announce=setup.is_main)
+    meta, state = (restored.meta, restored.state) if restored is not None else (None, {})
+    last_saved = restored.checkpoint if restored is not None else None
+    position = sources.StreamPosition(meta.data_epoch, meta.data_batch_in_epoch) if meta else sources.StreamPosition()
+    for name, optimizer in optimizers.items():
+        if name in state.get("optimizers", {}):
+            optimizer.load_state_dict(state["optimizers"][name])
+        elif restored is not None and setup.is_main:
+            log.warning("checkpoint %s has no optimizer state for %s (written under DeepSpeed); "
+                        "its Adam moments restart", last_saved, name)
+    engines = prepare_engines(accelerator, model, optimizers, job.train, job.data.batch_size)
+    if accelerator.scaler is not None and "grad_scaler" in state and not engines.deepspeed:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
     if RANK_BATCHNORM_STATE in state:  # stopped between two averagings: each rank's own statistics
-        rank, world_size = run.accelerator.process_index, run.accelerator.num_processes
+        rank, world_size = accelerator.process_index, accelerator.num_processes
         own_statistics = restore_rank_batchnorm_statistics(model, state[RANK_BATCHNORM_STATE], rank, world_size)
-        if not own_statistics and run.is_main:
+        if not own_statistics and setup.is_main:
             log.warning("%s was written by %d ranks; the %d ranks start from their averaged BatchNorm statistics",
-                        run.last_saved, len(state[RANK_BATCHNORM_STATE]), world_size)
-    run.source = sources.training_source(config.data, rank=run.accelerator.process_index,
-                                         world_size=run.accelerator.num_processes, seed=config.seed,
-                                         data_shape=model.shape.data_shape,
-                                         agree=lambda failed: any_rank(run.accelerator, failed))
-    run.batches = sources.endless_batches(run.source, run.position)
-    if run.is_main:
-        run.tracker.log_params(to_dict(config))
-        tags = {"world_size": str(run.accelerator.num_processes),
-                "mixed_precision": run.accelerator.mixed_precision, "dataset": config.data.train}
-        commit = git_commit()
-        if commit:
-            tags["git_commit"] = commit
-        run.tracker.set_tags(tags)
+                        last_saved, len(state[RANK_BATCHNORM_STATE]), world_size)
+    source = sources.training_source(job.data, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                     seed=job.seed, data_shape=model.shape.data_shape,
+                                     agree=lambda failed: any_rank(accelerator, failed))
+    if setup.is_main:
+        record_start(setup)
+    return Run(**vars(setup), engines=engines, source=source, batches=sources.endless_batches(source, position),
+               position=position, resumed_from=meta, step=meta.step if meta else 0, last_saved=last_saved)
+
+
+def record_start(setup: Setup) -> None:
+    """The run's params and the tags of this start (rank 0)."""
+    setup.tracker.log_params(setup.job.record)
+    tags = {"world_size": str(setup.accelerator.num_processes),
+            "mixed_precision": setup.accelerator.mixed_precision, "dataset": setup.job.data.train}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    setup.tracker.set_tags(tags)
 
 
 # --------------------------------------------------------------------------- one stage
@@ -216,53 +227,49 @@ def seed_iteration(seed: int, rank: int, step: int, device: torch.device) -> Non
         torch.manual_seed(value)
 
 
-def stage_length(config: ExperimentConfig, stage: int) -> int:
-    return config.stage1.steps if stage == 1 else config.stage2.steps
-
-
 def run_stage(run: Run, stage: int, stop: StopRequest) -> None:
     """The iterations of one stage, from where a resumed run left off; checkpoints every
     `train.checkpoint_every` steps and at the end; stops resumably on a signal."""
-    config, model, engines, accelerator = run.config, run.model, run.engines, run.accelerator
+    job, model, engines, accelerator = run.job, run.model, run.engines, run.accelerator
     trained = model.stages[stage - 1]
     run.tracker.set_tags({"stage": str(stage)})  # both stages share one tracked run
     if stage > 1:  # GAPM's stage 2 reads BN(E(x)) with running statistics: the same on all ranks
         average_batchnorm_statistics(model, accelerator)
     resumed = run.resumed_from
     first = resumed.stage_step if resumed is not None and stage == resumed.stage else 0
-    total = stage_length(config, stage)
+    total = job.stage_length(stage)
     for name, network in engines.networks.items():
         network.train(name in trained)
-    schedules = {name: optimizer_settings(config.optimizers, name) for name in trained}
+    schedules = {name: optimizer_settings(job.optimizers, name) for name in trained}
     window = MetricWindow(stage)
     progress = progress_bar(run, stage, first, total)
     for stage_step in range(first, total):
         for name, settings in schedules.items():
             for group in engines.optimizers[name].param_groups:
                 group["lr"] = scheduled_lr(settings, stage_step, total)
-        seed_iteration(config.seed, accelerator.process_index, run.step, accelerator.device)
+        seed_iteration(job.seed, accelerator.process_index, run.step, accelerator.device)
         try:  # every rank gets its batch, or every rank gets this error (sources.ShardBatches)
             batch = next(run.batches)
         except storage.StorageUnavailable as unavailable:
             stop_for_storage(run, stage, stage_step, first, stop, unavailable)
-        data = sources.to_model_space(batch.to(accelerator.device), model.shape.data_shape)
+        data = to_model_space(batch.to(accelerator.device), model.shape.data_shape)
         logs = model.stage_step(stage, {name: engines.networks[name] for name in trained}, data, engines.update)
         run.step += 1
         window.add(logs, len(data))
         progress.update(1)
         done = stage_step + 1
-        if done % config.train.log_every == 0 or done == total:
+        if done % job.train.log_every == 0 or done == total:
             means = window.flush(run, {name: engines.optimizers[name] for name in trained})
             # shown with the bar's next drawing: a forced one would be a line per window in batch logs
             progress.set_postfix({key.split("/", 1)[1]: f"{value:.4f}" for key, value in means.items()}, refresh=False)
-        at_accumulation_boundary = done % config.train.gradient_accumulation_steps == 0
+        at_accumulation_boundary = done % job.train.gradient_accumulation_steps == 0
         if at_accumulation_boundary and done < total and stop.agreed(accelerator):
             saved = save(run, stage, done)
             progress.close()
             wait_for_uploads(run, STOP_UPLOAD_WAIT_S)
             run.tracker.finish("KILLED")
             raise TrainingInterrupted(stop.signal_name, saved)
-        if done % run.checkpointer.config.every == 0 and done < total:
+        if done % job.checkpoints.every == 0 and done < total:
             save(run, stage, done)
     progress.close()
     save(run, stage, total)
@@ -273,9 +280,8 @@ def stop_for_storage(run: Run, stage: int, stage_step: int, first: int, stop: St
     """Storage stayed away for the whole retry budget (or a stop came while waiting for it):
     checkpoint the steps done so far and stop resumably (exit 75). Mid-way through gradient
     accumulation, or with nothing new since the last checkpoint, the last checkpoint stands."""
-    train = run.config.train
-    new_steps = stage_step > first and stage_step % train.checkpoint_every != 0
-    at_boundary = stage_step % train.gradient_accumulation_steps == 0
+    new_steps = stage_step > first and stage_step % run.job.checkpoints.every != 0
+    at_boundary = stage_step % run.job.train.gradient_accumulation_steps == 0
     saved = save(run, stage, stage_step) if new_steps and at_boundary else run.last_saved
     wait_for_uploads(run, STOP_UPLOAD_WAIT_S)
     run.tracker.finish("KILLED")
@@ -286,7 +292,7 @@ def stop_for_storage(run: Run, stage: int, stage_step: int, first: int, stop: St
 def progress_bar(run: Run, stage: int, first: int, total: int) -> tqdm:
     # rank 0 only; in batch logs (Slurm, Kubernetes) it redraws rarely: pipeline.console
     return console.progress_bar(total, f"stage {stage}", unit="step", initial=first,
-                                enabled=run.is_main and run.config.train.progress_bar)
+                                enabled=run.is_main and run.job.train.progress_bar)
 
 
 class MetricWindow:
@@ -330,9 +336,9 @@ def save(run: Run, stage: int, stage_step: int) -> Checkpoint | None:
     steps and at the end of a stage. A checkpoint at another step (a stop signal) also keeps
     each rank's own statistics, which the resume restores: it continues as the run would have.
     """
-    accelerator, model, config = run.accelerator, run.model, run.config
+    accelerator, model, job = run.accelerator, run.model, run.job
     extra: dict[str, Any] = {}
-    if stage_step % config.train.checkpoint_every and stage_step != stage_length(config, stage):
+    if stage_step % job.checkpoints.every and stage_step != job.stage_length(stage):
         per_rank = gather_batchnorm_statistics(model, accelerator)
         if per_rank is not None:
             extra[RANK_BATCHNORM_STATE] = per_rank
@@ -345,7 +351,7 @@ def save(run: Run, stage: int, stage_step: int) -> Checkpoint | None:
         meta = CheckpointMeta(
             stage=stage, step=run.step, stage_step=stage_step, data_epoch=run.position.epoch,
             data_batch_in_epoch=run.position.batch_in_epoch, model_shape=dataclasses.asdict(model.shape),
-            experiment=config.name, model_kind=model.kind, hyperparameters=model.hyperparameters)
+            experiment=job.name, model_kind=model.kind, hyperparameters=model.hyperparameters)
         try:
             saved = run.checkpointer.save(model, run.engines.checkpointed_optimizers(), extra, meta)
             run.last_saved = saved
@@ -393,7 +399,7 @@ def wait_for_uploads(run: Run, timeout_s: float | None = None) -> None:
 def finish(run: Run) -> TrainResult:
     """Checks the ranks agree, totals data problems, writes the run's outputs and metrics, and
     logs the trained model."""
-    accelerator, config, model = run.accelerator, run.config, run.model
+    accelerator, job, model = run.accelerator, run.job, run.model
     metrics: dict[str, float] = {"distributed/max_parameter_divergence": max_parameter_divergence(model, accelerator)}
     problems = run.source.data_problems()
     totals = accelerator.reduce(torch.tensor([float(v) for v in problems.values()], device=accelerator.device),
@@ -405,16 +411,17 @@ def finish(run: Run) -> TrainResult:
                         int(total), key.replace("_", " "))
     wait_for_uploads(run)  # the logged model is read from the uploaded final checkpoint
     if run.is_main:
-        metrics.update(outputs.write_outputs(model, config, accelerator.device))
-        outputs.write_metrics(config.run_dir, metrics)
+        metrics.update(outputs.write_outputs(model, job.data, seed=job.seed, samples=job.end_of_run_samples,
+                                             run_dir=job.run_dir, title=job.name, device=accelerator.device))
+        outputs.write_metrics(job.run_dir, metrics)
         run.tracker.log_metrics(metrics, run.step)
         for name in outputs.PICTURES:
-            if (config.run_dir / name).exists():
-                run.tracker.log_artifact(config.run_dir / name)
-        last_stage_trained = stage_length(config, len(model.stages)) > 0
+            if (job.run_dir / name).exists():
+                run.tracker.log_artifact(job.run_dir / name)
+        last_stage_trained = job.stage_length(len(model.stages)) > 0
         if last_stage_trained and run.last_saved is not None:  # a usable generator
             run.tracker.log_model(run.last_saved)  # MLflow: logged as the run's model and registered
         run.tracker.finish("FINISHED")
         run.checkpointer.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir=config.run_dir, final_checkpoint=run.last_saved, metrics=metrics)
+    return TrainResult(run_dir=job.run_dir, final_checkpoint=run.last_saved, metrics=metrics)

@@ -10,30 +10,33 @@ import numpy as np
 import torch
 
 from gapm import Method
-from pipeline.config import ExperimentConfig
 from pipeline.data import sources
+from pipeline.data.settings import DataConfig
 from pipeline.eval import figures, quality
 
 PICTURES = ("samples.png", "reconstructions.png", "figure4.png")
 
 
-def write_outputs(model: Method, config: ExperimentConfig, device: torch.device) -> dict[str, float]:
-    """Evaluates the trained model on held-out data; writes recon.npy, samples.npy and the
-    pictures (Figure 4's panels for points, image grids otherwise). Returns the metrics."""
-    run_dir, shape = config.run_dir, config.model.data_shape
-    held_out = sources.held_out_data(config.data, config.seed, limit=config.eval.samples, data_shape=shape)
+def write_outputs(model: Method, data: DataConfig, *, seed: int, samples: int, run_dir: Path, title: str,
+                  device: torch.device) -> dict[str, float]:
+    """Evaluates the trained model on up to `samples` held-out samples of `data.test` and
+    `samples` generated ones (seed `seed`); writes recon.npy, samples.npy and the pictures into
+    `run_dir` (Figure 4's panels for points, titled `title`, image grids otherwise). Returns
+    the metrics."""
+    shape = list(model.shape.data_shape)
+    held_out = sources.held_out_data(data, seed, limit=samples, data_shape=shape)
     model.to(device)
-    metrics, reconstructions, samples = quality.evaluate(model, held_out, shape, config.eval.samples,
-                                                         seed=config.seed, roll=sources.test_roll(config.data))
+    metrics, reconstructions, generated = quality.evaluate(model, held_out, samples, seed=seed,
+                                                           roll=sources.test_roll(data))
     np.save(run_dir / "recon.npy", reconstructions.numpy())
-    np.save(run_dir / "samples.npy", samples.numpy())
-    if sources.is_image_shape(shape):
-        figures.save_image_grid(samples[:64], run_dir / "samples.png")
+    np.save(run_dir / "samples.npy", generated.numpy())
+    if model.shape.is_image:
+        figures.save_image_grid(generated[:64], run_dir / "samples.png")
         paired = torch.stack([held_out[:32], reconstructions[:32]], dim=1).flatten(0, 1)
         figures.save_image_grid(paired, run_dir / "reconstructions.png")
     else:
-        figures.save_point_panels(held_out, reconstructions, samples[: len(held_out)],
-                                  run_dir / "figure4.png", title=config.name)
+        figures.save_point_panels(held_out, reconstructions, generated[: len(held_out)],
+                                  run_dir / "figure4.png", title=title)
     return metrics
 
 

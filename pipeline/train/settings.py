@@ -1,16 +1,24 @@
 """The settings of the training loop (`train:`) and of each network's optimizer
-(`optimizers.autoencoder`, `optimizers.latent_generator`, ...), with the learning-rate schedule.
+(`optimizers.autoencoder`, `optimizers.latent_generator`, ...), with the learning-rate schedule,
+and `TrainingJob`: everything one training needs, assembled by pipeline.config
+(`training_job`) from the experiment's sections.
 
-Kept apart from the loop so that reading a config does not import Accelerate or torch.
+Kept apart from the loop so that reading a config does not import Accelerate, the data readers
+or the trackers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+from gapm import ModelShape
+from pipeline.checkpoints.settings import CheckpointConfig
+from pipeline.data.settings import DataConfig
 from pipeline.errors import ConfigError
+from pipeline.tracking.settings import TrackingConfig
 
 
 @dataclass
@@ -38,6 +46,11 @@ class OptimizerConfig:
             raise ConfigError(f"config key '{key}.decay_start' must be in [0, 1), got {self.decay_start}")
         if not 0.0 <= self.final_lr_fraction <= 1.0:
             raise ConfigError(f"config key '{key}.final_lr_fraction' must be in [0, 1], got {self.final_lr_fraction}")
+
+
+def optimizer_settings(optimizers: dict[str, OptimizerConfig], network: str) -> OptimizerConfig:
+    """The Adam settings of `network`: its own entry, else `default`, else Adam's defaults here."""
+    return optimizers.get(network) or optimizers.get("default") or OptimizerConfig()
 
 
 def scheduled_lr(settings: OptimizerConfig, stage_step: int, stage_steps: int) -> float:
@@ -75,3 +88,29 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.storage_retry_seconds' must be >= 0, got {self.storage_retry_seconds}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ConfigError(f"config key 'train.grad_clip_norm' must be positive or null, got {self.grad_clip_norm}")
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One training, as the loop runs it: the method and its shape, each stage's length, and
+    the sections of the components the loop drives (data, optimizers, checkpoints, tracking)."""
+
+    name: str  # the experiment: the MLflow run's name, the checkpoints' `experiment`
+    seed: int  # weight init, data order, every random draw
+    run_dir: Path  # the run directory: config.yaml, metrics, outputs (and checkpoints by default)
+    model_kind: str  # a key of gapm.METHODS
+    model_shape: ModelShape
+    hyperparameters: dict[str, Any]  # the method's own settings, every field
+    stage_steps: tuple[int, ...]  # iterations of stage 1, 2, ... (a method uses as many as it has stages)
+    data: DataConfig
+    optimizers: dict[str, OptimizerConfig]  # by network name; `default` for the others
+    train: TrainConfig
+    checkpoints: CheckpointConfig
+    tracking: TrackingConfig
+    end_of_run_samples: int  # generated samples for the end-of-training metrics and pictures
+    # The resolved experiment config as the record of the run: written to config.yaml and
+    # logged as params (secrets masked). Only recorded, never read back by the loop.
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def stage_length(self, stage: int) -> int:
+        return self.stage_steps[stage - 1]

@@ -10,8 +10,7 @@ import shutil
 import signal
 
 import pytest
-import torch
-from helpers import ROOT, tiny_overrides
+from helpers import ROOT, differing_parameters, tiny_overrides, train
 
 from pipeline import checkpoints, cli
 from pipeline.checkpoints.remote import upload_checkpoint
@@ -20,16 +19,8 @@ from pipeline.config import load_config
 from pipeline.data import storage
 from pipeline.stopping import TrainingInterrupted
 from pipeline.tracking.tracker import RunDirectoryTracker
-from pipeline.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def same_parameters(first, second) -> list[str]:
-    """Names of the tensors that differ between two checkpoints' models."""
-    a, _ = checkpoints.load_model(first)
-    b, _ = checkpoints.load_model(second)
-    return [name for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()) if not torch.equal(x, y)]
 
 
 def overrides(output_dir, *extra) -> list[str]:
@@ -91,7 +82,7 @@ def test_a_partial_staged_checkpoint_never_replaces_the_uploaded_one(s3_bucket, 
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == [checkpoints.META_FILE]
     final = checkpoints.latest_checkpoint(remote)
     assert checkpoints.read_meta(final).step == 50
-    assert same_parameters(uninterrupted.final_checkpoint, final) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, final) == []
 
 
 def staged_copy(source, staging, damage) -> None:
@@ -166,7 +157,7 @@ def test_an_invalid_meta_json_falls_back_to_the_checkpoint_before_it(tmp_path, c
     assert len(warnings) == 1 and "step-00000040" in warnings[0], warnings
     assert "resuming from" in caplog.text and "step-00000030" in caplog.text
     assert checkpoints.read_meta(resumed.final_checkpoint).step == 50
-    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
 
 
 def test_an_invalid_meta_json_named_explicitly_is_one_line_and_exit_2(tmp_path, capsys):
@@ -197,7 +188,7 @@ def test_a_weights_file_swapped_for_another_checkpoints_is_found_by_its_digest(t
         checkpoints.load_model(directory / "step-00000040")
     resumed = train(run_config(tmp_path / "b"), resume="auto")
     assert any("not resuming from" in r.message and "step-00000040" in r.message for r in caplog.records)
-    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
 
 
 def test_a_checkpoint_written_before_file_records_still_loads_and_resumes(tmp_path, caplog):
@@ -216,4 +207,4 @@ def test_a_checkpoint_written_before_file_records_still_loads_and_resumes(tmp_pa
     assert checkpoints.read_meta(latest).files == {}
     resumed = train(run_config(tmp_path / "b"), resume="auto")
     assert "not resuming from" not in caplog.text and f"resuming from {latest}" in caplog.text
-    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []

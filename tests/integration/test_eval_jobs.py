@@ -25,6 +25,7 @@ from helpers import (  # 2 + 2 steps, checkpoints at steps 2 and 4
     ROOT,
     TINY_IMAGES,
     free_port,
+    train,
 )
 from mlflow.tracking import MlflowClient
 
@@ -43,7 +44,6 @@ from pipeline.eval.mlflow_runs import parse_result_tag
 from pipeline.eval.settings import EvalSettings
 from pipeline.eval.watch import WatchOptions, watch
 from pipeline.tracking import registry
-from pipeline.train.loop import train
 
 SAMPLES = "120"
 

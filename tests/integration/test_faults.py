@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, PausableProxy, rewrite_tar, tiny_overrides
+from helpers import ROOT, PausableProxy, differing_parameters, rewrite_tar, tiny_overrides, train
 
 from pipeline import checkpoints
 from pipeline.checkpoints.meta import file_record
@@ -22,19 +22,11 @@ from pipeline.data.shards import convert_dataset
 from pipeline.errors import DataError, GapmError
 from pipeline.stopping import TrainingInterrupted
 from pipeline.tracking.tracker import RunDirectoryTracker
-from pipeline.train.loop import train
 
 IMAGES = ["model.data_shape=[1, 28, 28]", "model.latent_dim=16", "model.prior_dim=16",
           *tiny_overrides(stage1_steps=30, stage2_steps=6, batch_size=32, samples=None, test_samples=None,
                           width=8, latent_widths=16, checkpoint_every=7, log_every=7, eval_samples=32,
                           discriminator_steps=1)]
-
-
-def same_parameters(first: checkpoints.Checkpoint, second: checkpoints.Checkpoint) -> list[str]:
-    """Names of the tensors that differ between two checkpoints' models."""
-    a, _ = checkpoints.load_model(first)
-    b, _ = checkpoints.load_model(second)
-    return [name for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()) if not torch.equal(x, y)]
 
 
 @pytest.fixture()
@@ -59,7 +51,7 @@ def test_resume_on_shards_matches_an_uninterrupted_run(image_shards, tmp_path):
             shutil.rmtree(later)  # as if killed right after the checkpoint at step 21
     resumed = train(image_config(tmp_path / "b", image_shards), resume="auto")
     assert checkpoints.read_meta(resumed.final_checkpoint).step == checkpoints.read_meta(uninterrupted.final_checkpoint).step == 36
-    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
 
 
 class OutageAt(RunDirectoryTracker):
@@ -132,7 +124,7 @@ def test_a_longer_outage_stops_resumably_and_loses_nothing(s3_behind_proxy, tmp_
     assert list((config.run_dir / ".checkpoint-uploads").glob("step-*"))
     proxy.up()
     resumed = train(s3_run(tmp_path / "b", bucket), resume="auto")
-    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
 
 
 # --------------------------------------------------------------------------- damaged checkpoints
@@ -159,7 +151,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     resumed = train(swissroll_run(tmp_path / "b"), resume="auto")
     assert any("not resuming from" in r.message and "step-00000040" in r.message and damaged_file in r.message
                for r in caplog.records)
-    assert same_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
+    assert differing_parameters(uninterrupted.final_checkpoint, resumed.final_checkpoint) == []
 
 
 def test_a_malicious_training_state_is_refused_in_one_line(tmp_path, capsys):

@@ -135,7 +135,7 @@ def test_hostile_shards_are_skipped_within_one_and_a_half_times_normal_memory(ci
 
 
 @pytest.fixture()
-def cifar_shards(cifar10_source, tmp_path):
+def cifar_train_directory(cifar10_source, tmp_path):
     src, _ = cifar10_source
     convert_dataset("cifar10", src, str(tmp_path), split="train", samples_per_shard=50)
     return tmp_path / "train"
@@ -148,7 +148,7 @@ def edit_manifest(directory: Path, change) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def test_a_manifest_that_understates_its_shards_is_named_with_the_fix(cifar_shards, caplog):
+def test_a_manifest_that_understates_its_shards_is_named_with_the_fix(cifar_train_directory, caplog):
     """The issue's case: shards listed with fewer samples than they hold. Training can go on
     (epochs are sized from the manifest, so they are short), and the line says so, with the fix."""
 
@@ -157,9 +157,9 @@ def test_a_manifest_that_understates_its_shards_is_named_with_the_fix(cifar_shar
             shard["num_samples"] = 10
         manifest["num_samples"] = 40
 
-    edit_manifest(cifar_shards, understate)
+    edit_manifest(cifar_train_directory, understate)
     caplog.set_level(logging.WARNING, logger="pipeline.data")
-    stream = make_batch_stream(str(cifar_shards), batch_size=10, verify_checksums=False)
+    stream = make_batch_stream(str(cifar_train_directory), batch_size=10, verify_checksums=False)
     assert len(stream) == 4 and sum(1 for _ in stream) == 4  # what the manifest allows
     lines = [r.getMessage() for r in caplog.records if "holds more samples than" in r.getMessage()]
     assert lines and "shard-00000" in lines[0] and "the 10 its manifest lists" in lines[0]
@@ -167,41 +167,41 @@ def test_a_manifest_that_understates_its_shards_is_named_with_the_fix(cifar_shar
     assert len(lines) == len(set(lines))  # once per shard
 
 
-def test_a_manifest_that_overstates_its_shards_counts_them_as_truncated(cifar_shards, caplog):
-    edit_manifest(cifar_shards, lambda m: (m["shards"][1].update(num_samples=80), m.update(num_samples=230)))
+def test_a_manifest_that_overstates_its_shards_counts_them_as_truncated(cifar_train_directory, caplog):
+    edit_manifest(cifar_train_directory, lambda m: (m["shards"][1].update(num_samples=80), m.update(num_samples=230)))
     caplog.set_level(logging.WARNING, logger="pipeline.data")
-    stream = make_batch_stream(str(cifar_shards), batch_size=10, drop_last=False, verify_checksums=False)
+    stream = make_batch_stream(str(cifar_train_directory), batch_size=10, drop_last=False, verify_checksums=False)
     assert sum(batch.shape[0] for batch in stream) == 200 and stream.stats.failed_shards == 1
     assert any("shard-000001.tar ended after 50 of the manifest's 80 samples" in r.getMessage() for r in caplog.records)
 
 
-def test_a_manifest_that_contradicts_itself_is_one_line(cifar_shards, tmp_path, capsys):
-    edit_manifest(cifar_shards, lambda m: m.update(num_samples=5000))
+def test_a_manifest_that_contradicts_itself_is_one_line(cifar_train_directory, tmp_path, capsys):
+    edit_manifest(cifar_train_directory, lambda m: m.update(num_samples=5000))
     with pytest.raises(DataError, match="num_samples is 5000 but its shards list 200 samples"):
-        make_batch_stream(str(cifar_shards), batch_size=10)
+        make_batch_stream(str(cifar_train_directory), batch_size=10)
     from pipeline import cli
 
     status = cli.main(["train", "--config", str(ROOT / "configs/swissroll.yaml"), "--set", f"output_dir={tmp_path}",
-                       "--set", f"data.train={cifar_shards}", "--set", "model.data_shape=[3, 32, 32]",
+                       "--set", f"data.train={cifar_train_directory}", "--set", "model.data_shape=[3, 32, 32]",
                        "--set", "tracking.enabled=false"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.count("\n") == 0 and "re-run `gapm shards`" in err, err
 
 
-def test_shards_record_their_largest_member_and_readers_cap_from_it(cifar_shards):
+def test_shards_record_their_largest_member_and_readers_cap_from_it(cifar_train_directory):
     from pipeline.data.streaming import (
         MEMBER_CAP_FLOOR,
         MEMBER_CAP_WITHOUT_MANIFEST,
         default_member_cap,
     )
 
-    manifest = json.loads((cifar_shards / "manifest.json").read_text())
-    largest = max(member.size for shard in sorted(cifar_shards.glob("*.tar"))
+    manifest = json.loads((cifar_train_directory / "manifest.json").read_text())
+    largest = max(member.size for shard in sorted(cifar_train_directory.glob("*.tar"))
                   for member in tarfile.open(shard).getmembers())
     assert manifest["max_member_bytes"] == largest
     assert default_member_cap(manifest) == max(MEMBER_CAP_FLOOR, 16 * largest)
     assert default_member_cap({"shards": []}) == MEMBER_CAP_WITHOUT_MANIFEST
     # An explicit data.max_member_bytes below a real member: that shard is refused, the rest read.
-    stream = make_batch_stream(str(cifar_shards), batch_size=10, drop_last=False, max_member_bytes=largest - 1)
+    stream = make_batch_stream(str(cifar_train_directory), batch_size=10, drop_last=False, max_member_bytes=largest - 1)
     assert stream.stats.failed_shards == 0
     assert sum(batch.shape[0] for batch in stream) < 200 and stream.stats.failed_shards >= 1

@@ -147,7 +147,7 @@ def test_image_panels_show_samples_reconstructions_and_interpolations():
     import torch
 
     from gapm import ModelShape, build_model
-    from pipeline.data.sources import to_data_space, to_model_space
+    from gapm import to_data_space, to_model_space
     from pipeline.eval import paper_figures
     from pipeline.eval.figures import image_grid
 

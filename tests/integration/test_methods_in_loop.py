@@ -1,12 +1,11 @@
 """Every method of gapm.baselines (and GAPM) trains through the same pipeline loop."""
 
 import pytest
-from helpers import tiny_overrides
+from helpers import tiny_overrides, train
 
 from gapm import GAPM, METHODS
 from pipeline import checkpoints
 from pipeline.config import ConfigError, load_config
-from pipeline.train.loop import train
 
 
 def tiny(kind):

@@ -6,11 +6,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides, train
 
 from pipeline.config import load_config
 from pipeline.eval.report import ReportError, column_legend, experiment_runs, table_rows
-from pipeline.train.loop import train
 
 
 def tiny(kind):

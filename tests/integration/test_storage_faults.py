@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, storage_warnings, tiny_overrides
+from helpers import ROOT, storage_warnings, tiny_overrides, train
 
 from pipeline import checkpoints
 from pipeline.config import load_config
@@ -34,7 +34,6 @@ from pipeline.data.shards import convert_dataset
 from pipeline.data.streaming import make_batch_stream
 from pipeline.errors import GapmError
 from pipeline.stopping import StopRequest
-from pipeline.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,14 +20,13 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, PausableProxy, free_port, storage_warnings, tiny_overrides
+from helpers import ROOT, PausableProxy, free_port, storage_warnings, tiny_overrides, train
 
 from pipeline import checkpoints
 from pipeline.config import load_config
 from pipeline.data.shards import convert_dataset
 from pipeline.errors import GapmError
 from pipeline.stopping import TrainingInterrupted
-from pipeline.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, train
 
 from pipeline.config import load_config
-from pipeline.train.loop import train
 
 
 def test_training_on_the_3d_roll_reports_its_coverage(tmp_path):

@@ -20,31 +20,29 @@ import boto3
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, free_port, tiny_overrides
+from helpers import ROOT, free_port, tiny_config, train
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoints, cli
 from pipeline.config import load_config
 from pipeline.tracking import registry
 from pipeline.tracking.mlflow_sink import RUN_ID_FILE, MlflowTracker
+from pipeline.redaction import MASK, redact_mapping
 from pipeline.tracking.tracker import (
-    MASK,
     MultiTracker,
     NullTracker,
     RunDirectoryTracker,
     git_commit,
-    mask_secrets,
 )
-from pipeline.train.loop import train
 
 REPO = ROOT
 # 20 stage-1 + 10 stage-2 steps, logged every 5, a checkpoint every 10 (steps 10, 20, 30).
-TINY = tiny_overrides(stage1_steps=20, stage2_steps=10, log_every=5, tracking=True) + ["tracking.system_metrics=false"]
-
-
-def tiny_config(output_dir: Path, *extra: str):
-    name = f"t{uuid.uuid4().hex[:8]}"  # one experiment (and registered model) per test
-    return load_config(REPO / "configs/swissroll.yaml", [f"name={name}", f"output_dir={output_dir}", *TINY, *extra])
+def tracked_config(output_dir: Path, *extra: str, name: str | None = None):
+    """The tiny swiss-roll config, tracked in MLflow: one experiment (and registered model) per
+    test unless `name` is given."""
+    name = name or f"t{uuid.uuid4().hex[:8]}"
+    return tiny_config(output_dir, f"name={name}", "tracking.system_metrics=false", *extra,
+                       stage1_steps=20, stage2_steps=10, log_every=5, tracking=True)
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -52,7 +50,7 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_secrets_are_masked_in_params():
-    masked = mask_secrets({"storage": {"aws_secret_access_key": "wJalrXUtnFEMI", "password": "p",
+    masked = redact_mapping({"storage": {"aws_secret_access_key": "wJalrXUtnFEMI", "password": "p",
                                        "endpoint": "https://alice:hunter2@minio:9000/x", "token": None},
                            "data": {"train": "s3://AKIAIOSFODNN7EXAMPLE@bucket/shards"}, "lr": 0.1})
     assert masked == {"storage": {"aws_secret_access_key": MASK, "password": MASK,
@@ -69,7 +67,7 @@ def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory
     session's server start meanwhile.)"""
     caplog.set_level(logging.WARNING, logger="pipeline.tracking")
     server = mlflow_server_factory()  # not started yet: nothing listens on its port
-    config = tiny_config(tmp_path)
+    config = tracked_config(tmp_path)
     run_dir = config.run_dir
     mlflow = MlflowTracker(run_dir, config.name, tracking_uri=server.url, system_metrics=False,
                            retry_interval_s=0.2, max_retry_interval_s=1.0, finish_timeout_s=1.0)
@@ -107,7 +105,7 @@ def test_training_survives_mlflow_down_then_up_then_killed(mlflow_server_factory
 def tracked_run(mlflow_server, tmp_path_factory):
     """One tiny training run tracked on the server. keep_last_checkpoints=1: MLflow still gets
     every checkpoint although the run directory keeps only the last."""
-    config = tiny_config(tmp_path_factory.mktemp("tracked"), "train.keep_last_checkpoints=1",
+    config = tracked_config(tmp_path_factory.mktemp("tracked"), "train.keep_last_checkpoints=1",
                          "tracking.system_metrics=true")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
@@ -179,7 +177,7 @@ def test_registered_model_samples_like_the_checkpoint_in_a_fresh_process(tracked
     assert np.array_equal(from_registry, registry.sample(model, 64, 7).numpy())
 
 
-def clean_environment(**extra: str) -> dict[str, str]:
+def environment_outside_checkout(**extra: str) -> dict[str, str]:
     """A process environment without this checkout on the path and without S3 settings:
     artifacts come through the tracking server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_")) and k != "PYTHONPATH"}
@@ -209,7 +207,7 @@ def test_registered_model_is_served_by_mlflow_models_serve(tracked_run, mlflow_s
         server = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@serving",
              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=clean_environment(MLFLOW_TRACKING_URI=mlflow_server.url), start_new_session=True,
+            cwd=tmp_path, env=environment_outside_checkout(MLFLOW_TRACKING_URI=mlflow_server.url), start_new_session=True,
             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
@@ -283,7 +281,7 @@ print(json.dumps({"gapm": gapm.__file__, "pipeline_loaded": "pipeline" in sys.mo
 """
     paths = os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
     done = subprocess.run([sys.executable, "-S", "-c", script, str(local)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=180, env=clean_environment(PYTHONPATH=paths))
+                          text=True, timeout=180, env=environment_outside_checkout(PYTHONPATH=paths))
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["gapm"].startswith(str(local)) and not answer["pipeline_loaded"]
@@ -309,15 +307,14 @@ def test_embedded_store_resume_registry_and_sample(tmp_path, monkeypatch, caplog
     """No MLFLOW_TRACKING_URI: sqlite in the run directory, the registry on it, a resumed
     training continuing the same MLflow run, and `gapm sample models:/NAME@ALIAS`."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = tiny_config(tmp_path, "stage2.steps=0")  # stage 1 only
+    config = tracked_config(tmp_path, "stage2.steps=0")  # stage 1 only
     train(config, resume="never")
     run_dir = config.run_dir
     assert (run_dir / "mlflow.db").is_file() and (run_dir / "mlartifacts").is_dir()
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
 
     caplog.set_level(logging.WARNING, logger="pipeline.tracking")
-    resumed = load_config(REPO / "configs/swissroll.yaml",
-                          [f"name={config.name}", f"output_dir={tmp_path}", *TINY])  # now with stage 2
+    resumed = tracked_config(tmp_path, name=config.name)  # now with stage 2
     result = train(resumed, resume="auto")
     assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id  # the same MLflow run
     assert any("changed config keys stage2.steps" in r.getMessage() for r in caplog.records)
@@ -365,7 +362,7 @@ def test_sample_and_register_fail_clearly(mlflow_server, tmp_path, monkeypatch, 
 def test_checkpoints_in_s3_are_referenced_and_the_model_still_registered(mlflow_server, s3_bucket, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    config = tiny_config(tmp_path, f"train.checkpoint_dir=s3://{s3_bucket}/checkpoints", "stage1.steps=10")
+    config = tracked_config(tmp_path, f"train.checkpoint_dir=s3://{s3_bucket}/checkpoints", "stage1.steps=10")
     result = train(config, resume="never")
     run_id = (config.run_dir / RUN_ID_FILE).read_text().strip()
     client = MlflowClient(mlflow_server.url)

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, clean_environment, tiny_overrides
+from helpers import ROOT, clean_environment, tiny_overrides, train
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +24,6 @@ from pipeline.config import load_config
 from pipeline.tracking.mlflow_sink import RUN_ID_FILE, MlflowTracker
 from pipeline.tracking.reconcile import UPLOAD_STAGING
 from pipeline.tracking.tracker import MultiTracker, RunDirectoryTracker
-from pipeline.train.loop import train
 
 CONFIG = ROOT / "configs/swissroll.yaml"
 

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.shards import convert_dataset
 from pipeline.tracking.mlflow_sink import RUN_ID_FILE
-from pipeline.tracking.redaction import MASK
+from pipeline.redaction import MASK
 
 PASSWORD, TOKEN, SIGNATURE, CREDENTIAL = "pw-7f3a9c", "tok-51d2e8", "sig-9b0c4f", "cred-2e7a61"
 SECRETS = (PASSWORD, TOKEN, SIGNATURE, CREDENTIAL)

@@ -5,18 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import tiny_config, train
 from PIL import Image
 
 from pipeline import checkpoints, cli
-from pipeline.config import load_config
-from pipeline.train.loop import train
-
-TINY = tiny_overrides()
-
-
-def tiny_config(tmp_path, *extra):
-    return load_config("configs/swissroll.yaml", [f"output_dir={tmp_path}", *TINY, *extra])
 
 
 def test_training_writes_every_output(tmp_path):

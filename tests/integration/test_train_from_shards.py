@@ -7,13 +7,12 @@ import sys
 import tarfile
 
 import pytest
-from helpers import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides, train
 
 from pipeline import checkpoints
 from pipeline.config import load_config
 from pipeline.data import storage
 from pipeline.data.shards import convert_dataset
-from pipeline.train.loop import train
 
 TINY = tiny_overrides(stage1_steps=12, stage2_steps=6, batch_size=32, samples=None, test_samples=None, width=16,
                       latent_widths=32, checkpoint_every=6, log_every=6, eval_samples=64, discriminator_steps=1)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from pipeline.tracking.redaction import (
+from pipeline.redaction import (
     MASK,
     RedactingStream,
     install_log_redaction,

@@ -1,9 +1,16 @@
 """The evaluation subcommands of `gapm`: FID statistics, scoring checkpoints, the scheduled
-job and the domain feature extractor (the rest of the command line is pipeline/cli.py)."""
+job and the domain feature extractor (the rest of the command line is pipeline/cli.py).
+
+Building the parser must stay light (`gapm train` installs its stop handler before torch is
+imported, pipeline/cli.py): this module imports at its top only what loads neither torch nor
+MLflow, and each command imports the modules it runs when it runs (the imports marked
+"deferred").
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,12 +22,13 @@ from pipeline.cli_arguments import (
     positive_int,
 )
 from pipeline.errors import GapmError
+from pipeline.eval.settings import EvalConfig, EvalSettings
 
 
 def command_fid_stats(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.eval import fid, reference_stats
-    from pipeline.eval.settings import EvalSettings
+    from pipeline.config import load_config  # deferred
+    from pipeline.data import streaming  # deferred
+    from pipeline.eval import fid, reference_stats  # deferred
 
     if not reference_stats.is_plain_name(args.name):
         raise GapmError(f"--name {args.name!r}: expected a plain name such as fashion-mnist-train")
@@ -30,8 +38,6 @@ def command_fid_stats(args: argparse.Namespace) -> int:
     extractor = fid.load_extractor(args.feature_extractor, inception_weights=args.inception_weights, device=device)
     batch_size = args.batch_size or EvalSettings.batch_size
     if args.test_data:  # a wrong URL fails now, not after the (long) training statistics
-        from pipeline.data import streaming
-
         streaming.resolve_shard_urls(args.test_data)
     stats = reference_stats.compute_reference_stats(args.data, extractor, args.name, limit=args.limit,
                                                     batch_size=batch_size, kid_features=args.kid_features,
@@ -62,7 +68,7 @@ def floor_line(floor: dict | None) -> str:
 
 def stats_directory(config) -> str:
     """The experiment's statistics directory: eval.fid_stats_dir, $GAPM_FID_STATS_DIR, OUTPUT_DIR/fid-stats."""
-    from pipeline.eval import reference_stats
+    from pipeline.eval import reference_stats  # deferred
 
     if config is None:
         return reference_stats.stats_directory()
@@ -71,8 +77,6 @@ def stats_directory(config) -> str:
 
 def eval_settings(args: argparse.Namespace, config=None):
     """The scoring settings: the config's `eval` section (or its defaults), command-line flags first."""
-    from pipeline.eval.settings import EvalSettings
-
     stats = args.stats or []  # --stats repeated: the primary feature space, then further ones
     return EvalSettings.from_config(
         config.eval if config is not None else None, stats=stats[0] if stats else None,
@@ -99,10 +103,9 @@ def print_metrics(record: dict) -> None:
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.config import load_config
-    from pipeline.eval.jobs import run_eval
+    from pipeline.config import load_config  # deferred
+    from pipeline.data import storage  # deferred
+    from pipeline.eval.jobs import run_eval  # deferred
 
     mlflow_environment(args.target)
     config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
@@ -110,25 +113,21 @@ def command_eval(args: argparse.Namespace) -> int:
     if record is not None:  # rank 0
         print_metrics(record)
         if args.json:
-            from pipeline.data import storage
-
             storage.write_bytes(args.json, json.dumps(record, indent=1).encode())
     return 0
 
 
 def command_eval_watch(args: argparse.Namespace) -> int:
 
-    from pipeline.config import load_config
-    from pipeline.eval.scoring import EvalError
-    from pipeline.eval.settings import EvalConfig
-    from pipeline.eval.watch import CLAIMS_ENV, WatchOptions, watch
+    from pipeline.config import load_config  # deferred
+    from pipeline.eval.scoring import EvalError  # deferred
+    from pipeline.eval.watch import CLAIMS_ENV, WatchOptions, watch  # deferred
+    from pipeline.tracking.mlflow_sink import EMBEDDED_DB, resolve_tracking_uri  # deferred
 
     config = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
     experiments = args.experiment or ([config.tracking.experiment or config.name] if config is not None else None)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri and config is not None:
-        from pipeline.tracking.mlflow_sink import EMBEDDED_DB, resolve_tracking_uri
-
         if not (config.run_dir / EMBEDDED_DB).is_file():
             print(f"nothing to evaluate: no MLflow store at {config.run_dir / EMBEDDED_DB} yet "
                   "(MLFLOW_TRACKING_URI is not set and the run has not started)")
@@ -165,7 +164,7 @@ def command_eval_watch(args: argparse.Namespace) -> int:
 
 
 def command_train_feature_extractor(args: argparse.Namespace) -> int:
-    from pipeline.eval import features as fe
+    from pipeline.eval import features as fe  # deferred
 
     images, labels = fe.labelled_images(args.data, args.limit)
     test = fe.labelled_images(args.test_data, args.test_limit) if args.test_data else None
@@ -185,7 +184,7 @@ def command_train_feature_extractor(args: argparse.Namespace) -> int:
 
 
 def torch_device(name: str | None):
-    import torch
+    import torch  # deferred
 
     if name:
         return torch.device(name)
@@ -193,8 +192,6 @@ def torch_device(name: str | None):
 
 
 def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-    from pipeline.eval.settings import EvalSettings
-
     parser.add_argument("--feature-extractor", metavar="inception|PATH",
                         help=f"'inception' (clean-fid) or a file from `gapm train-feature-extractor` "
                              f"(path or s3:// URL); {default_help}")
@@ -206,8 +203,6 @@ def feature_arguments(parser: argparse.ArgumentParser, default_help: str) -> Non
                         help=f"images per batch (default {EvalSettings.batch_size})")
 
 def scoring_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.eval.settings import EvalConfig
-
     parser.add_argument("--stats", metavar="NAME_OR_URL", action="append",
                         help="reference statistics: a name from `gapm fid-stats` (NAME.npz in the experiment's "
                              "statistics directory), an .npz path or s3:// URL, or cleanfid:DATASET/SPLIT/RES "
@@ -230,8 +225,6 @@ def scoring_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_evaluation_commands(commands) -> None:
-    from pipeline.eval.settings import EvalConfig
-
     stats = commands.add_parser("fid-stats", help="FID reference statistics (clean-fid, mode clean) of a shard set")
     stats.add_argument("data", metavar="DATA_URL", help="shard set: directory or s3:// prefix with manifest.json")
     stats.add_argument("--name", required=True,
