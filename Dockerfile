@@ -61,8 +61,11 @@ RUN groupadd --gid 1000 gapm \
 USER gapm
 ENV HOME=/home/gapm
 
-# Last, as it changes with every commit (build_image.sh passes it).
+# Last, as it changes with every commit (build_image.sh passes it). The RUN keeps it in a file
+# too, and makes a new commit rebuild the ENV layer: buildah reuses a cached ENV layer whatever
+# the build argument's value, a RUN layer only for the same values.
 ARG GAPM_GIT_COMMIT=""
+RUN printf '%s\n' "${GAPM_GIT_COMMIT}" > /opt/gapm/.gapm-git-commit
 ENV GAPM_GIT_COMMIT=${GAPM_GIT_COMMIT}
 
 ENTRYPOINT ["gapm"]

@@ -109,6 +109,7 @@ def image(podman_env) -> str:
     """The Dockerfile built by launch/docker/build_image.sh on the bookworm base, with this
     test's torch and torchvision (the image replaced by an earlier run is removed after)."""
     ensure_base_image(podman_env)
+    built_commit.append(expected_commit())
     previous = podman(podman_env, "image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     torch_packages = f"torch=={metadata.version('torch')} torchvision=={metadata.version('torchvision')}"
     build = subprocess.run([str(ROOT / "launch/docker/build_image.sh"), "--tag", IMAGE, "--isolation", "chroot",
@@ -125,6 +126,9 @@ def image(podman_env) -> str:
     return IMAGE
 
 
+built_commit: list[str] = []  # what the image was built from (the tree may change while the tests run)
+
+
 def run_in(env: dict[str, str], image: str, *args: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`podman run` as this machine allows: runc, cgroupfs, the host network."""
     return podman(env, "run", "--rm", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--network", "host",
@@ -137,7 +141,7 @@ def test_the_image_runs_gapm_as_its_user_from_its_venv(podman_env, image):
     identity = run_in(podman_env, image, "-c", "id -u; id -g; printenv GAPM_GIT_COMMIT; launch/gapm_python.sh",
                       options=("--entrypoint", "bash"))
     assert identity.returncode == 0, identity.stderr
-    assert identity.stdout.split() == ["1000", "1000", expected_commit(), "/opt/gapm/.venv/bin/python"]
+    assert identity.stdout.split() == ["1000", "1000", built_commit[-1], "/opt/gapm/.venv/bin/python"]
 
 
 def test_a_bind_mounted_run_folder(podman_env, image, tmp_path):
@@ -199,4 +203,4 @@ def test_two_containers_train_as_two_nodes_of_an_indexed_job(podman_env, image, 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["distributed/max_parameter_divergence"] == 0  # the two ranks ended identical
     tags = json.loads((run / "tags.json").read_text())
-    assert tags["world_size"] == "2" and tags["git_commit"] == expected_commit()
+    assert tags["world_size"] == "2" and tags["git_commit"] == built_commit[-1]
