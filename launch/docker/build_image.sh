@@ -58,15 +58,19 @@ import os
 import sys
 
 settings, conf_path, paths_path = sys.argv[1:]
-values: dict[str, str] = {}
+# pip's order of precedence: [global], then the command's section, then the PIP_* variables.
+# (`pip config list` prints the sections sorted, not in that order.)
+PRECEDENCE = {"global": 0, "download": 1, "wheel": 1, "install": 2, ":env:": 3}
+found = []
 for line in open(settings):
     name, sep, value = line.rstrip("\n").partition("=")
     if not sep or "." not in name:
         continue
     scope, key = name.rsplit(".", 1)
-    value = ast.literal_eval(value) if value[:1] in "'\"" else value
-    if scope in (":env:", "global", "install", "download", "wheel"):
-        values[key] = " ".join(str(value).split())
+    if scope in PRECEDENCE and key != "config-file":  # PIP_CONFIG_FILE: what it names is listed already
+        value = ast.literal_eval(value) if value[:1] in "'\"" else value
+        found.append((PRECEDENCE[scope], key, " ".join(str(value).split())))
+values = {key: value for _, key, value in sorted(found, key=lambda entry: entry[0])}
 conf = configparser.RawConfigParser()
 conf["global"] = values
 with open(conf_path, "w") as handle:
