@@ -51,6 +51,13 @@ RUN --mount=type=secret,id=pip.conf --mount=type=cache,target=/root/.cache/pip \
     && chmod 0755 launch/*.sh launch/docker/*.sh launch/slurm/*.sh launch/slurm/*.sbatch launch/k8s/*.sh \
     && python -c "import gapm, pipeline.cli, torchvision, cleanfid.fid"
 
+# After the installs, as it changes with every commit (build_image.sh passes it). The RUN keeps
+# it in a file too, and makes a new commit rebuild the ENV layer: buildah reuses a cached ENV
+# layer whatever the build argument's value, a RUN layer only for the same values.
+ARG GAPM_GIT_COMMIT=""
+RUN printf '%s\n' "${GAPM_GIT_COMMIT}" > /opt/gapm/.gapm-git-commit
+ENV GAPM_GIT_COMMIT=${GAPM_GIT_COMMIT}
+
 # Non-root. It owns what a run writes next to the code (runs/, mlruns/) and its home (caches);
 # the home is also open to any other uid, for `docker run --user "$(id -u):$(id -g)"`.
 RUN groupadd --gid 1000 gapm \
@@ -60,13 +67,6 @@ RUN groupadd --gid 1000 gapm \
     && chmod 1777 /home/gapm
 USER gapm
 ENV HOME=/home/gapm
-
-# Last, as it changes with every commit (build_image.sh passes it). The RUN keeps it in a file
-# too, and makes a new commit rebuild the ENV layer: buildah reuses a cached ENV layer whatever
-# the build argument's value, a RUN layer only for the same values.
-ARG GAPM_GIT_COMMIT=""
-RUN printf '%s\n' "${GAPM_GIT_COMMIT}" > /opt/gapm/.gapm-git-commit
-ENV GAPM_GIT_COMMIT=${GAPM_GIT_COMMIT}
 
 ENTRYPOINT ["gapm"]
 CMD ["--help"]
