@@ -21,7 +21,8 @@
 # node on a shared host "matches" 127.0.0.1), after which node 0's accelerate refuses to start
 # (port in use), so is_host is passed explicitly.
 #   GAPM_ACCELERATE_CONFIG  accelerate config file (default: launch/accelerate/multi_node.yaml)
-#   GAPM_PYTHON           interpreter with gapm installed (default: python3)
+#   GAPM_PYTHON           interpreter with gapm installed (default: the active virtualenv's, else the
+#                         checkout's .venv/bin/python, else python3; see launch/gapm_python.sh)
 #   GAPM_DRY_RUN=1        print the launch command (shell-quoted, one line) instead of running it
 #
 #   GAPM_EXIT_RESUMABLE   the status this script exits with for "resumable" (default 75); for
@@ -59,7 +60,6 @@ nnodes=${GAPM_NNODES:-1}
 node_rank=${GAPM_NODE_RANK:-0}
 master_addr=${GAPM_MASTER_ADDR:-127.0.0.1}
 master_port=${GAPM_MASTER_PORT:-29500}
-python=${GAPM_PYTHON:-python3}
 config=${GAPM_ACCELERATE_CONFIG:-$here/accelerate/multi_node.yaml}
 rdzv_backend=${GAPM_RDZV_BACKEND:-static}
 rdzv_timeout=${GAPM_RDZV_TIMEOUT:-900}
@@ -75,6 +75,7 @@ exit_resumable=${GAPM_EXIT_RESUMABLE:-$EXIT_RESUMABLE}
 require_int GAPM_EXIT_RESUMABLE "$exit_resumable" 1
 ((exit_resumable <= 255)) || fail "GAPM_EXIT_RESUMABLE must be an exit status 1-255, got '$exit_resumable'"
 [[ -f $config ]] || fail "accelerate config '$config' not found (GAPM_ACCELERATE_CONFIG)"
+python=$("$here/gapm_python.sh")  # exits 2 with its reason when no interpreter has gapm
 
 if [[ ${GAPM_CPU:-0} == 1 ]]; then
     export ACCELERATE_USE_CPU=1

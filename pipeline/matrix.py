@@ -13,6 +13,11 @@ element that is killed resumes from its last checkpoint, a finished one is skipp
 evaluation is redone only when its arguments change. An element's record,
 `<run dir>/matrix-element.json`, keeps what it cost (training wall-clock over all launches, the
 machine) and which evaluation arguments produced its `eval.json`.
+
+Stopping: SIGTERM and SIGUSR1 sent to `gapm matrix element` / `run` (a Slurm array task's batch
+script passes SIGUSR1 on before the time limit; Kubernetes sends SIGTERM to the pod's PID 1) go
+to the running subprocess — the training checkpoints and exits 75 — and the element then exits
+75 ("resumable") without starting its next step, so that a rerun continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +48,7 @@ from pipeline.typed_settings import from_dict
 ELEMENT_RECORD = "matrix-element.json"
 EVAL_RECORD = "eval.json"
 EXIT_BAD_INPUT = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # passed on to the running step (see above)
 
 
 @dataclass
@@ -183,22 +191,66 @@ def _environment(matrix: MatrixConfig) -> dict[str, str]:
     return environment
 
 
-def _run(command: list[str], matrix: MatrixConfig) -> int:
-    console.report("$ " + shlex.join(command))
-    return subprocess.run(command, env=_environment(matrix), check=False).returncode
+class ElementSteps:
+    """Runs an element's subprocesses one after the other, passing SIGTERM/SIGUSR1 on to the
+    running one. Once a stop came, a step that did not finish and every later step count as 75
+    (resumable): a step killed by the signal before it could handle it, an evaluation, which
+    has nothing to save, and a training that checkpointed alike."""
+
+    def __init__(self, matrix: MatrixConfig) -> None:
+        self.environment = _environment(matrix)
+        self.process: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "ElementSteps":
+        if threading.current_thread() is threading.main_thread():  # signals only work there
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _forward(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def run(self, command: list[str]) -> int:
+        """The step's exit status (128 + N when killed by signal N), or 75 when stopped."""
+        if self.stop_signal is not None:
+            return EXIT_RESUMABLE
+        console.report("$ " + shlex.join(command))
+        self.process = subprocess.Popen(command, env=self.environment)
+        if self.stop_signal is not None:  # came while the process started: it has not heard it
+            self._forward(self.stop_signal, None)
+        try:
+            status = self.process.wait()
+        finally:
+            self.process = None
+        status = 128 - status if status < 0 else status
+        if self.stop_signal is not None and status not in (0, EXIT_BAD_INPUT):
+            return EXIT_RESUMABLE
+        return status
 
 
-def run_element(matrix: MatrixConfig, element: Element) -> int:
+def run_element(matrix: MatrixConfig, element: Element, steps: ElementSteps | None = None) -> int:
     """Trains (or resumes) and evaluates one element; 0 when both are done, else the exit
-    status of the step that stopped (75: start it again to continue)."""
+    status of the step that stopped (75: start it again to continue). `steps`: the runner of
+    the subprocesses, shared by the elements of `run_all` (default: one for this element)."""
+    if steps is None:
+        with ElementSteps(matrix) as steps:
+            return run_element(matrix, element, steps)
     directory = run_dir(matrix, element)
     record_path = directory / ELEMENT_RECORD
     record = _read_json(record_path)
     if not is_trained(matrix, element):
         started = time.monotonic()
-        status = _run([sys.executable, "-m", "pipeline.cli", "train", "--config", element.config,
-                       *itertools.chain.from_iterable(("--set", o) for o in element.overrides),
-                       "--resume", "auto"], matrix)
+        status = steps.run([sys.executable, "-m", "pipeline.cli", "train", "--config", element.config,
+                            *itertools.chain.from_iterable(("--set", o) for o in element.overrides),
+                            "--resume", "auto"])
         record = _read_json(record_path)  # the run may have rewritten its folder meanwhile
         record["train_seconds"] = record.get("train_seconds", 0.0) + time.monotonic() - started
         record["train_launches"] = record.get("train_launches", 0) + 1
@@ -209,8 +261,8 @@ def run_element(matrix: MatrixConfig, element: Element) -> int:
             return status
     if matrix.eval and not is_evaluated(matrix, element):
         checkpoint = final_checkpoint(directory)
-        status = _run([sys.executable, "-m", "pipeline.cli", "eval", str(checkpoint), *matrix.eval,
-                       "--json", str(directory / EVAL_RECORD)], matrix)
+        status = steps.run([sys.executable, "-m", "pipeline.cli", "eval", str(checkpoint), *matrix.eval,
+                            "--json", str(directory / EVAL_RECORD)])
         if status != 0:
             return status
         record = _read_json(record_path)
@@ -240,14 +292,15 @@ def run_all(matrix: MatrixConfig, indices: list[int] | None = None, keep_going: 
     elements = expand(matrix)
     chosen = [elements[i] for i in indices] if indices is not None else elements
     statuses = []
-    for element in chosen:
-        if is_trained(matrix, element) and (not matrix.eval or is_evaluated(matrix, element)):
-            continue
-        console.report(f"matrix {matrix.name}: element {element.index} of {len(elements)}: {element.name}")
-        status = run_element(matrix, element)
-        statuses.append(status)
-        if status != 0 and not keep_going:
-            break
+    with ElementSteps(matrix) as steps:
+        for element in chosen:
+            if is_trained(matrix, element) and (not matrix.eval or is_evaluated(matrix, element)):
+                continue
+            console.report(f"matrix {matrix.name}: element {element.index} of {len(elements)}: {element.name}")
+            status = run_element(matrix, element, steps)
+            statuses.append(status)
+            if status != 0 and (not keep_going or steps.stop_signal is not None):
+                break
     return worst_status(statuses)
 
 

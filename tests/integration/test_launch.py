@@ -139,10 +139,19 @@ def workloads() -> list[tuple[Path, dict]]:
     return [(path, doc) for path, doc in k8s_objects() if pod_specs(doc)]
 
 
-def test_the_four_workloads_exist():
-    kinds = sorted(doc["kind"] for _, doc in workloads())
-    assert kinds == ["CronJob", "Job", "PyTorchJob"]
-    assert [doc["kind"] for _, doc in k8s_objects("ConfigMap")] == ["ConfigMap"]
+MATRIX_MANIFESTS = ("matrix-indexed-job.yaml", "matrix-report-job.yaml")  # tests/integration/test_launch_matrix.py
+
+
+def training_workloads() -> list[tuple[Path, dict]]:
+    """The workloads that train or evaluate one experiment (configmap.yaml's)."""
+    return [(path, doc) for path, doc in workloads() if path.name not in MATRIX_MANIFESTS]
+
+
+def test_the_workloads_exist():
+    kinds = sorted((path.name, doc["kind"]) for path, doc in workloads())
+    assert kinds == [("eval-cronjob.yaml", "CronJob"), ("indexed-job.yaml", "Job"), ("matrix-indexed-job.yaml", "Job"),
+                     ("matrix-report-job.yaml", "Job"), ("pytorchjob.yaml", "PyTorchJob")]
+    assert sorted(path.name for path, _ in k8s_objects("ConfigMap")) == ["configmap.yaml", "matrix-indexed-job.yaml"]
     services = [doc for _, doc in k8s_objects("Service")]
     assert services and services[0]["spec"]["clusterIP"] == "None"  # headless, for the Indexed Job
 
@@ -161,7 +170,7 @@ def test_pytorchjob_has_master_and_worker_running_the_entrypoint():
 
 
 def test_indexed_job_meets_at_pod_zero_through_the_headless_service():
-    (_, job), = k8s_objects("Job")
+    job, = [doc for doc in documents(K8S / "indexed-job.yaml") if doc["kind"] == "Job"]
     (_, service), = k8s_objects("Service")
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
@@ -234,10 +243,10 @@ def test_example_secrets_hold_only_placeholders():
 
 
 def test_training_pods_pass_valid_gapm_train_arguments_and_mount_the_config():
-    (_, configmap), = k8s_objects("ConfigMap")
+    configmap, = documents(K8S / "configmap.yaml")
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for _, doc in workloads():
+    for _, doc in training_workloads():
         for pod in pod_specs(doc):
             container = pod["containers"][0]
             command = container.get("command")
@@ -259,7 +268,7 @@ def test_training_pods_pass_valid_gapm_train_arguments_and_mount_the_config():
 
 
 def test_configmap_holds_the_swissroll_experiment(tmp_path):
-    (_, configmap), = k8s_objects("ConfigMap")
+    configmap, = documents(K8S / "configmap.yaml")
     (tmp_path / "experiment.yaml").write_text(configmap["data"]["experiment.yaml"])
     assert load_config(tmp_path / "experiment.yaml") == load_config(ROOT / "configs/swissroll.yaml"), \
         "launch/k8s/configmap.yaml differs from configs/swissroll.yaml: regenerate it (command in the file)"
@@ -285,7 +294,8 @@ def test_dockerfile_builds_a_cuda_image_running_gapm_as_non_root():
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
     assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base), base
     runs = " ".join(value for keyword, value in instructions if keyword == "RUN")
-    assert re.search(r"pip install .*\.\[deepspeed\]", runs)
+    assert args["GAPM_EXTRAS"] == "deepspeed"  # the CUDA image gets DeepSpeed
+    assert re.search(r'package="\.\[\$\{GAPM_EXTRAS\}\]".*pip install --constraint \S+ "\$package"', runs)
     users = [value for keyword, value in instructions if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")

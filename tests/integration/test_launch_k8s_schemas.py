@@ -139,8 +139,8 @@ def test_manifest_is_valid_for_the_cluster(name, doc):
 
 def test_every_manifest_file_has_objects_of_known_kinds():
     kinds = sorted(doc["kind"] for _, doc in every_object())
-    assert kinds == ["ConfigMap", "CronJob", "Job", "PersistentVolumeClaim", "PyTorchJob", "Secret", "Secret",
-                     "Service"]
+    assert kinds == ["ConfigMap", "ConfigMap", "CronJob", "Job", "Job", "Job", "PersistentVolumeClaim", "PyTorchJob",
+                     "Secret", "Secret", "Service"]
 
 
 def changed(name: str, path: list, value: object) -> dict:
