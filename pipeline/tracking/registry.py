@@ -116,6 +116,7 @@ def save_pyfunc_model(path: Path, weights: str, meta: str, model_meta: checkpoin
             artifacts={WEIGHTS: weights, META: meta}, pip_requirements=pip_requirements(),
             signature=served_model.signature(data_shape), input_example=example,
             metadata={"gapm_model_kind": model_meta.model_kind, "gapm_data_shape": data_shape,
+                      "gapm_inputs": served_model.INPUTS,
                       "gapm_checkpoint_step": model_meta.step, "gapm_experiment": model_meta.experiment},
             mlflow_model=mlflow_model)
 
@@ -166,6 +167,11 @@ def log_model(client: MlflowClient, run_id: str, checkpoint: checkpoints.Checkpo
 
 def register_logged_model(client: MlflowClient, name: str, logged_model) -> ModelVersion:
     """The registry version of `logged_model` under `name`, created if it does not exist."""
+    return ensure_registered(client, name, logged_model)[0]
+
+
+def ensure_registered(client: MlflowClient, name: str, logged_model) -> tuple[ModelVersion, bool]:
+    """(the registry version of `logged_model` under `name`, whether this call created it)."""
     try:
         client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     except MlflowException as error:
@@ -176,12 +182,12 @@ def register_logged_model(client: MlflowClient, name: str, logged_model) -> Mode
         # search results may leave model_id empty; the source names the model too
         if logged_model.model_id in (version.model_id, version.source.removeprefix("models:/")) or (
                 version.source == logged_model.artifact_location):
-            return version
+            return version, False
     # The source is the model's artifact location rather than models:/MODEL_ID: a sqlite
     # registry would resolve the latter through the process-wide tracking URI.
     return client.create_model_version(
         name=name, source=logged_model.artifact_location, run_id=run_id, model_id=logged_model.model_id,
-        tags={CHECKPOINT_STEP_TAG: logged_model.tags.get(CHECKPOINT_STEP_TAG, "")})
+        tags={CHECKPOINT_STEP_TAG: logged_model.tags.get(CHECKPOINT_STEP_TAG, "")}), True
 
 
 def register_run_model(run_id: str, alias: str, name: str | None = None,

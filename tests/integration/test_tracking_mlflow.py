@@ -4,6 +4,7 @@ embedded default (a sqlite store in the run directory)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -110,12 +111,31 @@ def tracked_run(mlflow_server, tmp_path_factory):
     every checkpoint although the run directory keeps only the last."""
     config = tiny_config(tmp_path_factory.mktemp("tracked"), "train.keep_last_checkpoints=1",
                          "tracking.system_metrics=true")
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, registry_lines() as lines:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # default 10 s: longer than the run
         result = train(config, resume="never")
+    name = f"gapm-{config.name}"
+    assert lines == [f"MLflow: registered {name} version 1 (models:/{name}/1)"]
     run_id = (result.run_dir / RUN_ID_FILE).read_text().strip()
     return config, result, run_id, MlflowClient(mlflow_server.url)
+
+
+@contextlib.contextmanager
+def registry_lines():
+    """The messages about registering that pipeline.tracking logs meanwhile."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage()) if "registered" in record.getMessage() else None
+    logger = logging.getLogger("pipeline.tracking")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_run_has_params_tags_and_metrics_of_both_stages(tracked_run):
@@ -178,6 +198,20 @@ def test_registered_model_samples_like_the_checkpoint_in_a_fresh_process(tracked
     from_registry = np.load(tmp_path / "grid.npy")
     model, _ = checkpoints.load_model(result.final_checkpoint)
     assert np.array_equal(from_registry, registry.sample(model, 64, 7).numpy())
+
+
+def test_rerunning_the_finished_training_registers_nothing_new_and_says_so(tracked_run, mlflow_server,
+                                                                           monkeypatch):
+    """`gapm train` again once finished: nothing to train, the model is logged already, and the
+    line says "already registered" rather than "registered" (the fixture saw that one)."""
+    config, result, run_id, client = tracked_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    with registry_lines() as lines:
+        again = train(config, resume="auto")
+    name = f"gapm-{config.name}"
+    assert again.final_checkpoint.name == result.final_checkpoint.name
+    assert lines == [f"MLflow: already registered as {name} version 1 (models:/{name}/1)"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
 def clean_environment(**extra: str) -> dict[str, str]:
