@@ -216,8 +216,9 @@ def is_local(model_uri: str) -> bool:
 
 def load_generator(model_uri: str) -> Method:
     """The model behind models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID,
-    runs:/RUN_ID/model, a downloaded MLflow model directory or a checkpoint (directory or
-    s3:// URL) — rebuilt from safetensors + meta.json, in eval mode, on the CPU."""
+    runs:/RUN_ID/model, a downloaded MLflow model directory, a checkpoint (directory or s3://
+    URL) or a run directory (its newest complete checkpoint) — rebuilt from safetensors +
+    meta.json, in eval mode, on the CPU."""
     if checkpoints.is_remote(model_uri):
         return checkpoints.load_model(model_uri)[0]
     if is_local(model_uri):
@@ -226,8 +227,12 @@ def load_generator(model_uri: str) -> Method:
             return checkpoints.load_model(path)[0]
         if (path / "MLmodel").is_file():
             return _from_model_directory(path, model_uri)
-        raise RegistryError(f"{model_uri} is neither a checkpoint directory (with {checkpoints.META_FILE}) "
-                            "nor an MLflow model directory (with MLmodel); pass one, or a models:/ URI")
+        newest = checkpoints.newest_run_checkpoint(path)
+        if newest is not None:
+            return checkpoints.load_model(newest)[0]
+        raise RegistryError(f"{model_uri} is neither a checkpoint directory (with {checkpoints.META_FILE}), "
+                            "a run directory (with config.yaml or checkpoints/) nor an MLflow model directory "
+                            "(with MLmodel); pass one, or a models:/ URI")
     with tempfile.TemporaryDirectory() as download:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=download)

@@ -8,20 +8,15 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT, free_port, tiny_overrides
+from helpers import ROOT, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
@@ -222,72 +217,6 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def post_json(url: str, body: object) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def test_registered_model_is_served_by_mlflow_models_serve(tracked_run, mlflow_server, tmp_path):
-    """`mlflow models serve -m models:/NAME@ALIAS --env-manager local` on loopback, started
-    outside the repository: POST /invocations answers samples, reconstructions, and a clear
-    400 for a bad request."""
-    config, result, run_id, client = tracked_run
-    name = f"gapm-{config.name}"
-    client.set_registered_model_alias(name, "serving", "1")
-    port = free_port()
-    with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@serving",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=clean_environment(MLFLOW_TRACKING_URI=mlflow_server.url), start_new_session=True,
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/invocations"
-        model, _ = checkpoints.load_model(result.final_checkpoint)
-
-        status, answer = post_json(url, {"inputs": {"n": 16, "seed": 5}})
-        assert status == 200, answer
-        expected = registry.sample(model, 16, 5).numpy()
-        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
-        status, answer = post_json(url, {"dataframe_records": [{"n": 4, "seed": 6}, {"n": 3, "seed": 6}]})
-        assert status == 200, answer
-        expected = np.concatenate([registry.sample(model, 4, 6).numpy(), registry.sample(model, 3, 6).numpy()])
-        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
-
-        points = np.load(result.run_dir / "recon.npy")[:5].astype(np.float32)
-        status, answer = post_json(url, {"inputs": {"data": points.tolist()}})
-        assert status == 200, answer
-        assert np.allclose(answer["predictions"], registry.reconstruct(model, torch.from_numpy(points)).numpy(),
-                           atol=1e-6)
-
-        status, answer = post_json(url, {"inputs": {"n": 0}})
-        assert status == 400 and "n must be an integer from 1" in answer["message"], answer
-        status, answer = post_json(url, {"inputs": {"data": [[0.1, 0.2, 0.3]]}})
-        assert status == 400 and "data must be a batch of shape (N, 2)" in answer["message"], answer
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-
-
 def test_registered_model_loads_where_gapm_is_not_installed(tracked_run, mlflow_server, tmp_path, monkeypatch):
     """The logged model carries its code: in an interpreter that cannot import gapm or
     pipeline (no site hooks: the editable install is invisible), `mlflow.pyfunc.load_model`
@@ -312,7 +241,7 @@ except ImportError:
 import mlflow.pyfunc
 model = mlflow.pyfunc.load_model(sys.argv[1])
 import gapm
-inputs = [spec.name for spec in model.metadata.get_input_schema().inputs]
+inputs = list(model.metadata.metadata["gapm_inputs"])
 print(json.dumps({"gapm": gapm.__file__, "pipeline_loaded": "pipeline" in sys.modules, "inputs": inputs,
                   "samples": model.predict({"n": 8, "seed": 2}).tolist()}))
 """
