@@ -151,17 +151,21 @@ def _missing(value: Any) -> bool:
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
-    """The request's rows. After MLflow's schema enforcement the input is a DataFrame; called
-    directly (GapmModel().predict) it may be a dict of columns or a list of rows."""
+    """The request's rows. The input is as MLflow parsed the request (no input schema): a
+    DataFrame (dataframe_records, dataframe_split, CSV), a dict of columns or values (inputs,
+    instances, a Python dict), a list of rows, or an unnamed array."""
     if isinstance(model_input, pd.DataFrame):
         if not set(INPUTS) & set(model_input.columns):
-            raise BadRequest(f"unnamed inputs: name them, as in {FORMS}")
+            raise BadRequest(f"no input named n, seed or data (columns {list(model_input.columns)[:5]}); "
+                             f"send {FORMS}")
         return model_input.to_dict(orient="records")
     if isinstance(model_input, dict):
         return [model_input]
     if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
         return model_input
-    raise BadRequest(f"unnamed inputs ({type(model_input).__name__}): name them, as in {FORMS}")
+    what = f"an array of shape {np.shape(model_input)}" if isinstance(model_input, np.ndarray) else (
+        type(model_input).__name__)
+    raise BadRequest(f"unnamed inputs ({what}) cannot say whether they are n or data; name them, as in {FORMS}")
 
 
 def _sample_requests(row: dict[str, Any]) -> list[tuple[int, int]]:
@@ -243,7 +247,7 @@ class GapmModel(mlflow.pyfunc.PythonModel):
 
 
 def _nested_list(value: Any) -> Any:
-    """Schema enforcement may leave arrays of arrays as object arrays; make them rectangular lists."""
+    """A cell may hold arrays of arrays (object arrays); make them nested lists for np.asarray."""
     if isinstance(value, np.ndarray) and value.dtype != object:
         return value
     if isinstance(value, (list, tuple, np.ndarray)):
