@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="generate samples from a registered model or checkpoint")
     sample.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
-                                          "or a checkpoint (directory or s3:// URL)")
+                                          "a checkpoint (directory or s3:// URL), or a run directory "
+                                          "(runs/NAME: its newest complete checkpoint)")
     sample.add_argument("-n", type=positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", required=True, metavar="X.png",
                         help="picture to write (.png or .jpg): an 8-column image grid, or a scatter plot of "

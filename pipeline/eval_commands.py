@@ -251,7 +251,8 @@ def add_evaluation_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="score one checkpoint or model (FID, reconstruction MSE) "
                                                 "and log the results to its MLflow run")
     evaluate.add_argument("target", metavar="CHECKPOINT_OR_MODEL_URI",
-                          help="checkpoint directory or s3:// URL, runs:/RUN_ID/checkpoints/step-XXXXXXXX, "
+                          help="checkpoint directory or s3:// URL, a run directory (runs/NAME: its newest "
+                               "complete checkpoint), runs:/RUN_ID/checkpoints/step-XXXXXXXX, "
                                "runs:/RUN_ID/model, models:/NAME@ALIAS, models:/NAME/VERSION")
     scoring_arguments(evaluate)
     add_config_arguments(evaluate, "experiment YAML whose eval section gives the defaults and whose "

@@ -9,7 +9,7 @@ A checkpoint is a directory `step-XXXXXXXX/` (local, or under an s3:// prefix) h
                        a checkpoint exists exactly when its meta.json does.
 
     settings      CheckpointConfig, the component's typed settings (no torch)
-    locations     names, local/s3 locations, listing complete checkpoints
+    locations     names, local/s3 locations, listing complete checkpoints, a run directory's newest
     meta          CheckpointMeta and its schema (a checkpoint that fails it is damaged)
     local         atomic local writes, whole-file verification, pruning
     remote        s3:// uploads (verified local copy first, meta.json last) and deletes
@@ -44,6 +44,8 @@ from pipeline.checkpoints.locations import (
     is_remote,
     latest_checkpoint,
     list_checkpoints,
+    newest_run_checkpoint,
+    run_checkpoints_dir,
     step_of,
 )
 from pipeline.checkpoints.meta import (
@@ -70,5 +72,6 @@ __all__ = [
     "DamagedCheckpoint", "NoSpaceLeft", "Restored", "UnwritableLocation", "as_location", "check_compatible",
     "check_plan", "checkpoint_basename", "checkpoint_name", "child", "disk_failure", "is_remote",
     "latest_checkpoint", "list_checkpoints", "load_model", "load_model_weights", "load_training_state",
-    "local_copy", "local_file", "parse_meta", "read_meta", "save_local", "step_of", "verify_complete",
+    "local_copy", "local_file", "newest_run_checkpoint", "parse_meta", "read_meta", "run_checkpoints_dir",
+    "save_local", "step_of", "verify_complete",
 ]

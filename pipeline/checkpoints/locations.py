@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from pipeline.checkpoints.errors import CheckpointError
 from pipeline.data import storage
 
 # A checkpoint (or a directory of them) is a local directory (Path) or an s3:// URL (str).
 Checkpoint = Path | str
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "training_state.pt", "meta.json"
+RUN_CONFIG = "config.yaml"  # the resolved config a training writes into its run directory
 PAYLOAD_FILES = (MODEL_FILE, STATE_FILE)  # what meta.json describes; written before it
 
 
@@ -61,3 +65,34 @@ def list_checkpoints(checkpoints_dir: Checkpoint) -> list[Checkpoint]:
 def latest_checkpoint(checkpoints_dir: Checkpoint) -> Checkpoint | None:
     found = list_checkpoints(checkpoints_dir)
     return found[-1] if found else None
+
+
+def run_checkpoints_dir(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint directory of a run directory — its config.yaml's `train.checkpoint_dir`,
+    else RUN_DIR/checkpoints — or None when `run_dir` is not one (a checkpoint, anything else)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / META_FILE).is_file():
+        return None
+    configured = None
+    if (run_dir / RUN_CONFIG).is_file():
+        try:
+            configured = ((yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}).get("train") or {}).get(
+                "checkpoint_dir")
+        except (yaml.YAMLError, AttributeError, OSError):
+            configured = None  # not gapm's config.yaml: RUN_DIR/checkpoints, if there is one
+    elif not (run_dir / "checkpoints").is_dir():
+        return None
+    return as_location(configured) if isinstance(configured, str) and configured else run_dir / "checkpoints"
+
+
+def newest_run_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint of a run directory (`gapm sample runs/NAME`), None when
+    `run_dir` is not a run directory; CheckpointError when it has no checkpoint yet."""
+    directory = run_checkpoints_dir(run_dir)
+    if directory is None:
+        return None
+    newest = latest_checkpoint(directory)
+    if newest is None:
+        raise CheckpointError(f"run directory {run_dir} has no complete checkpoint in {directory} yet; "
+                              "train it (gapm train ... resumes) or name a checkpoint")
+    return newest

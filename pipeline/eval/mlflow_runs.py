@@ -124,22 +124,27 @@ def _is_mlflow_uri(uri: str) -> bool:
 
 
 def resolve_target(uri: str, run_id: str | None = None) -> Target:
-    target = Target(uri=uri, run_id=run_id)
+    """A run directory stands for its newest complete checkpoint (`gapm eval runs/NAME`)."""
+    run_dir = None
+    if not _is_mlflow_uri(uri) and not checkpoints.is_remote(uri):
+        path = Path(storage.local_path(uri))
+        newest = checkpoints.newest_run_checkpoint(path)
+        if newest is not None:  # a run directory
+            run_dir, uri = path, str(newest)
+        elif path.parent.name == "checkpoints":
+            run_dir = path.parent.parent
+    target = Target(uri=uri, run_id=run_id, run_dir=run_dir)
     found = RUN_IN_ARTIFACT_PATH.search(uri)
     if uri.startswith("runs:/"):
         target.run_id = target.run_id or uri[len("runs:/"):].split("/", 1)[0]
     elif found and not target.run_id:
         target.run_id = found.group(1)
-    if not _is_mlflow_uri(uri) and not checkpoints.is_remote(uri):
-        path = Path(storage.local_path(uri))
-        if path.parent.name == "checkpoints":
-            run_dir = path.parent.parent
-            target.run_dir = run_dir
-            id_file = run_dir / RUN_ID_FILE
-            if not target.run_id and id_file.is_file():
-                target.run_id = id_file.read_text().strip() or None
-            if target.run_id:
-                target.tracking_uri = resolve_tracking_uri(run_dir)[0]
+    if run_dir is not None:
+        id_file = run_dir / RUN_ID_FILE
+        if not target.run_id and id_file.is_file():
+            target.run_id = id_file.read_text().strip() or None
+        if target.run_id:
+            target.tracking_uri = resolve_tracking_uri(run_dir)[0]
     if target.tracking_uri is None and target.run_id:
         target.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     return target

@@ -33,11 +33,11 @@ import getpass
 import logging
 import os
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking.embedded_store import prepare_embedded_store
 from pipeline.tracking.outbox import MetricValue, Outbox
 from pipeline.tracking.reconcile import (
     UPLOAD_STAGING,
@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 EMBEDDED_DB, EMBEDDED_ARTIFACTS = "mlflow.db", "mlartifacts"
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # batch logs: no progress bars
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # batch logs: no progress bars
+                 # stdout is for results: MLflow's "View run ... at: URL" lines become one log line
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 LATEST_CHECKPOINT_TAG = "gapm.latest_checkpoint"
 MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
 
@@ -71,37 +73,6 @@ def resolve_tracking_uri(run_dir: Path) -> tuple[str, str | None]:
         return uri, None
     run_dir = Path(run_dir).resolve()
     return f"sqlite:///{run_dir / EMBEDDED_DB}", (run_dir / EMBEDDED_ARTIFACTS).as_uri()
-
-
-def prepare_embedded_store(db_path: Path, artifact_root: str) -> None:
-    """Creating a sqlite store runs MLflow's ~100 schema migrations (5-10 s on a small CPU) —
-    once per MLflow version here: later run directories get a copy of an empty, migrated store.
-    On any problem MLflow simply creates the store itself."""
-    if db_path.exists():
-        return
-    try:
-        import mlflow
-
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gapm"
-        template = cache / f"mlflow-{mlflow.__version__}-empty.db"
-        if not template.exists():
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            cache.mkdir(parents=True, exist_ok=True)
-            staging = cache / f".{template.name}.{os.getpid()}.tmp"
-            store = SqlAlchemyStore(f"sqlite:///{staging}", default_artifact_root=artifact_root)
-            store.engine.dispose()
-            os.replace(staging, template)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = db_path.with_name(f".{db_path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(template, staging)
-        with sqlite3.connect(staging) as connection:  # the Default experiment: this run's store
-            connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                               (f"{artifact_root}/0",))
-        connection.close()
-        os.replace(staging, db_path)
-    except Exception as error:  # noqa: BLE001 - an optimisation only
-        log.debug("no template MLflow store (%s); MLflow creates %s itself", error, db_path)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -149,14 +120,15 @@ class MlflowTracker:
         self.finish_timeout_s = finish_timeout_s
         for name, value in HTTP_SETTINGS.items():
             os.environ.setdefault(name, value)
-        # Whoever started training: MLflow's log records and its "View run ... at: URL" line
-        # (written to stdout) name the tracking URI, which may hold a password.
+        # Whoever started training: MLflow's log records (and its "View run ... at: URL" lines
+        # on stdout, where a user re-enables them) name the tracking URI, which may hold a password.
         install_log_redaction()
         install_stdout_redaction()
 
         self.run_id: str | None = None
         self.resumed = False
         self._client: Any = None
+        self._experiment_id: str | None = None
         self._monitor: Any = None
         self._finished = False
         self._outbox = Outbox(self, retry_interval_s=retry_interval_s, max_retry_interval_s=max_retry_interval_s,
@@ -316,6 +288,7 @@ class MlflowTracker:
         else:
             experiment_id = experiment.experiment_id
 
+        self._experiment_id = experiment_id
         id_file = self.run_dir / RUN_ID_FILE
         saved = id_file.read_text().strip() if id_file.is_file() else ""
         if saved:
@@ -417,10 +390,10 @@ class MlflowTracker:
         logged = registry.log_model(self._client, self.run_id, checkpoint)
         tags = {"gapm.model_id": logged.model_id}
         if self.register_model:
-            version = registry.register_logged_model(self._client, self.registered_model_name, logged)
+            version, created = registry.ensure_registered(self._client, self.registered_model_name, logged)
             tags["gapm.registered_model_version"] = str(version.version)
-            log.info("MLflow: registered %s version %s (models:/%s/%s)", self.registered_model_name,
-                     version.version, self.registered_model_name, version.version)
+            log.info("MLflow: %s %s version %s (models:/%s/%s)", "registered" if created else "already registered as",
+                     self.registered_model_name, version.version, self.registered_model_name, version.version)
         self._send_tags(tags)
 
     def _reconcile(self, earlier: EarlierRecord) -> None:
@@ -439,6 +412,10 @@ class MlflowTracker:
             self._monitor.finish()
             self._monitor = None
         self._client.set_terminated(self.run_id, status)
+        if self.tracking_uri.startswith(("http://", "https://")):  # where MLflow would print it
+            experiment_url = f"{self.tracking_uri.rstrip('/')}/#/experiments/{self._experiment_id}"
+            log.info("MLflow: view run %s at %s/runs/%s (experiment: %s)", self.run_name,
+                     redact(experiment_url), self.run_id, redact(experiment_url))
 
 
 def _short(error: BaseException) -> str:

@@ -108,6 +108,7 @@ def save_pyfunc_model(path: Path, weights: str, meta: str, model_meta: checkpoin
             artifacts={WEIGHTS: weights, META: meta}, pip_requirements=pip_requirements(),
             signature=served_model.signature(data_shape), input_example=example,
             metadata={"gapm_model_kind": model_meta.model_kind, "gapm_data_shape": data_shape,
+                      "gapm_inputs": served_model.INPUTS,
                       "gapm_checkpoint_step": model_meta.step, "gapm_experiment": model_meta.experiment},
             mlflow_model=mlflow_model)
 
@@ -158,6 +159,11 @@ def log_model(client: MlflowClient, run_id: str, checkpoint: checkpoints.Checkpo
 
 def register_logged_model(client: MlflowClient, name: str, logged_model) -> ModelVersion:
     """The registry version of `logged_model` under `name`, created if it does not exist."""
+    return ensure_registered(client, name, logged_model)[0]
+
+
+def ensure_registered(client: MlflowClient, name: str, logged_model) -> tuple[ModelVersion, bool]:
+    """(the registry version of `logged_model` under `name`, whether this call created it)."""
     try:
         client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     except MlflowException as error:
@@ -168,12 +174,12 @@ def register_logged_model(client: MlflowClient, name: str, logged_model) -> Mode
         # search results may leave model_id empty; the source names the model too
         if logged_model.model_id in (version.model_id, version.source.removeprefix("models:/")) or (
                 version.source == logged_model.artifact_location):
-            return version
+            return version, False
     # The source is the model's artifact location rather than models:/MODEL_ID: a sqlite
     # registry would resolve the latter through the process-wide tracking URI.
     return client.create_model_version(
         name=name, source=logged_model.artifact_location, run_id=run_id, model_id=logged_model.model_id,
-        tags={CHECKPOINT_STEP_TAG: logged_model.tags.get(CHECKPOINT_STEP_TAG, "")})
+        tags={CHECKPOINT_STEP_TAG: logged_model.tags.get(CHECKPOINT_STEP_TAG, "")}), True
 
 
 def register_run_model(run_id: str, alias: str, name: str | None = None,
@@ -202,8 +208,9 @@ def is_local(model_uri: str) -> bool:
 
 def load_generator(model_uri: str) -> Method:
     """The model behind models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID,
-    runs:/RUN_ID/model, a downloaded MLflow model directory or a checkpoint (directory or
-    s3:// URL) — rebuilt from safetensors + meta.json, in eval mode, on the CPU."""
+    runs:/RUN_ID/model, a downloaded MLflow model directory, a checkpoint (directory or s3://
+    URL) or a run directory (its newest complete checkpoint) — rebuilt from safetensors +
+    meta.json, in eval mode, on the CPU."""
     if checkpoints.is_remote(model_uri):
         return checkpoints.load_model(model_uri)[0]
     if is_local(model_uri):
@@ -212,8 +219,12 @@ def load_generator(model_uri: str) -> Method:
             return checkpoints.load_model(path)[0]
         if (path / "MLmodel").is_file():
             return _from_model_directory(path, model_uri)
-        raise RegistryError(f"{model_uri} is neither a checkpoint directory (with {checkpoints.META_FILE}) "
-                            "nor an MLflow model directory (with MLmodel); pass one, or a models:/ URI")
+        newest = checkpoints.newest_run_checkpoint(path)
+        if newest is not None:
+            return checkpoints.load_model(newest)[0]
+        raise RegistryError(f"{model_uri} is neither a checkpoint directory (with {checkpoints.META_FILE}), "
+                            "a run directory (with config.yaml or checkpoints/) nor an MLflow model directory "
+                            "(with MLmodel); pass one, or a models:/ URI")
     with tempfile.TemporaryDirectory() as download:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=download)

@@ -4,23 +4,19 @@ embedded default (a sqlite store in the run directory)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT, free_port, tiny_config, train
+from helpers import ROOT, tiny_config, train
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoints, cli
@@ -107,12 +103,31 @@ def tracked_run(mlflow_server, tmp_path_factory):
     every checkpoint although the run directory keeps only the last."""
     config = tracked_config(tmp_path_factory.mktemp("tracked"), "train.keep_last_checkpoints=1",
                          "tracking.system_metrics=true")
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, registry_lines() as lines:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # default 10 s: longer than the run
         result = train(config, resume="never")
+    name = f"gapm-{config.name}"
+    assert lines == [f"MLflow: registered {name} version 1 (models:/{name}/1)"]
     run_id = (result.run_dir / RUN_ID_FILE).read_text().strip()
     return config, result, run_id, MlflowClient(mlflow_server.url)
+
+
+@contextlib.contextmanager
+def registry_lines():
+    """The messages about registering that pipeline.tracking logs meanwhile."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage()) if "registered" in record.getMessage() else None
+    logger = logging.getLogger("pipeline.tracking")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_run_has_params_tags_and_metrics_of_both_stages(tracked_run):
@@ -177,78 +192,26 @@ def test_registered_model_samples_like_the_checkpoint_in_a_fresh_process(tracked
     assert np.array_equal(from_registry, registry.sample(model, 64, 7).numpy())
 
 
+def test_rerunning_the_finished_training_registers_nothing_new_and_says_so(tracked_run, mlflow_server,
+                                                                           monkeypatch):
+    """`gapm train` again once finished: nothing to train, the model is logged already, and the
+    line says "already registered" rather than "registered" (the fixture saw that one)."""
+    config, result, run_id, client = tracked_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    with registry_lines() as lines:
+        again = train(config, resume="auto")
+    name = f"gapm-{config.name}"
+    assert again.final_checkpoint.name == result.final_checkpoint.name
+    assert lines == [f"MLflow: already registered as {name} version 1 (models:/{name}/1)"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+
 def environment_outside_checkout(**extra: str) -> dict[str, str]:
     """A process environment without this checkout on the path and without S3 settings:
     artifacts come through the tracking server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_")) and k != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # uvicorn of this env
     return {**env, **extra}
-
-
-def post_json(url: str, body: object) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def test_registered_model_is_served_by_mlflow_models_serve(tracked_run, mlflow_server, tmp_path):
-    """`mlflow models serve -m models:/NAME@ALIAS --env-manager local` on loopback, started
-    outside the repository: POST /invocations answers samples, reconstructions, and a clear
-    400 for a bad request."""
-    config, result, run_id, client = tracked_run
-    name = f"gapm-{config.name}"
-    client.set_registered_model_alias(name, "serving", "1")
-    port = free_port()
-    with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@serving",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=environment_outside_checkout(MLFLOW_TRACKING_URI=mlflow_server.url), start_new_session=True,
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/invocations"
-        model, _ = checkpoints.load_model(result.final_checkpoint)
-
-        status, answer = post_json(url, {"inputs": {"n": 16, "seed": 5}})
-        assert status == 200, answer
-        expected = registry.sample(model, 16, 5).numpy()
-        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
-        status, answer = post_json(url, {"dataframe_records": [{"n": 4, "seed": 6}, {"n": 3, "seed": 6}]})
-        assert status == 200, answer
-        expected = np.concatenate([registry.sample(model, 4, 6).numpy(), registry.sample(model, 3, 6).numpy()])
-        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
-
-        points = np.load(result.run_dir / "recon.npy")[:5].astype(np.float32)
-        status, answer = post_json(url, {"inputs": {"data": points.tolist()}})
-        assert status == 200, answer
-        assert np.allclose(answer["predictions"], registry.reconstruct(model, torch.from_numpy(points)).numpy(),
-                           atol=1e-6)
-
-        status, answer = post_json(url, {"inputs": {"n": 0}})
-        assert status == 400 and "n must be an integer from 1" in answer["message"], answer
-        status, answer = post_json(url, {"inputs": {"data": [[0.1, 0.2, 0.3]]}})
-        assert status == 400 and "data must be a batch of shape (N, 2)" in answer["message"], answer
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
 
 
 def test_registered_model_loads_where_gapm_is_not_installed(tracked_run, mlflow_server, tmp_path, monkeypatch):

@@ -40,9 +40,14 @@ def test_no_secret_reaches_logs_params_tags_or_the_run_directory(mlflow_server, 
     assert done.returncode == 0, output[-3000:]
     for secret in SECRETS:
         assert secret not in output, [line for line in output.splitlines() if secret in line][:5]
-    # The lines are there, redacted: gapm's own and MLflow's "View run ... at: URL" on stdout.
+    # The lines are there, redacted, on stderr: gapm's own, and the run's URL in place of MLflow's
+    # "View run ... at: URL" lines, which went to stdout. stdout holds the results alone.
     assert f"alice:{MASK}@127.0.0.1" in done.stderr
-    assert any("View run" in line and f"alice:{MASK}@" in line for line in done.stdout.splitlines()), done.stdout
+    assert any("view run" in line and f"alice:{MASK}@127.0.0.1" in line and "/runs/" in line
+               for line in done.stderr.splitlines()), done.stderr[-3000:]
+    results = done.stdout.splitlines()
+    assert len(results) == 2 and results[0].startswith("metrics: ") and results[1] == (
+        f"run directory: {tmp_path / 'runs' / name}"), done.stdout
 
     client = MlflowClient(mlflow_server.url)  # the server itself ignores the userinfo
     run_dir = tmp_path / "runs" / name
