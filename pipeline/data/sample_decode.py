@@ -91,7 +91,7 @@ class SampleDecoder:
     def _array(self, payload: bytes) -> np.ndarray:
         shape = self.image_shape
         if shape is not None and len(payload) == self._raw_size and payload.startswith(self._raw_header):
-            return np.frombuffer(payload, np.uint8, offset=len(self._raw_header)).reshape(shape)
+            return np.ndarray(shape, np.uint8, payload, len(self._raw_header))  # a read-only view of the member
         array = npy_array(payload)
         if shape is None:
             if array.dtype == np.uint8 and array.ndim in (2, 3):
