@@ -238,7 +238,7 @@ def gapm_column(workers: int) -> str:
 
 def data_sets(args: argparse.Namespace, out: str) -> list[dict]:
     """Every (set, format) measured: its shards, shape, image members in memory and shard bytes."""
-    raw_sets = {name for name in args.raw.split(",") if name}
+    raw_sets = {name.partition(":")[0] for name in args.raw.split(",") if name}
     found = []
     for entry in args.sets.split(","):
         name, _, count_text = entry.partition(":")
@@ -258,18 +258,21 @@ def data_sets(args: argparse.Namespace, out: str) -> list[dict]:
                 raise SystemExit(f"--sets: unknown set {name!r}; expected fashion-mnist or rgbSIDE, e.g. rgb32:10000")
             shard_bytes = sum(os.path.getsize(storage.local_path(url)) for url in urls) \
                 if not storage.is_s3_url(out) else float("nan")
-            found.append({"set": name, "format": image_format, "spec": spec, "urls": urls, "shape": shape,
-                          "samples": size, "members": image_members(urls), "shard_bytes": shard_bytes})
+            found.append({"set": entry, "format": image_format, "spec": spec, "urls": urls, "shape": shape,
+                          "samples": size, "shard_bytes": shard_bytes,
+                          "members": image_members(urls) if {"limit", "decode"} & set(args.columns.split(",")) else []})
     return found
 
 
 def columns(data: dict, args: argparse.Namespace) -> list[tuple[str, Callable[[], dict]]]:
-    members, urls = data["members"], data["urls"]
-    chosen = [] if data["format"] == "raw" else [(LIMIT, lambda: timed(lambda: decode_only(members)))]
-    chosen += [(READER_DECODE, lambda: timed(lambda: reader_decode(members, data["shape"], data["format"]))),
-               (BARE, lambda: timed(lambda: bare_loop(urls))),
-               (WEBDATASET, lambda: timed(lambda: stock_webdataset(urls)))]
-    for workers in (int(w) for w in args.workers.split(",")):
+    members, urls, wanted = data["members"], data["urls"], set(args.columns.split(","))
+    chosen = [] if data["format"] == "raw" or "limit" not in wanted else [
+        (LIMIT, lambda: timed(lambda: decode_only(members)))]
+    chosen += [(column, measure) for key, column, measure in (
+        ("decode", READER_DECODE, lambda: timed(lambda: reader_decode(members, data["shape"], data["format"]))),
+        ("bare", BARE, lambda: timed(lambda: bare_loop(urls))),
+        ("webdataset", WEBDATASET, lambda: timed(lambda: stock_webdataset(urls)))) if key in wanted]
+    for workers in (int(w) for w in args.workers.split(",")) if "gapm" in wanted else ():
         chosen.append((gapm_column(workers), lambda workers=workers: time_stream(
             data["spec"], batch_size=args.batch_size, workers=workers, shuffle_buffer=args.shuffle_buffer)))
     return chosen
@@ -310,6 +313,7 @@ def summary(sets: list[dict], passes: dict, args: argparse.Namespace) -> list[di
             row = {"set": name, "format": image_format, "column": column, "samples": data["samples"],
                    "per_s": statistics.median(rates), "per_s_text": _spread(rates, 0),
                    "cpu_us": statistics.median(m["cpu"] for m in measured) / data["samples"] * 1e6,
+                   "workers_cpu_us": statistics.median(m.get("workers_cpu", 0.0) for m in measured) / data["samples"] * 1e6,
                    "shard_bytes": data["shard_bytes"]}
             if "main_rss" in measured[0]:
                 row.update(main_rss_mib=max(m["main_rss"] for m in measured),
@@ -335,7 +339,7 @@ def print_tables(rows: list[dict], args: argparse.Namespace, load: tuple[float, 
           f"interleaved repetitions, {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start and {load[1]:.1f} "
           "at the end (1 min)")
     print()
-    print("| set | format | column | samples/s, median [min-max] | CPU us/sample | x decode-only limit | "
+    print("| set | format | column | samples/s, median [min-max] | CPU us/sample (+ workers) | x decode-only limit | "
           "x reader's decode | x webdataset | x bare loop | x gapm 0 workers | memory MiB: main / growth / workers |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -343,11 +347,13 @@ def print_tables(rows: list[dict], args: argparse.Namespace, load: tuple[float, 
                   if "main_rss_mib" in row else "")
         ratios = " | ".join(row.get(f"x {reference}", "") for reference in (LIMIT, READER_DECODE, WEBDATASET, BARE,
                                                                             gapm_column(0)))
-        print(f"| {row['set']} | {row['format']} | {row['column']} | {row['per_s_text']} | {row['cpu_us']:.1f} | "
+        cpu = f"{row['cpu_us']:.1f}" + (f" + {row['workers_cpu_us']:.1f}" if row["workers_cpu_us"] else "")
+        print(f"| {row['set']} | {row['format']} | {row['column']} | {row['per_s_text']} | {cpu} | "
               f"{ratios} | {memory} |")
     print()
     print("x REF = REF's seconds / this column's seconds over the same samples, taken within each repetition "
-          "(median [min-max]); > 1: this column is faster")
+          "(median [min-max]); > 1: this column is faster. CPU: this process's CPU seconds per sample, plus its "
+          "loader workers'")
     zero = gapm_column(0)
     cpu_rows = [row for row in rows if row["column"] == zero and f"x {LIMIT} cpu" in row]
     if cpu_rows:
@@ -378,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sets also measured as raw-pixel shards (default: %(default)s)")
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts of the gapm columns "
                                                          "(default: %(default)s)")
+    parser.add_argument("--columns", default="limit,decode,bare,webdataset,gapm",
+                        help="what is measured: limit (decode-only), decode (the reader's), bare, webdataset, gapm "
+                             "(default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved repetitions of every column (default: %(default)s)")
     parser.add_argument("--shards", type=int, default=2, help="shards per data set (default: %(default)s)")
