@@ -25,6 +25,7 @@ depend on the machine.
 
     python benchmarks/loader.py                                  # every set, 0 and 2 workers, 5 repetitions
     python benchmarks/loader.py --sets rgb32:20000 --workers 0 --repeats 3
+    python benchmarks/loader.py --checkout /tmp/gapm-main         # that checkout's reader too: before and after
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -221,6 +223,26 @@ def time_stream(spec: str, *, batch_size: int, workers: int, shuffle_buffer: int
             "main_rss": main_peak, "main_growth": main_peak - main_start, "workers_rss": workers_peak}
 
 
+# One pass of another checkout's reader, timed inside its own fresh process (imports excluded).
+_PASS_OF_CHECKOUT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline.data.streaming import make_batch_stream
+stream = make_batch_stream(sys.argv[2], int(sys.argv[3]), drop_last=False, shuffle_buffer=int(sys.argv[4]))
+count, cpu, started = 0, time.process_time(), time.perf_counter()
+for batch in stream:
+    count += batch.shape[0]
+print(json.dumps({"samples": count, "wall": time.perf_counter() - started, "cpu": time.process_time() - cpu}))
+"""
+
+
+def time_checkout(checkout: str, spec: str, *, batch_size: int, shuffle_buffer: int) -> dict[str, float]:
+    """One pass of the reader of another checkout of this repository (``--checkout``), 0 workers."""
+    done = subprocess.run([sys.executable, "-c", _PASS_OF_CHECKOUT, checkout, spec, str(batch_size),
+                           str(shuffle_buffer)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def timed(run: Callable[[], int]) -> dict[str, float]:
     cpu, started = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
     count = run()
@@ -230,6 +252,7 @@ def timed(run: Callable[[], int]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the run
 
 LIMIT, READER_DECODE, BARE, WEBDATASET = "decode-only limit", "reader's decode", "bare loop", "webdataset"
+CHECKOUT = "--checkout, 0 workers"
 
 
 def gapm_column(workers: int) -> str:
@@ -272,6 +295,9 @@ def columns(data: dict, args: argparse.Namespace) -> list[tuple[str, Callable[[]
         ("decode", READER_DECODE, lambda: timed(lambda: reader_decode(members, data["shape"], data["format"]))),
         ("bare", BARE, lambda: timed(lambda: bare_loop(urls))),
         ("webdataset", WEBDATASET, lambda: timed(lambda: stock_webdataset(urls)))) if key in wanted]
+    if args.checkout:
+        chosen.append((CHECKOUT, lambda: time_checkout(args.checkout, data["spec"], batch_size=args.batch_size,
+                                                       shuffle_buffer=args.shuffle_buffer)))
     for workers in (int(w) for w in args.workers.split(",")) if "gapm" in wanted else ():
         chosen.append((gapm_column(workers), lambda workers=workers: time_stream(
             data["spec"], batch_size=args.batch_size, workers=workers, shuffle_buffer=args.shuffle_buffer)))
@@ -319,7 +345,7 @@ def summary(sets: list[dict], passes: dict, args: argparse.Namespace) -> list[di
                 row.update(main_rss_mib=max(m["main_rss"] for m in measured),
                            main_growth_mib=max(m["main_growth"] for m in measured),
                            workers_rss_mib=max(m["workers_rss"] for m in measured))
-            for reference in (LIMIT, READER_DECODE, WEBDATASET, BARE, gapm_column(0)):
+            for reference in (LIMIT, READER_DECODE, WEBDATASET, BARE, gapm_column(0), CHECKOUT):
                 against = passes.get((name, image_format, reference))
                 if against and reference != column:  # within each repetition: reference time / this time
                     ratios = [r["wall"] / m["wall"] for r, m in zip(against, measured)]
@@ -340,13 +366,14 @@ def print_tables(rows: list[dict], args: argparse.Namespace, load: tuple[float, 
           "at the end (1 min)")
     print()
     print("| set | format | column | samples/s, median [min-max] | CPU us/sample (+ workers) | x decode-only limit | "
-          "x reader's decode | x webdataset | x bare loop | x gapm 0 workers | memory MiB: main / growth / workers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "x reader's decode | x webdataset | x bare loop | x gapm 0 workers | x --checkout | "
+          "memory MiB: main / growth / workers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         memory = (f"{row['main_rss_mib']:.0f} / {row['main_growth_mib']:.1f} / {row['workers_rss_mib']:.0f}"
                   if "main_rss_mib" in row else "")
         ratios = " | ".join(row.get(f"x {reference}", "") for reference in (LIMIT, READER_DECODE, WEBDATASET, BARE,
-                                                                            gapm_column(0)))
+                                                                            gapm_column(0), CHECKOUT))
         cpu = f"{row['cpu_us']:.1f}" + (f" + {row['workers_cpu_us']:.1f}" if row["workers_cpu_us"] else "")
         print(f"| {row['set']} | {row['format']} | {row['column']} | {row['per_s_text']} | {cpu} | "
               f"{ratios} | {memory} |")
@@ -395,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shuffle buffer of the gapm columns (default: %(default)s)")
     parser.add_argument("--fashion-mnist", default=FASHION_MNIST,
                         help="directory of the Fashion-MNIST IDX files (default: %(default)s)")
+    parser.add_argument("--checkout", default=None,
+                        help="another checkout of this repository (e.g. `git worktree add /tmp/gapm-main main`): its "
+                             "reader is measured too, 0 workers, a fresh process per pass (default: none)")
     parser.add_argument("--out", default=None,
                         help="where shards go (dir or s3://; kept and reused) (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default: none)")
