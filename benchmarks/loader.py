@@ -1,24 +1,31 @@
-"""Loader benchmark: pipeline.data.streaming against a bare tarfile + PIL decode loop.
+"""Loader benchmark: the streaming reader beside its references, on the same shards, in one run.
 
-Why: the streaming pipeline adds shard splitting, a shuffle buffer, corruption checks, batching
-and DataLoader workers on top of "read tar, decode PNG". This measures what that costs on the
-same shards, at several dataset sizes and worker counts, shows that memory stays flat as the
-dataset grows (everything is streamed; only the shuffle buffer of encoded samples is held), and
-gives the decode rate of one loader worker (what the throughput benchmark divides by to say how
-many workers keep one device busy).
+Columns, in samples per second (one process unless workers are named):
 
-    python benchmarks/loader.py                                   # 5,000 / 20,000 / 50,000 samples; 0, 1, 2 workers
-    python benchmarks/loader.py --sizes 5000 --workers 1 --repeats 5
-    python benchmarks/loader.py --out s3://bucket/bench           # shards in S3 (kept, reused next time)
+* decode-only limit: PIL on the image bytes already in memory (``Image.open(BytesIO(b))`` ->
+  ``np.asarray``): no tar, no shuffle, no float conversion, no batching, which the reader must
+  also do. The reference of issue 23 (target: the reader at >= 0.8x of it at 28x28 and 32x32,
+  >= 0.85x at 64x64, with 0 workers).
+* reader's decode: gapm's own decode path (pipeline/data/sample_decode.py) on the same bytes in
+  memory: the reader divided by this is how much of its time is not decoding.
+* bare loop: ``tarfile`` + PIL (or ``np.load`` for raw shards) over the shards.
+* webdataset: stock ``WebDataset(urls).decode("rgb8")`` (target: the reader at >= 2x of it).
+* gapm, W workers: ``make_batch_stream(..., num_workers=W, drop_last=False)``, float32 batches.
 
-How it measures, on a shared and noisy machine: every dataset is written (and synced) before
-anything is timed; then for each size and repetition each streaming pass runs right after a
-bare pass over the same shards, and the ratio is taken within that pair (interleaved, so slow
-periods of the machine hit both sides). Reported: the median ratio and its spread over the
-repetitions. With 0 workers the CPU-time ratio is printed too: it is what the code costs,
-independent of what else runs on the machine. Not a test: numbers depend on the machine.
-Progress goes to stderr as it runs (the data sets written, then a line per measured pair of
-passes); the table to stdout at the end.
+Data sets: the real Fashion-MNIST test split (10,000 28x28 grayscale images, converted by
+``gapm shards`` into 2 shards) when its IDX files are there, and random-pixel RGB written here
+(32x32, 10,000 samples; 64x64, 5,000), each also as raw-pixel shards (``--image-format raw``)
+where asked. Every data set is written (and synced) before anything is timed; then each
+repetition runs every column of every set once, in an order rotated by one per repetition, so
+slow periods of a shared machine hit all columns alike. Reported: the median and the spread
+over the repetitions, of the rates and of the ratios taken within each repetition, plus CPU
+seconds (what the code costs whatever else runs), shard bytes and the reader's memory.
+Progress goes to stderr as it runs; the tables to stdout at the end. Not a test: numbers
+depend on the machine.
+
+    python benchmarks/loader.py                                  # every set, 0 and 2 workers, 5 repetitions
+    python benchmarks/loader.py --sets rgb32:20000 --workers 0 --repeats 3
+    python benchmarks/loader.py --checkout /tmp/gapm-main         # that checkout's reader too: before and after
 """
 
 from __future__ import annotations
@@ -29,20 +36,26 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.data import storage  # noqa: E402
+from pipeline.data.sample_decode import SampleDecoder, npy_header  # noqa: E402
+from pipeline.data.shards import convert_dataset  # noqa: E402
 from pipeline.data.streaming import make_batch_stream  # noqa: E402
 
 STARTED = time.perf_counter()
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def progress(message: str) -> None:
@@ -50,8 +63,12 @@ def progress(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def write_synthetic_shards(out: str, samples: int, image_size: int, samples_per_shard: int, seed: int) -> None:
-    """Random RGB PNGs in the converter's layout (shards + manifest), written without the converter."""
+# --------------------------------------------------------------------------- data sets
+
+
+def write_synthetic_shards(out: str, samples: int, image_size: int, samples_per_shard: int, seed: int,
+                           image_format: str = "png") -> None:
+    """Random RGB images in the converter's layout (shards + manifest), PNG or raw .npy."""
     rng = np.random.default_rng(seed)
     shards = []
     with tempfile.TemporaryDirectory() as staging:
@@ -62,51 +79,104 @@ def write_synthetic_shards(out: str, samples: int, image_size: int, samples_per_
             with tarfile.open(path, "w") as tar:
                 for index in range(first, first + count):
                     pixels = rng.integers(0, 256, size=(image_size, image_size, 3), dtype=np.uint8)
-                    buffer = io.BytesIO()
-                    Image.fromarray(pixels).save(buffer, format="PNG")
-                    for suffix, payload in (("png", buffer.getvalue()), ("cls", b"0")):
+                    if image_format == "raw":
+                        image = ("npy", npy_header(pixels.shape) + pixels.tobytes())
+                    else:
+                        buffer = io.BytesIO()
+                        Image.fromarray(pixels).save(buffer, format="PNG")
+                        image = ("png", buffer.getvalue())
+                    for suffix, payload in (image, ("cls", b"0")):
                         info = tarfile.TarInfo(f"{index:08d}.{suffix}")
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
             storage.upload_file(path, storage.join_url(out, name))
-            shards.append({"name": name, "num_samples": count})
-    manifest = {
-        "dataset": "synthetic",
-        "split": "train",
-        "num_samples": samples,
-        "image": {"height": image_size, "width": image_size, "channels": 3, "format": "png"},
-        "shards": shards,
-    }
+            shards.append({"name": name, "num_samples": count, "bytes": os.path.getsize(path)})
+    manifest = {"dataset": "synthetic", "split": "train", "num_samples": samples, "shards": shards,
+                "image": {"height": image_size, "width": image_size, "channels": 3, "format": image_format}}
     storage.write_bytes(storage.join_url(out, "manifest.json"), json.dumps(manifest).encode())
 
 
-def shard_set(out: str, size: int, image_size: int, samples_per_shard: int) -> tuple[str, list[str]]:
+def shard_set(out: str, size: int, image_size: int, samples_per_shard: int,
+              image_format: str = "png") -> tuple[str, list[str]]:
     """(spec, shard URLs) of a synthetic set of `size` images, written unless `out` already holds it."""
-    spec = storage.join_url(out, f"n{size}-s{image_size}-p{samples_per_shard}")
+    spec = storage.join_url(out, f"n{size}-s{image_size}-p{samples_per_shard}-{image_format}")
     manifest_url = storage.join_url(spec, "manifest.json")
     if storage.exists(manifest_url):
-        progress(f"{size} samples: reusing {spec}")
+        progress(f"{size} {image_size}x{image_size} samples: reusing {spec}")
     else:
-        progress(f"{size} samples: writing {image_size}x{image_size} PNG shards to {spec}")
-        write_synthetic_shards(spec, size, image_size, samples_per_shard, seed=size)
+        progress(f"{size} samples: writing {image_size}x{image_size} {image_format} shards to {spec}")
+        write_synthetic_shards(spec, size, image_size, samples_per_shard, seed=size, image_format=image_format)
     shards = json.loads(storage.read_bytes(manifest_url))["shards"]
     return spec, [storage.join_url(spec, shard["name"]) for shard in shards]
 
 
+def fashion_mnist_set(out: str, source: str, size: int, shards: int, image_format: str) -> tuple[str, list[str]]:
+    """The first `size` images of Fashion-MNIST's test split as `gapm shards` writes them."""
+    root = storage.join_url(out, f"fashion-mnist-n{size}-x{shards}-{image_format}")
+    spec = storage.join_url(root, "test")
+    if not storage.exists(storage.join_url(spec, "manifest.json")):
+        progress(f"fashion-mnist: converting {size} test images to {image_format} shards in {root}")
+        convert_dataset("fashion-mnist", source, root, split="test", limit=size, image_format=image_format,
+                        samples_per_shard=-(-size // shards))
+    shards_listed = json.loads(storage.read_bytes(storage.join_url(spec, "manifest.json")))["shards"]
+    return spec, [storage.join_url(spec, shard["name"]) for shard in shards_listed]
+
+
+def image_members(urls: list[str]) -> list[bytes]:
+    """The image member of every sample, in memory: what the decode-only columns decode."""
+    members = []
+    for url in urls:
+        with storage.open_read_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if member.name.endswith((".png", ".npy")):
+                    members.append(tar.extractfile(member).read())
+    return members
+
+
+# --------------------------------------------------------------------------- one pass of each column
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pil_pixels(data: bytes) -> np.ndarray:
+    if data[:6] == b"\x93NUMPY":
+        return np.load(io.BytesIO(data))
+    with Image.open(io.BytesIO(data)) as picture:
+        return np.asarray(picture)
+
+
+def decode_only(members: list[bytes]) -> int:
+    """The decode-only limit: PIL on bytes in memory (raw members: np.load)."""
+    for data in members:
+        _pil_pixels(data)
+    return len(members)
+
+
+def reader_decode(members: list[bytes], shape: tuple[int, int, int], image_format: str) -> int:
+    decode = SampleDecoder(shape, image_format)
+    extension = "npy" if image_format == "raw" else "png"
+    for data in members:
+        decode({extension: data})
+    return len(members)
+
+
 def bare_loop(shard_urls: list[str]) -> int:
-    """The floor: read each tar sequentially and decode every PNG, nothing else."""
+    """Read each tar sequentially and decode every image, nothing else."""
     decoded = 0
     for url in shard_urls:
         with storage.open_read_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                if member.name.endswith(".png"):
-                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as picture:
-                        np.asarray(picture.convert("RGB"))
+                if member.name.endswith((".png", ".npy")):
+                    _pil_pixels(tar.extractfile(member).read())
                     decoded += 1
     return decoded
 
 
-# --------------------------------------------------------------------------- memory (Linux /proc)
+def stock_webdataset(shard_urls: list[str]) -> int:
+    return sum(1 for _ in wds.WebDataset(shard_urls, shardshuffle=False, empty_check=False).decode("rgb8"))
 
 
 def _rss_mib(pid: int | str) -> float:
@@ -131,137 +201,230 @@ def _child_pids() -> list[int]:
     return pids
 
 
-class MemoryWatch:
-    """Peak resident memory of this process and of its loader workers, sampled every 0.2 s.
-
-    A worker's RSS includes the pages it shares with its parent since the fork (the torch
-    libraries); what matters here is whether it grows with the dataset.
-    """
-
-    def __init__(self) -> None:
-        self.main_start = _rss_mib("self")
-        self.main_peak = self.main_start
-        self.workers_peak = 0.0
-        self._next = 0.0
-
-    def sample(self) -> None:
-        now = time.perf_counter()
-        if now < self._next:
-            return
-        self._next = now + 0.2
-        self.main_peak = max(self.main_peak, _rss_mib("self"))
-        self.workers_peak = max(self.workers_peak, sum(_rss_mib(pid) for pid in _child_pids()))
-
-
-# --------------------------------------------------------------------------- one pass of each side
-
-
-def _cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
-def time_bare(urls: list[str]) -> dict[str, float]:
-    cpu, started = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
-    count = bare_loop(urls)
-    return {"samples": count, "wall": time.perf_counter() - started, "cpu": _cpu_seconds(resource.RUSAGE_SELF) - cpu}
-
-
 def time_stream(spec: str, *, batch_size: int, workers: int, shuffle_buffer: int) -> dict[str, float]:
+    """One pass of the reader: samples, wall and CPU seconds, and its memory (Linux /proc): the
+    peak RSS of this process (and its growth within the pass) and the peak sum over the workers."""
     stream = make_batch_stream(spec, batch_size, num_workers=workers, drop_last=False, shuffle_buffer=shuffle_buffer)
-    memory = MemoryWatch()
+    main_start = main_peak = _rss_mib("self")
+    workers_peak, next_sample = 0.0, 0.0
     cpu, workers_cpu = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     count = 0
     for batch in stream:
         count += batch.shape[0]
-        memory.sample()
+        if time.perf_counter() >= next_sample:  # every 0.2 s
+            next_sample = time.perf_counter() + 0.2
+            main_peak = max(main_peak, _rss_mib("self"))
+            workers_peak = max(workers_peak, sum(_rss_mib(pid) for pid in _child_pids()))
     wall = time.perf_counter() - started
     # Workers are joined when the pass ends, so their CPU time is in RUSAGE_CHILDREN by now.
     return {"samples": count, "wall": wall, "cpu": _cpu_seconds(resource.RUSAGE_SELF) - cpu,
             "workers_cpu": _cpu_seconds(resource.RUSAGE_CHILDREN) - workers_cpu,
-            "main_rss": memory.main_peak, "main_growth": memory.main_peak - memory.main_start,
-            "workers_rss": memory.workers_peak}
+            "main_rss": main_peak, "main_growth": main_peak - main_start, "workers_rss": workers_peak}
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+# One pass of another checkout's reader, timed inside its own fresh process (imports excluded).
+_PASS_OF_CHECKOUT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline.data.streaming import make_batch_stream
+stream = make_batch_stream(sys.argv[2], int(sys.argv[3]), drop_last=False, shuffle_buffer=int(sys.argv[4]))
+count, cpu, started = 0, time.process_time(), time.perf_counter()
+for batch in stream:
+    count += batch.shape[0]
+print(json.dumps({"samples": count, "wall": time.perf_counter() - started, "cpu": time.process_time() - cpu}))
+"""
 
 
-def run(sizes: list[int], worker_counts: list[int], *, repeats: int, image_size: int, samples_per_shard: int,
-        batch_size: int, shuffle_buffer: int, out: str) -> list[dict]:
-    sets = {size: shard_set(out, size, image_size, samples_per_shard) for size in sizes}
+def time_checkout(checkout: str, spec: str, *, batch_size: int, shuffle_buffer: int) -> dict[str, float]:
+    """One pass of the reader of another checkout of this repository (``--checkout``), 0 workers."""
+    done = subprocess.run([sys.executable, "-c", _PASS_OF_CHECKOUT, checkout, spec, str(batch_size),
+                           str(shuffle_buffer)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def timed(run: Callable[[], int]) -> dict[str, float]:
+    cpu, started = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
+    count = run()
+    return {"samples": count, "wall": time.perf_counter() - started, "cpu": _cpu_seconds(resource.RUSAGE_SELF) - cpu}
+
+
+# --------------------------------------------------------------------------- the run
+
+LIMIT, READER_DECODE, BARE, WEBDATASET = "decode-only limit", "reader's decode", "bare loop", "webdataset"
+CHECKOUT = "--checkout, 0 workers"
+
+
+def gapm_column(workers: int) -> str:
+    return f"gapm, {workers} worker{'s' if workers != 1 else ''}"
+
+
+def data_sets(args: argparse.Namespace, out: str) -> list[dict]:
+    """Every (set, format) measured: its shards, shape, image members in memory and shard bytes."""
+    raw_sets = {name.partition(":")[0] for name in args.raw.split(",") if name}
+    found = []
+    for entry in args.sets.split(","):
+        name, _, count_text = entry.partition(":")
+        for image_format in ("png", "raw") if name in raw_sets else ("png",):
+            if name == "fashion-mnist":
+                if not os.path.exists(os.path.join(args.fashion_mnist, "t10k-images-idx3-ubyte.gz")):
+                    progress(f"fashion-mnist: no IDX files in {args.fashion_mnist}; skipped")
+                    break
+                size = int(count_text or 10000)
+                spec, urls = fashion_mnist_set(out, args.fashion_mnist, size, args.shards, image_format)
+                shape = (28, 28, 1)
+            elif name.startswith("rgb"):
+                side, size = int(name[3:]), int(count_text or (10000 if int(name[3:]) <= 32 else 5000))
+                spec, urls = shard_set(out, size, side, -(-size // args.shards), image_format)
+                shape = (side, side, 3)
+            else:
+                raise SystemExit(f"--sets: unknown set {name!r}; expected fashion-mnist or rgbSIDE, e.g. rgb32:10000")
+            shard_bytes = sum(os.path.getsize(storage.local_path(url)) for url in urls) \
+                if not storage.is_s3_url(out) else float("nan")
+            found.append({"set": entry, "format": image_format, "spec": spec, "urls": urls, "shape": shape,
+                          "samples": size, "shard_bytes": shard_bytes,
+                          "members": image_members(urls) if {"limit", "decode"} & set(args.columns.split(",")) else []})
+    return found
+
+
+def columns(data: dict, args: argparse.Namespace) -> list[tuple[str, Callable[[], dict]]]:
+    members, urls, wanted = data["members"], data["urls"], set(args.columns.split(","))
+    chosen = [] if data["format"] == "raw" or "limit" not in wanted else [
+        (LIMIT, lambda: timed(lambda: decode_only(members)))]
+    chosen += [(column, measure) for key, column, measure in (
+        ("decode", READER_DECODE, lambda: timed(lambda: reader_decode(members, data["shape"], data["format"]))),
+        ("bare", BARE, lambda: timed(lambda: bare_loop(urls))),
+        ("webdataset", WEBDATASET, lambda: timed(lambda: stock_webdataset(urls)))) if key in wanted]
+    if args.checkout:
+        chosen.append((CHECKOUT, lambda: time_checkout(args.checkout, data["spec"], batch_size=args.batch_size,
+                                                       shuffle_buffer=args.shuffle_buffer)))
+    for workers in (int(w) for w in args.workers.split(",")) if "gapm" in wanted else ():
+        chosen.append((gapm_column(workers), lambda workers=workers: time_stream(
+            data["spec"], batch_size=args.batch_size, workers=workers, shuffle_buffer=args.shuffle_buffer)))
+    return chosen
+
+
+def run(args: argparse.Namespace, out: str) -> tuple[list[dict], dict]:
+    """Each repetition runs every column of every set once (columns rotated by the repetition)."""
+    sets = data_sets(args, out)
     if not storage.is_s3_url(out):
         os.sync()  # no writeback of freshly written shards during the timed passes
+    passes: dict[tuple[str, str, str], list[dict]] = {}
+    for repetition in range(args.repeats):
+        for data in sets:
+            chosen = columns(data, args)
+            shift = repetition % len(chosen)
+            for column, measure in chosen[shift:] + chosen[:shift]:
+                measured = measure()
+                assert measured["samples"] == data["samples"], (column, measured["samples"], data["samples"])
+                passes.setdefault((data["set"], data["format"], column), []).append(measured)
+                progress(f"repetition {repetition + 1}/{args.repeats}: {data['set']} {data['format']}, {column}: "
+                         f"{data['samples'] / measured['wall']:,.0f} samples/s")
+    return sets, passes
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(values):,.{digits}f} [{min(values):,.{digits}f}-{max(values):,.{digits}f}]"
+
+
+def summary(sets: list[dict], passes: dict, args: argparse.Namespace) -> list[dict]:
+    """One row per (set, format, column): rates, CPU, memory, and its ratios to the references."""
     rows = []
-    measured_pairs, total_pairs = 0, len(sizes) * repeats * len(worker_counts)
-    for size in sizes:
-        spec, urls = sets[size]
-        pairs: dict[int, list[tuple[dict, dict]]] = {workers: [] for workers in worker_counts}
-        for repetition in range(repeats):
-            for workers in worker_counts:
-                bare = time_bare(urls)
-                streamed = time_stream(spec, batch_size=batch_size, workers=workers, shuffle_buffer=shuffle_buffer)
-                assert streamed["samples"] == bare["samples"] == size, (streamed["samples"], bare["samples"], size)
-                pairs[workers].append((bare, streamed))
-                measured_pairs += 1
-                progress(f"pass pair {measured_pairs}/{total_pairs}: {size} samples, {workers} worker(s), repetition "
-                         f"{repetition + 1}/{repeats}: bare {size / bare['wall']:.0f}/s, streaming "
-                         f"{size / streamed['wall']:.0f}/s (ratio {bare['wall'] / streamed['wall']:.2f})")
-        for workers, measured in pairs.items():
-            bare_rates = [size / bare["wall"] for bare, _ in measured]
-            stream_rates = [size / streamed["wall"] for _, streamed in measured]
-            ratios = [bare["wall"] / streamed["wall"] for bare, streamed in measured]
-            # CPU seconds of whoever decodes: this process with 0 workers, else the workers.
-            decode_cpu = [streamed["cpu"] if workers == 0 else streamed["workers_cpu"] for _, streamed in measured]
-            rows.append({
-                "samples": size, "workers": workers,
-                "bare_per_s": statistics.median(bare_rates), "stream_per_s": statistics.median(stream_rates),
-                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                "ratio_text": _spread(ratios),
-                "cpu_ratio_text": _spread([bare["cpu"] / streamed["cpu"] for bare, streamed in measured])
-                if workers == 0 else "",
-                "decode_per_worker_cpu_s": size / statistics.median(decode_cpu),
-                "consumer_cpu_us": statistics.median(streamed["cpu"] for _, streamed in measured) / size * 1e6,
-                "main_rss_mib": max(streamed["main_rss"] for _, streamed in measured),
-                "main_growth_mib": max(streamed["main_growth"] for _, streamed in measured),
-                "workers_rss_mib": max(streamed["workers_rss"] for _, streamed in measured),
-            })
+    for data in sets:
+        key = (data["set"], data["format"])
+        for (name, image_format, column), measured in passes.items():
+            if (name, image_format) != key:
+                continue
+            rates = [data["samples"] / m["wall"] for m in measured]
+            row = {"set": name, "format": image_format, "column": column, "samples": data["samples"],
+                   "per_s": statistics.median(rates), "per_s_text": _spread(rates, 0),
+                   "cpu_us": statistics.median(m["cpu"] for m in measured) / data["samples"] * 1e6,
+                   "workers_cpu_us": statistics.median(m.get("workers_cpu", 0.0) for m in measured) / data["samples"] * 1e6,
+                   "shard_bytes": data["shard_bytes"]}
+            if "main_rss" in measured[0]:
+                row.update(main_rss_mib=max(m["main_rss"] for m in measured),
+                           main_growth_mib=max(m["main_growth"] for m in measured),
+                           workers_rss_mib=max(m["workers_rss"] for m in measured))
+            for reference in (LIMIT, READER_DECODE, WEBDATASET, BARE, gapm_column(0), CHECKOUT):
+                against = passes.get((name, image_format, reference))
+                if against and reference != column:  # within each repetition: reference time / this time
+                    ratios = [r["wall"] / m["wall"] for r, m in zip(against, measured)]
+                    row[f"x {reference}"] = _spread(ratios)
+                    row[f"x {reference} median"] = statistics.median(ratios)
+                    if reference in (LIMIT, READER_DECODE) and column == gapm_column(0):
+                        row[f"x {reference} cpu"] = _spread([r["cpu"] / m["cpu"] for r, m in zip(against, measured)])
+            png = passes.get((name, "png", column))
+            if image_format == "raw" and png:
+                row["x png"] = _spread([p["wall"] / m["wall"] for p, m in zip(png, measured)])
+            rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"loader benchmark: {args.image_size}x{args.image_size} RGB PNG, {args.samples_per_shard} samples/shard, "
-          f"batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}, {args.repeats} interleaved repetitions, "
-          f"{os.cpu_count()} CPUs")
-    header = (f"{'samples':>8} {'workers':>7} {'bare/s':>8} {'stream/s':>9} {'ratio median [min-max]':>23} "
-              f"{'cpu ratio':>18} {'decode/s/worker':>15} {'main RSS':>9} {'+growth':>8} {'workers RSS':>11}")
-    print(header)
+def print_tables(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]) -> None:
+    print(f"loader benchmark: batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}, {args.repeats} "
+          f"interleaved repetitions, {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start and {load[1]:.1f} "
+          "at the end (1 min)")
+    print()
+    print("| set | format | column | samples/s, median [min-max] | CPU us/sample (+ workers) | x decode-only limit | "
+          "x reader's decode | x webdataset | x bare loop | x gapm 0 workers | x --checkout | "
+          "memory MiB: main / growth / workers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"{row['samples']:>8} {row['workers']:>7} {row['bare_per_s']:>8.0f} {row['stream_per_s']:>9.0f} "
-              f"{row['ratio_text']:>23} {row['cpu_ratio_text']:>18} {row['decode_per_worker_cpu_s']:>15.0f} "
-              f"{row['main_rss_mib']:>9.0f} {row['main_growth_mib']:>8.1f} {row['workers_rss_mib']:>11.0f}")
-    print("ratio = streaming / bare samples per second (wall clock, each stream pass paired with the bare pass "
-          "just before it); target >= 0.9")
-    print("cpu ratio (0 workers) = bare / streaming CPU seconds of this process: the code's cost, whatever else runs")
-    print("decode/s/worker = samples per CPU-second of the process that decodes (this one with 0 workers, else the "
-          "workers, including handing batches over): the rate one worker gives with a core to itself")
-    print("RSS in MiB: peak of this process during a pass (+growth within the pass) and peak sum over the workers")
+        memory = (f"{row['main_rss_mib']:.0f} / {row['main_growth_mib']:.1f} / {row['workers_rss_mib']:.0f}"
+                  if "main_rss_mib" in row else "")
+        ratios = " | ".join(row.get(f"x {reference}", "") for reference in (LIMIT, READER_DECODE, WEBDATASET, BARE,
+                                                                            gapm_column(0), CHECKOUT))
+        cpu = f"{row['cpu_us']:.1f}" + (f" + {row['workers_cpu_us']:.1f}" if row["workers_cpu_us"] else "")
+        print(f"| {row['set']} | {row['format']} | {row['column']} | {row['per_s_text']} | {cpu} | "
+              f"{ratios} | {memory} |")
+    print()
+    print("x REF = REF's seconds / this column's seconds over the same samples, taken within each repetition "
+          "(median [min-max]); > 1: this column is faster. CPU: this process's CPU seconds per sample, plus its "
+          "loader workers'")
+    zero = gapm_column(0)
+    cpu_rows = [row for row in rows if row["column"] == zero and f"x {LIMIT} cpu" in row]
+    if cpu_rows:
+        print("CPU-time ratios of gapm with 0 workers (the code's cost, whatever else runs on the machine): "
+              + "; ".join(f"{row['set']} {row['format']}: x decode-only limit {row[f'x {LIMIT} cpu']}, "
+                          f"x reader's decode {row[f'x {READER_DECODE} cpu']}" for row in cpu_rows))
+    raw_rows = [row for row in rows if row["format"] == "raw" and row["column"] == zero]
+    if raw_rows:
+        print()
+        print("| set | PNG samples/s | raw samples/s | raw x PNG | PNG shard bytes (per sample) | "
+              "raw shard bytes (per sample) |")
+        print("|---|---|---|---|---|---|")
+        for raw in raw_rows:
+            png = next(row for row in rows if (row["set"], row["format"], row["column"]) == (raw["set"], "png", zero))
+            print(f"| {raw['set']} | {png['per_s']:,.0f} | {raw['per_s']:,.0f} | {raw.get('x png', '')} | "
+                  f"{png['shard_bytes']:,} ({png['shard_bytes'] / png['samples']:,.0f}) | "
+                  f"{raw['shard_bytes']:,} ({raw['shard_bytes'] / raw['samples']:,.0f}) |")
+        print("(gapm with 0 workers; a tar member is padded to 512 bytes and has a 512-byte header, and each "
+              "sample also holds .cls and .json members)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="5000,20000,50000",
-                        help="dataset sizes (samples), comma-separated (default: %(default)s)")
-    parser.add_argument("--workers", default="0,1,2",
-                        help="DataLoader worker counts of the streaming side (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved repetitions of each pair of passes (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=32, help="side of the random RGB images (default: %(default)s)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch of the streaming side (default: %(default)s)")
+    parser.add_argument("--sets", default="fashion-mnist,rgb32:10000,rgb64:5000",
+                        help="data sets, comma-separated: fashion-mnist[:N] (its test split) and rgbSIDE[:N] (random "
+                             "RGB) (default: %(default)s)")
+    parser.add_argument("--raw", default="fashion-mnist,rgb32",
+                        help="sets also measured as raw-pixel shards (default: %(default)s)")
+    parser.add_argument("--workers", default="0,2", help="DataLoader worker counts of the gapm columns "
+                                                         "(default: %(default)s)")
+    parser.add_argument("--columns", default="limit,decode,bare,webdataset,gapm",
+                        help="what is measured: limit (decode-only), decode (the reader's), bare, webdataset, gapm "
+                             "(default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved repetitions of every column (default: %(default)s)")
+    parser.add_argument("--shards", type=int, default=2, help="shards per data set (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the gapm columns (default: %(default)s)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000,
-                        help="shuffle buffer of the streaming side (default: %(default)s)")
+                        help="shuffle buffer of the gapm columns (default: %(default)s)")
+    parser.add_argument("--fashion-mnist", default=FASHION_MNIST,
+                        help="directory of the Fashion-MNIST IDX files (default: %(default)s)")
+    parser.add_argument("--checkout", default=None,
+                        help="another checkout of this repository (e.g. `git worktree add /tmp/gapm-main main`): its "
+                             "reader is measured too, 0 workers, a fresh process per pass (default: none)")
     parser.add_argument("--out", default=None,
                         help="where shards go (dir or s3://; kept and reused) (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default: none)")
@@ -270,17 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-
+    load_before = os.getloadavg()[0]
     temporary = tempfile.TemporaryDirectory(prefix="gapm-loader-bench-") if args.out is None else None
     try:
-        rows = run([int(v) for v in args.sizes.split(",")], [int(v) for v in args.workers.split(",")],
-                   repeats=args.repeats, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
-                   batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
-                   out=args.out if temporary is None else temporary.name)
+        sets, passes = run(args, args.out if temporary is None else temporary.name)
     finally:
         if temporary is not None:
             temporary.cleanup()
-    print_table(rows, args)
+    rows = summary(sets, passes, args)
+    print_tables(rows, args, (load_before, os.getloadavg()[0]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("src", help="source directory in the dataset's original layout ('-' for the swiss rolls)")
     shards.add_argument("out", help="output directory or s3://bucket/prefix; splits go to OUT/train, OUT/test")
     shards.add_argument("--split", help="convert only this split (default: all splits)")
-    shards.add_argument("--format", default="png", choices=["png", "jpg"],
-                        help="image encoding, png lossless (default: %(default)s)")
+    shards.add_argument("--image-format", "--format", dest="format", default="png", choices=["png", "jpg", "raw"],
+                        help="how images are stored: png (lossless), jpg, or raw uint8 pixels (.npy: no decode "
+                             "when read; for tiny images and a CPU-bound input) (default: %(default)s)")
     shards.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s)")
     shards.add_argument("--samples-per-shard", type=positive_int, default=10000,
                         help="samples per tar file (default: %(default)s)")

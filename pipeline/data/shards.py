@@ -10,8 +10,9 @@ streams well from object storage. Every converter here produces the same thing:
 where OUT is a local directory, a ``file://`` URL or ``s3://bucket/prefix``. Each sample in a tar is
 ``%08d`` (its index in the split) with
 
-* images: ``.png`` (lossless, default) or ``.jpg``, ``.cls`` (label as text) and ``.json``
-  ``{"label": int, "index": int}`` (``index`` is the position in the source split);
+* images: ``.png`` (lossless, default), ``.jpg``, or ``.npy`` for ``image_format="raw"`` (the
+  uint8 pixels as an (H, W, C) array: no decode when read, see below), ``.cls`` (label as text)
+  and ``.json`` ``{"label": int, "index": int}`` (``index`` is the position in the source split);
 * swiss-roll points: ``.npy`` (float32 array of shape (2,), or (3,) for ``swissroll3d``) and
   ``.json`` ``{"index", "t"}``.
 
@@ -20,6 +21,14 @@ geometry, preprocessing and the size of the largest tar member (``max_member_byt
 refuse members far above it unread, see pipeline.data.streaming), so a reader can size epochs without opening the tars and a person can
 see how the data was made. Tars are written deterministically (fixed mtimes/owners), so converting
 the same source twice gives byte-identical shards.
+
+Raw pixels (``image_format="raw"``, recorded as ``image.format: "raw"`` in the manifest): each
+``.npy`` member is exactly ``np.save`` of a C-ordered uint8 array of the manifest's (height,
+width, channels), so any tool reads it with ``np.load``, and the reader takes the pixels as they
+are once it has compared the member's size and header with what the manifest implies. For tiny
+images this removes the decode from the input pipeline; it does not save bytes (PNG compresses,
+and a tar member is padded to 512 bytes either way) and costs storage and network at larger
+sizes (64x64 RGB: 12 KiB a sample against a few KiB of PNG or JPEG).
 
 Splits: CIFAR-10, MNIST and Fashion-MNIST have ``train`` and ``test``; swiss-roll has ``train``
 (``swissroll_samples`` points) and ``test`` (``SWISSROLL_TEST_SAMPLES`` points); CelebA has ``train``, ``valid`` and
@@ -52,6 +61,7 @@ from pipeline.data.converters import (
     crop_celeba,
     read_idx,
 )
+from pipeline.data.sample_decode import RAW_EXTENSION, npy_header
 from pipeline.errors import DataError
 
 __all__ = [
@@ -66,6 +76,7 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gapm-shards/1"
+IMAGE_FORMATS = ("png", "jpg", "raw")  # raw: uint8 pixels as .npy, no decode when read
 
 # Fixed tar member metadata: shards of the same source are byte-identical, so their sha256 in the
 # manifest identifies the data, not the time of conversion.
@@ -104,8 +115,9 @@ def convert_dataset(
     image_format = image_format.lower()
     if image_format == "jpeg":
         image_format = "jpg"
-    if image_format not in ("png", "jpg"):
-        raise DataError(f"image_format {image_format!r}: expected 'png' (lossless) or 'jpg'")
+    if image_format not in IMAGE_FORMATS:
+        raise DataError(f"image_format {image_format!r}: expected 'png' (lossless), 'jpg' or 'raw' (uint8 pixels, "
+                        "no decode when read)")
     if not 1 <= int(jpeg_quality) <= 100:
         raise DataError(f"jpeg_quality {jpeg_quality}: expected 1..100")
     if samples_per_shard < 1:
@@ -304,15 +316,24 @@ def _encode_sample(sample: Sample, image_format: str, jpeg_quality: int) -> dict
         meta = {"index": sample.index, **sample.extra}
         return {"npy": buffer.getvalue(), "json": json.dumps(meta).encode()}
     assert sample.image is not None
+    label = -1 if sample.label is None else int(sample.label)
+    meta = {"label": label, "index": sample.index, **sample.extra}
+    return {**_encode_image(sample.image, image_format, jpeg_quality), "cls": str(label).encode(),
+            "json": json.dumps(meta).encode()}
+
+
+def _encode_image(image: np.ndarray, image_format: str, jpeg_quality: int) -> dict[str, bytes]:
+    """The image member of a sample: PNG, JPEG, or the raw pixels as a (H, W, C) uint8 .npy."""
+    if image_format == "raw":
+        pixels = np.ascontiguousarray(image if image.ndim == 3 else image[:, :, None], dtype=np.uint8)
+        return {RAW_EXTENSION: npy_header(pixels.shape) + pixels.tobytes()}
     buffer = io.BytesIO()
-    picture = Image.fromarray(sample.image)
+    picture = Image.fromarray(image)
     if image_format == "png":
         picture.save(buffer, format="PNG")
     else:
         picture.save(buffer, format="JPEG", quality=jpeg_quality)
-    label = -1 if sample.label is None else int(sample.label)
-    meta = {"label": label, "index": sample.index, **sample.extra}
-    return {image_format: buffer.getvalue(), "cls": str(label).encode(), "json": json.dumps(meta).encode()}
+    return {image_format: buffer.getvalue()}
 
 
 def _sha256_of(path: str) -> tuple[str, int]:

@@ -284,8 +284,8 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
 def _unit_range(images: np.ndarray) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] (x / 255). In numpy, single-threaded: torch's parallel
     kernels leave OpenMP threads spinning, which on a busy machine steal the core that decodes."""
-    scaled = images.astype(np.float32)
-    scaled /= np.float32(255.0)
+    scaled = np.empty(images.shape, np.float32)
+    np.divide(images, np.float32(255.0), out=scaled, dtype=np.float32)  # one pass; the same floats as astype + /=
     return torch.from_numpy(scaled)
 
 
@@ -340,7 +340,8 @@ def make_batch_stream(
     samples = ShardSamples(
         urls, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
         shuffle_buffer=shuffle_buffer, resampled=resampled, drop_last=drop_last,
-        image_shape=_manifest_image_shape(manifest), shard_counts=dict(zip(urls, counts)) if counts else None,
+        image_shape=_manifest_image_shape(manifest), image_format=_manifest_image_format(manifest),
+        shard_counts=dict(zip(urls, counts)) if counts else None,
         shard_sha256=_manifest_digests(urls, manifest) if verify_checksums else None,
         max_member_bytes=max_member_bytes or default_member_cap(manifest))
     return BatchStream(samples, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
@@ -410,6 +411,12 @@ def _manifest_digests(urls: list[str], manifest: dict[str, Any] | None) -> dict[
     digests = {url: by_name[name] for url in urls
                if isinstance(by_name.get(name := url.rsplit("/", 1)[-1]), str)}
     return digests or None
+
+
+def _manifest_image_format(manifest: dict[str, Any] | None) -> str | None:
+    """How the images are stored ("png", "jpg", "raw"), from the manifest's ``image.format``."""
+    image = manifest.get("image") if manifest else None
+    return str(image.get("format")) if isinstance(image, dict) and image.get("format") else None
 
 
 def _manifest_image_shape(manifest: dict[str, Any] | None) -> tuple[int, int, int] | None:

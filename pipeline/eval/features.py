@@ -21,7 +21,6 @@ spaces is not an artefact of one network.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline import console
-from pipeline.data import shard_reader, storage, streaming
+from pipeline.data import sample_decode, storage, streaming
 from pipeline.data.shards import read_manifest
 from pipeline.errors import GapmError
 
@@ -154,17 +153,20 @@ class LoadedDomainExtractor:
 
 def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor]:
     """All (image, label) pairs of a shard set, in shard order: images (N, C, H, W) uint8,
-    labels (N,) int64. Samples without a label (`.cls`) or with an unreadable image are
-    skipped and counted in a warning."""
+    labels (N,) int64, decoded as the training reader decodes them (PNG, JPEG or raw pixels,
+    the shape from the manifest, else from the first image). Samples without a label (`.cls`)
+    or with an unreadable image are skipped and counted in a warning."""
     import webdataset as wds
-    from PIL import Image
 
     streaming.register_s3_opener()
     urls = streaming.resolve_shard_urls(spec)
-    gray = None
+    decode = sample_decode.SampleDecoder(None)
     try:
         image_info = read_manifest(spec).get("image") or {}
-        gray = int(image_info["channels"]) == 1 if image_info else None
+        if image_info:
+            decode = sample_decode.SampleDecoder(
+                (int(image_info["height"]), int(image_info["width"]), int(image_info["channels"])),
+                image_info.get("format"))
     except (storage.StorageError, ValueError, KeyError, TypeError):
         pass
     images, labels, skipped = [], [], 0
@@ -176,21 +178,18 @@ def labelled_images(spec: str, limit: int | None = None) -> tuple[Tensor, Tensor
         if limit is not None and len(images) >= limit:
             break
         progress.update(1)
-        extension = next((ext for ext in shard_reader.IMAGE_EXTENSIONS if ext in sample), None)
         try:
             label = int(sample["cls"].decode())
-            with Image.open(io.BytesIO(sample[extension])) as picture:
-                picture.load()
-                if gray is None:
-                    gray = picture.mode in ("L", "1", "I;16", "I", "F")
-                array = np.asarray(picture.convert("L") if gray else picture.convert("RGB"))
-        except (KeyError, ValueError, OSError, TypeError):
+            array = decode(sample)
+        except Exception:  # noqa: BLE001 - like the training reader: an unreadable sample is skipped, counted
             skipped += 1
             continue
         if label < 0:
             skipped += 1
             continue
-        images.append(array[:, :, None] if array.ndim == 2 else array)
+        if decode.image_shape is None:  # no manifest shape: the first image sets it for the rest
+            decode = sample_decode.SampleDecoder(array.shape)
+        images.append(array)
         labels.append(label)
     progress.close()
     if skipped:

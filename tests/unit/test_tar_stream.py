@@ -173,3 +173,22 @@ def test_decompression_is_capped_by_its_ratio(monkeypatch):
     # A real compressed shard is far from the ratio and reads whole.
     plain = build_tar(tarfile.PAX_FORMAT)
     assert list(tar_members(io.BytesIO(gzip.compress(plain)))) == list(tar_members(io.BytesIO(plain)))
+
+
+def test_header_byte_sum_is_exact():
+    """The checksum's byte sum comes from two Adler-32s (C) instead of a Python loop: exact for
+    every block, the all-0xff one (the largest sum) included."""
+    import random
+
+    rng = random.Random(5)
+    blocks = [bytes(512), b"\xff" * 512, bytes(range(256)) * 2, b"\xff" * 256 + bytes(256)]
+    blocks += [bytes(rng.randrange(256) for _ in range(512)) for _ in range(200)]
+    for block in blocks:
+        assert tar_stream._byte_sum(block) == sum(block)
+
+
+def test_a_header_with_an_unparsable_checksum_field_is_damage():
+    data = bytearray(build_tar(tarfile.USTAR_FORMAT))
+    data[148:156] = b"zzzzzz\0 "
+    with pytest.raises(TarFormatError, match="bad header checksum at byte 0"):
+        list(tar_members(io.BytesIO(bytes(data))))
