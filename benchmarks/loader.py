@@ -382,11 +382,12 @@ def print_tables(rows: list[dict], args: argparse.Namespace, load: tuple[float, 
           "(median [min-max]); > 1: this column is faster. CPU: this process's CPU seconds per sample, plus its "
           "loader workers'")
     zero = gapm_column(0)
-    cpu_rows = [row for row in rows if row["column"] == zero and f"x {LIMIT} cpu" in row]
-    if cpu_rows:
+    cpu_ratios = [(row, [f"x {name} {row[f'x {reference} cpu']}" for reference, name in
+                         ((LIMIT, "decode-only limit"), (READER_DECODE, "reader's decode")) if f"x {reference} cpu" in row])
+                  for row in rows if row["column"] == zero]
+    if any(ratios for _, ratios in cpu_ratios):  # only the columns measured (--columns)
         print("CPU-time ratios of gapm with 0 workers (the code's cost, whatever else runs on the machine): "
-              + "; ".join(f"{row['set']} {row['format']}: x decode-only limit {row[f'x {LIMIT} cpu']}, "
-                          f"x reader's decode {row[f'x {READER_DECODE} cpu']}" for row in cpu_rows))
+              + "; ".join(f"{row['set']} {row['format']}: {', '.join(ratios)}" for row, ratios in cpu_ratios if ratios))
     raw_rows = [row for row in rows if row["format"] == "raw" and row["column"] == zero]
     if raw_rows:
         print()

@@ -36,7 +36,7 @@ def test_benchmark_help_names_every_default(name):
         assert "(default: " in action.help, action.option_strings
     text = parser.format_help()
     if name == "loader":
-        assert "(default: 5000,20000,50000)" in " ".join(text.split())
+        assert "(default: fashion-mnist,rgb32:10000,rgb64:5000)" in " ".join(text.split())
     if name == "train_step":
         assert "timed steps per stage (default: 200)" in " ".join(text.split())
 
@@ -49,15 +49,18 @@ def run_benchmark(name: str, *arguments: str, timeout: float) -> subprocess.Comp
     return result
 
 
-def test_loader_benchmark_shows_a_line_per_measured_pair_of_passes():
-    result = run_benchmark("loader", "--sizes", "40", "--workers", "0", "--repeats", "2", "--image-size", "8",
-                           "--samples-per-shard", "20", "--batch-size", "8", "--shuffle-buffer", "10", timeout=300)
+def test_loader_benchmark_shows_a_line_per_measured_pass():
+    result = run_benchmark("loader", "--sets", "rgb8:40", "--raw", "rgb8", "--workers", "0", "--repeats", "2",
+                           "--columns", "limit,bare,gapm", "--batch-size", "8", "--shuffle-buffer", "10", timeout=300)
     lines = result.stderr.splitlines()
     assert all(PROGRESS_LINE.match(line) for line in lines), lines
-    assert "40 samples: writing 8x8 PNG shards" in lines[0]
-    assert [line.split("] ", 1)[1].split(":")[0] for line in lines[1:]] == ["pass pair 1/2", "pass pair 2/2"]
-    assert "repetition 2/2: bare " in lines[2] and "(ratio " in lines[2]
-    assert result.stdout.startswith("loader benchmark: 8x8 RGB PNG")
+    assert "40 samples: writing 8x8 png shards" in lines[0] and "40 samples: writing 8x8 raw shards" in lines[1]
+    passes = [line.split("] ", 1)[1].rsplit(":", 1)[0] for line in lines[2:]]
+    # per repetition: PNG's three columns, then raw's two (no decode-only limit without a decode)
+    assert len(passes) == 2 * (3 + 2), passes
+    assert sum("repetition 2/2: rgb8:40 raw" in p for p in passes) == 2, passes
+    assert result.stdout.startswith("loader benchmark: batch 8, shuffle buffer 10, 2 interleaved repetitions")
+    assert "| rgb8:40 | raw | gapm, 0 workers |" in result.stdout
 
 
 @pytest.mark.slow  # two fresh processes that each train both stages: about a minute on a small CPU

@@ -102,7 +102,7 @@ def test_storage_gone_for_good_checkpoints_exits_resumably_and_resumes_exactly(f
     proxy, _ = faulty_s3
     shards, reference, relayed = undisturbed
     proxy.after_bytes(relayed * 7 // 10, lambda: proxy.outage(None))  # inside the second epoch
-    config = roll_run(tmp_path, shards, "train.storage_retry_seconds=2")
+    config = roll_run(tmp_path, shards, "train.storage_retry_seconds=6")
     with pytest.raises(TrainingInterrupted) as stopped:
         train(config, resume="never")
     message = str(stopped.value)
@@ -151,7 +151,7 @@ def test_data_and_checkpoints_in_the_same_lost_storage(faulty_s3, undisturbed, t
     shards, reference, relayed = undisturbed
     remote = f"s3://{bucket}/runs/lost"
     proxy.after_bytes(relayed * 7 // 10, lambda: proxy.outage(None))
-    config = roll_run(tmp_path, shards, "train.storage_retry_seconds=2", f"train.checkpoint_dir={remote}")
+    config = roll_run(tmp_path, shards, "train.storage_retry_seconds=6", f"train.checkpoint_dir={remote}")
     with pytest.raises(TrainingInterrupted):
         train(config, resume="never")
     staged = sorted((config.run_dir / ".checkpoint-uploads").glob("step-*"))
