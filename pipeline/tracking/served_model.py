@@ -125,7 +125,7 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
         return model_input
     what = f"an array of shape {np.shape(model_input)}" if isinstance(model_input, np.ndarray) else (
         type(model_input).__name__)
-    raise BadRequest(f"unnamed inputs ({what}) cannot say whether they are n or data; name them, as in {FORMS}")
+    raise BadRequest(f"unnamed inputs ({what}): say which they are, as in {FORMS}")
 
 
 def _sample_requests(row: dict[str, Any]) -> list[tuple[int, int]]:
