@@ -144,7 +144,9 @@ forward() {  # SIGNAL_RECEIVED SIGNAL_TO_SEND
         echo "start_node.sh: received SIG$1: asking the training processes (${workers[*]}) to checkpoint and stop" >&2
         kill -s "$2" "${workers[@]}" 2>/dev/null || true
     else
-        echo "start_node.sh: received SIG$1 before the training processes started: stopping the launcher" >&2
+        # Before they start, the launcher stops the start with 75; after they have exited, it
+        # keeps their codes and ignores the signal (pipeline/launcher.py).
+        echo "start_node.sh: received SIG$1 with no training process running: passing it to the launcher" >&2
         kill -s TERM "$launcher" 2>/dev/null || true
     fi
 }

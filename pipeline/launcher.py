@@ -219,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.pop(exit_codes.REASONS_DIR_ENV, None)
             reasons = exit_codes.exit_reasons(reasons_dir)
             shutil.rmtree(reasons_dir, ignore_errors=True)
+    # The outcome is decided: a stop from now on (a scheduler ending the job step because another
+    # node exited first) must not turn the workers' codes into a death by SIGTERM while this
+    # process prints its line and shuts down (torch's interpreter shutdown takes seconds).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if not failures:
         return exit_codes.EXIT_OK
     code, line = summary(failures, reasons)

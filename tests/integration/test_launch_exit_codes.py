@@ -249,6 +249,21 @@ def test_a_stop_before_the_training_processes_start_exits_75_at_once(tmp_path):
     assert "start_node.sh: node 1 of 2 exits 75" in launch.output()
 
 
+def test_a_stop_after_the_workers_exited_keeps_their_code(tmp_path):
+    """A scheduler ends a node's job step when another node exited first (srun, an Indexed Job);
+    by then this node's workers may have exited 2 and its launcher be printing its line or
+    shutting down: the SIGTERM must not turn that 2 into a death by signal (which start_node.sh
+    reports as 75, resumable, and a scheduler retries)."""
+    script = (f"import os, signal, sys\nfrom pipeline import launcher\n"
+              f"code = launcher.main({['--cpu', '--num_processes', '1', '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'pipeline.cli', 'train', *train_arguments(tmp_path, TYPO)]!r})\n"
+              "os.kill(os.getpid(), signal.SIGTERM)  # as srun's would arrive during the shutdown\n"
+              "print('still here after SIGTERM', file=sys.stderr)\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=clean_environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "still here after SIGTERM" in done.stderr and "unknown config key 'stage1.stepz'" in done.stderr
+
+
 # --------------------------------------------------------------------------- slow cells
 
 @pytest.mark.slow  # one or two processes train until signalled: 20-50 s each on 2 shared cores
