@@ -303,7 +303,10 @@ def test_a_workers_own_75_requeues_the_job_which_then_finishes(slurm_cluster, tm
     first_start, _, second_start = output.partition(f"train.sbatch: job {job_id} start 1 ")
     assert "train.sbatch: nodes exited 75 75 " in first_start, first_start[-4000:]
     assert f"requeueing job {job_id} (a node exited 75, resumable)" in first_start
-    assert "SIGUSR1" not in first_start and "start_node.sh: received SIG" not in first_start  # nobody signalled
+    # Nobody signalled the training: the 75 is the worker's own. (srun ending the step once one
+    # node exited may still reach the other node's launcher as it exits; it keeps its code.)
+    assert "SIGUSR1" not in first_start and "asking the training processes" not in first_start
+    assert "stopped by SIGTERM before training started" not in first_start
     for marker in TRACEBACKS:
         assert marker not in first_start
     saved = [checkpoints.read_meta(path) for path in checkpoints.list_checkpoints(tmp_path / "swissroll" / "checkpoints")]
