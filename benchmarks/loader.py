@@ -36,7 +36,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -48,19 +47,16 @@ import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchmark_support import measure_in_child, progress  # noqa: E402
 
 from pipeline.data import storage  # noqa: E402
 from pipeline.data.sample_decode import SampleDecoder, npy_header  # noqa: E402
 from pipeline.data.shards import convert_dataset  # noqa: E402
 from pipeline.data.streaming import make_batch_stream  # noqa: E402
 
-STARTED = time.perf_counter()
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def progress(message: str) -> None:
-    """One line on stderr as the benchmark goes, with the seconds since it started."""
-    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- data sets
@@ -238,9 +234,8 @@ print(json.dumps({"samples": count, "wall": time.perf_counter() - started, "cpu"
 
 def time_checkout(checkout: str, spec: str, *, batch_size: int, shuffle_buffer: int) -> dict[str, float]:
     """One pass of the reader of another checkout of this repository (``--checkout``), 0 workers."""
-    done = subprocess.run([sys.executable, "-c", _PASS_OF_CHECKOUT, checkout, spec, str(batch_size),
-                           str(shuffle_buffer)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.splitlines()[-1])
+    return measure_in_child([sys.executable, "-c", _PASS_OF_CHECKOUT, checkout, spec, str(batch_size),
+                             str(shuffle_buffer)], what=f"{checkout}: {spec}")
 
 
 def timed(run: Callable[[], int]) -> dict[str, float]:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +43,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parent.parent
-STARTED = time.perf_counter()
 sys.path.insert(0, str(CHECKOUT))
 sys.path.insert(0, str(HERE.parent))
+
+from benchmark_support import arguments_of_parent, measure_in_child, progress  # noqa: E402
 
 # Published dense peaks in TFLOP/s (NVIDIA datasheets, SXM parts): bf16/fp16 tensor cores, TF32.
 GPU_PEAKS = {"H200": {"bf16": 989.4, "fp16": 989.4, "no": 494.7},
@@ -114,11 +114,6 @@ def one_run(args: argparse.Namespace) -> dict:
     return result
 
 
-def progress(message: str) -> None:
-    """One line on stderr as the benchmark goes, with the seconds since it started."""
-    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
 def run_child(args: argparse.Namespace, **settings) -> dict[int, float]:
     what = ", ".join([settings["precision"], *(["compiled"] if settings.get("compile") else []),
                       "streaming" if settings.get("shards") else "synthetic"])
@@ -137,10 +132,8 @@ def _run_child(args: argparse.Namespace, **settings) -> dict[int, float]:
     argv += ["--shards", settings["shards"]] if settings.get("shards") else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     env = {**os.environ, "GAPM_LOG_LEVEL": "WARNING"}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.run_timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"run {settings} failed:\n{done.stderr[-3000:]}")
-    return {int(stage): rate for stage, rate in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    rates = measure_in_child(argv, what=f"run {settings}", env=env, timeout=args.run_timeout)
+    return {int(stage): rate for stage, rate in rates.items()}
 
 
 # --------------------------------------------------------------------------- FLOPs and peaks
@@ -224,9 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    if args.one_run:
-        print(json.dumps(one_run(args)))
+    args = arguments_of_parent(build_parser(), "one_run", one_run)
+    if args is None:  # this process was a child: it measured one run and answered
         return
 
     import torch

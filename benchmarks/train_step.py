@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parent.parent
-STARTED = time.perf_counter()
+sys.path.insert(0, str(HERE.parent))
 
-
-def progress(message: str) -> None:
-    """One line on stderr as the benchmark goes, with the seconds since it started."""
-    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
+from benchmark_support import arguments_of_parent, measure_in_child, progress  # noqa: E402
 
 
 def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
@@ -47,28 +43,7 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     checkout on sys.path[0])."""
     import torch
 
-    from gapm import (
-        GAPM,
-        Stage1Hyperparameters,
-        Stage2Hyperparameters,
-        stage1_step,
-        stage2_step,
-    )
-    from gapm.method import plain_update
     from pipeline.config import load_config
-    from pipeline.data import sources
-    from pipeline.train.engines import adam
-    try:
-        from pipeline.config import optimizer_settings
-    except ImportError:  # a checkout from before the `optimizers` section
-
-        def optimizer_settings(_, name):
-            return getattr(config.stage1 if name in ("autoencoder", "critic") else config.stage2, name)
-    from pipeline.train.loop import train
-    try:
-        from gapm import to_model_space
-    except ImportError:  # a checkout from before gapm owned the data spaces
-        to_model_space = sources.to_model_space
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,69 +60,103 @@ def one_repetition(args: argparse.Namespace) -> dict[str, dict[int, float]]:
             f"data.batch_size={args.batch_size}", f"train.log_every={args.warmup}",
             f"train.checkpoint_every={steps}", "train.progress_bar=false", "eval.samples=100",
             "data.swissroll_test_samples=100"])
-
-        # --- bare
-        torch.manual_seed(config.seed)
-        shape = config.model.shape()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision or "no")
-        model = GAPM(shape).to(device)
-        optimizers = {name: adam(getattr(model, name).parameters(), optimizer_settings(config.optimizers, name))
-                      for name in ("autoencoder", "critic", "latent_generator", "latent_discriminator")}
-        update = plain_update(optimizers)
-        if precision is not None:  # what Accelerate does: autocast the forwards, scale fp16 losses
-            scaler = torch.amp.GradScaler(enabled=precision == torch.float16 and device.type == "cuda")
-
-            def update(name, loss):  # noqa: F811
-                scaler.scale(loss).backward()
-                scaler.step(optimizers[name])
-                scaler.update()
-                optimizers[name].zero_grad(set_to_none=True)
-
-            for network in (model.autoencoder, model.critic, model.latent_generator, model.latent_discriminator):
-                network.forward = torch.autocast(device.type, dtype=precision)(network.forward)
-        source = sources.training_source(config.data, rank=0, world_size=1, seed=config.seed,
-                                          data_shape=shape.data_shape)
-        batches = sources.endless_batches(source, sources.StreamPosition())
-
-        def stage1() -> None:
-            data = to_model_space(next(batches).to(device), shape.data_shape)
-            stage1_step(model.autoencoder, model.critic, model.critic, data, Stage1Hyperparameters(), update)
-
-        def stage2() -> None:
-            data = to_model_space(next(batches).to(device), shape.data_shape)
-            stage2_step(model.autoencoder, model.latent_generator, model.latent_discriminator,
-                        model.latent_discriminator, data, shape.prior_dim, Stage2Hyperparameters(), update)
-
-        bare = {}
-        model.train()
-        for stage, step in ((1, stage1), (2, stage2)):
-            if stage == 2:
-                model.autoencoder.eval()
-            for _ in range(args.warmup):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            bare[stage] = (time.perf_counter() - started) / args.steps
-
-        # --- pipeline: its own throughput metric, over the logging windows after the warm-up one
-        try:
-            from pipeline.config import training_job
-        except ImportError:  # a checkout from before the training job: train took the whole config
-            train(config, resume="never")
-        else:
-            train(training_job(config), resume="never")
-        rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-        pipeline = {}
-        for stage in (1, 2):
-            rates = [r[f"stage{stage}/samples_per_second"] for r in rows if f"stage{stage}/samples_per_second" in r]
-            pipeline[stage] = statistics.mean(config.data.batch_size / rate for rate in rates[1:])
+        bare = bare_seconds_per_step(config, args.warmup, args.steps)
+        pipeline = pipeline_seconds_per_step(config)
     return {"bare": bare, "pipeline": pipeline}
+
+
+def bare_seconds_per_step(config, warmup: int, steps: int) -> dict[int, float]:
+    """The minimal loop: the method's step functions with plain Adam updates (autocast and a
+    GradScaler for mixed precision, as Accelerate does), timed after `warmup` steps."""
+    import torch
+
+    from gapm import (
+        GAPM,
+        Stage1Hyperparameters,
+        Stage2Hyperparameters,
+        stage1_step,
+        stage2_step,
+    )
+    from gapm.method import plain_update
+    from pipeline.data import sources
+    from pipeline.train.engines import adam
+    try:
+        from pipeline.config import optimizer_settings
+    except ImportError:  # a checkout from before the `optimizers` section
+
+        def optimizer_settings(_, name):
+            return getattr(config.stage1 if name in ("autoencoder", "critic") else config.stage2, name)
+    try:
+        from gapm import to_model_space
+    except ImportError:  # a checkout from before gapm owned the data spaces
+        to_model_space = sources.to_model_space
+
+    torch.manual_seed(config.seed)
+    shape = config.model.shape()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision or "no")
+    model = GAPM(shape).to(device)
+    optimizers = {name: adam(getattr(model, name).parameters(), optimizer_settings(config.optimizers, name))
+                  for name in ("autoencoder", "critic", "latent_generator", "latent_discriminator")}
+    update = plain_update(optimizers)
+    if precision is not None:  # what Accelerate does: autocast the forwards, scale fp16 losses
+        scaler = torch.amp.GradScaler(enabled=precision == torch.float16 and device.type == "cuda")
+
+        def update(name, loss):  # noqa: F811
+            scaler.scale(loss).backward()
+            scaler.step(optimizers[name])
+            scaler.update()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        for network in (model.autoencoder, model.critic, model.latent_generator, model.latent_discriminator):
+            network.forward = torch.autocast(device.type, dtype=precision)(network.forward)
+    source = sources.training_source(config.data, rank=0, world_size=1, seed=config.seed,
+                                      data_shape=shape.data_shape)
+    batches = sources.endless_batches(source, sources.StreamPosition())
+
+    def stage1() -> None:
+        data = to_model_space(next(batches).to(device), shape.data_shape)
+        stage1_step(model.autoencoder, model.critic, model.critic, data, Stage1Hyperparameters(), update)
+
+    def stage2() -> None:
+        data = to_model_space(next(batches).to(device), shape.data_shape)
+        stage2_step(model.autoencoder, model.latent_generator, model.latent_discriminator,
+                    model.latent_discriminator, data, shape.prior_dim, Stage2Hyperparameters(), update)
+
+    seconds = {}
+    model.train()
+    for stage, step in ((1, stage1), (2, stage2)):
+        if stage == 2:
+            model.autoencoder.eval()
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds[stage] = (time.perf_counter() - started) / steps
+    return seconds
+
+
+def pipeline_seconds_per_step(config) -> dict[int, float]:
+    """The pipeline's training of the same config, by its own throughput metric over the logging
+    windows after the warm-up one."""
+    from pipeline.train.loop import train
+    try:
+        from pipeline.config import training_job
+    except ImportError:  # a checkout from before the training job: train took the whole config
+        train(config, resume="never")
+    else:
+        train(training_job(config), resume="never")
+    rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = {}
+    for stage in (1, 2):
+        rates = [r[f"stage{stage}/samples_per_second"] for r in rows if f"stage{stage}/samples_per_second" in r]
+        seconds[stage] = statistics.mean(config.data.batch_size / rate for rate in rates[1:])
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,10 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-
-    if args.one_repetition:
-        print(json.dumps(one_repetition(args)))
+    args = arguments_of_parent(build_parser(), "one_repetition", one_repetition)
+    if args is None:  # this process was a child: it measured one repetition and answered
         return
 
     import torch  # only to name the device; every measurement runs in a child process
@@ -197,11 +204,8 @@ def main() -> None:
         for checkout in checkouts:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]),
                    "ACCELERATE_USE_CPU": "1" if device == "cpu" else "0", "GAPM_LOG_LEVEL": "WARNING"}
-            done = subprocess.run([sys.executable, str(HERE), *child_args], env=env, cwd=checkout,
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{checkout}: the measurement failed:\n{done.stderr[-3000:]}")
-            results[checkout].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results[checkout].append(measure_in_child([sys.executable, str(HERE), *child_args], what=str(checkout),
+                                                      env=env, cwd=checkout))
             measured = results[checkout][-1]
             progress(f"repetition {repetition + 1}/{args.repeats}"
                      f"{f' of {checkout}' if len(checkouts) > 1 else ''}: " + ", ".join(

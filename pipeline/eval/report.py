@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
@@ -25,9 +26,9 @@ from pipeline.errors import GapmError
 
 log = logging.getLogger(__name__)
 
-# The metric columns: metric key, header, format and what the number is; every value is shown
-# as measured (the value MLflow holds). A column appears when some run has the metric (FID and KID once an
-# evaluation job has logged them on the runs).
+# A metric column: metric key, header, format and what the number is (metric_columns.yaml lists
+# them); every value is shown as measured (the value MLflow holds). A column appears when some run
+# has the metric (FID and KID once an evaluation job has logged them on the runs).
 @dataclass(frozen=True)
 class MetricColumn:
     key: str
@@ -46,54 +47,14 @@ class MetricColumn:
         return f"{shown} ± {self.fmt.format(spread)}" if spread is not None else shown
 
 
-METRIC_COLUMNS = [
-    MetricColumn("eval/reconstruction_mse", "reconstruction MSE", "{:.4f}",
-                 "mean squared error of the reconstructions of the held-out data at the end of training "
-                 "(images: pixels in [0, 1])"),
-    MetricColumn("eval/sample_nearest_distance", "sample→data distance", "{:.4f}",
-                 "mean Euclidean distance from each generated point to its nearest held-out point: are the "
-                 "samples on the data?"),
-    MetricColumn("eval/sample_mmd", "sample MMD", "{:.4f}",
-                 "squared MMD between generated and held-out points (sum of Gaussian kernels, bandwidths "
-                 "0.02-0.5): coverage and proportions"),
-    MetricColumn("eval/roll_parameter_tv", "roll coverage TV", "{:.3f}",
-                 "total variation between the histograms (20 bins) of generated and held-out points over the "
-                 "position along the roll of their nearest roll point: 0 = the samples cover the roll in the "
-                 "data's proportions (an ideal sampler scores about 0.04 at 5000 samples)"),
-    MetricColumn("eval/off_roll_fraction", "off-roll", "{:.1%}",
-                 "fraction of generated points farther than 0.05 from the roll"),
-    MetricColumn("eval/relative_reconstruction_mse", "relative reconstruction MSE", "{:.4f}",
-                 "reconstruction MSE of the held-out points divided by their variance"),
-    MetricColumn("eval/fid", "FID", "{:.1f}",
-                 "FID of the generated images (clean-fid) at the newest evaluated checkpoint, against the "
-                 "reference statistics the evaluation job names; ± the standard deviation over sample seeds "
-                 "(`eval/fid_std`, eval.fid_seeds sets of samples)", spread_key="eval/fid_std"),
-    MetricColumn("eval/fid_floor", "FID floor", "{:.2f}",
-                 "FID of held-out real images against the same statistics (real against real, recorded by "
-                 "`gapm fid-stats --test-data`)", better="what a perfect sampler scores: read each FID against it"),
-    MetricColumn("eval/kid", "KID", "{:.4g}",
-                 "KID of the same samples (clean-fid), as measured and as MLflow holds it: not multiplied by 1000 "
-                 "as papers print Inception KIDs, since its scale depends on the feature space (a domain feature "
-                 "extractor's KIDs are far larger than Inception's)"),
-    MetricColumn("eval/precision", "precision", "{:.3f}",
-                 "fraction of generated samples inside the real samples' k-NN balls (Kynkäänniemi et al. 2019, "
-                 "k=5, in the FID features): low = samples off the data", better="higher is better"),
-    MetricColumn("eval/recall", "recall", "{:.3f}",
-                 "fraction of real samples inside the generated samples' k-NN balls: low = missing modes "
-                 "(collapse)", better="higher is better"),
-    MetricColumn("eval/density", "density", "{:.3f}",
-                 "real k-NN balls holding each generated sample, / k (Naeem et al. 2020): about 1 for a sampler "
-                 "of the data, above 1 when samples crowd where the data is dense", better="about 1 is ideal"),
-    MetricColumn("eval/coverage", "coverage", "{:.3f}",
-                 "fraction of real samples whose k-NN ball holds a generated sample (Naeem et al. 2020)",
-                 better="higher is better"),
-    MetricColumn("eval/memorisation_ratio", "memorisation", "{:.2f}",
-                 "median distance of generated samples to their nearest training image over the same for "
-                 "held-out test images (FID features)", better="about 1 is healthy; well below 1: copies"),
-    MetricColumn("eval/test_reconstruction_mse", "test reconstruction MSE", "{:.4f}",
-                 "mean squared error of the reconstructions of the whole test split, pixels in [0, 1] "
-                 "(evaluation job)"),
-]
+def load_metric_columns(path: Path) -> list[MetricColumn]:
+    """The glossary of metric columns, kept as data beside this module (metric_columns.yaml)."""
+    return [MetricColumn(key=entry["key"], header=entry["header"], fmt=entry["format"], meaning=entry["meaning"],
+                         **{name: entry[name] for name in ("better", "spread_key") if name in entry})
+            for entry in yaml.safe_load(path.read_text(encoding="utf-8"))]
+
+
+METRIC_COLUMNS = load_metric_columns(Path(__file__).with_name("metric_columns.yaml"))
 RUN_COLUMNS = [
     ("run", "the MLflow run name (the config's `name`); the newest finished run of each name"),
     ("method", "`model.kind`: gapm or a baseline"),
